@@ -1,0 +1,1 @@
+"""esper-jax: morphogenetic neural networks as pure JAX functions over pytrees."""

@@ -1,0 +1,137 @@
+"""The dataset layer: one entry point per task family, real or synthetic, never mixed up.
+
+``load_image_dataset`` and ``load_token_dataset`` take ``data``:
+
+* ``"auto"``: the real dataset from the data directory (``data_dir`` >
+  ``$ESPER_DATA`` > ``./data``); if it is missing, DatasetNotFoundError says what
+  to put where. There is deliberately no silent fallback to synthetic data.
+* ``"synthetic"``: the deterministic synthetic stand-in, same shapes and dtypes.
+* any other string or path: used as the data directory for the real dataset.
+
+Both return dataclasses (:class:`ImageDataset`, :class:`TokenDataset`) that
+record ``source`` and ``synthetic`` alongside the arrays.
+"""
+
+from __future__ import annotations
+
+import os
+
+from esper_jax.data.cifar import (
+    NUM_CLASSES,
+    canonical_cifar_name,
+    download_cifar,
+    load_cifar,
+    load_cifar_dataset,
+    load_cifar_tfds,
+)
+from esper_jax.data.datasets import (
+    CorruptDatasetError,
+    DatasetDownloadError,
+    DatasetNotFoundError,
+    ImageDataset,
+    OptionalDependencyError,
+    TokenDataset,
+    TokenizerUnavailableError,
+)
+from esper_jax.data.paths import DATA_DIR_ENV_VAR, resolve_data_dir
+from esper_jax.data.synthetic import synthetic_cifar, synthetic_tinystories
+from esper_jax.data.tinystories import (
+    ByteTokenizer,
+    get_tokenizer,
+    load_tinystories_dataset,
+    load_tinystories_tokens,
+    token_windows,
+    tokenizer_vocab,
+)
+
+SYNTHETIC = "synthetic"
+AUTO = "auto"
+# the real CIFAR split sizes, so synthetic runs see the same number of batches
+CIFAR_TRAIN_SIZE = 50_000
+CIFAR_TEST_SIZE = 10_000
+SYNTHETIC_TRAIN_TOKENS = 4_000_000
+SYNTHETIC_VAL_TOKENS = 400_000
+
+
+def _real_data_dir(data: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """``data`` names a directory unless it is "auto"; it may not contradict ``data_dir``."""
+    if str(data) == AUTO:
+        return data_dir
+    if data_dir is not None and resolve_data_dir(data) != resolve_data_dir(data_dir):
+        raise ValueError(f"data={str(data)!r} and data_dir={str(data_dir)!r} name different directories; pass one")
+    return data
+
+
+def load_image_dataset(
+    name: str,
+    data: str | os.PathLike[str] = AUTO,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    source: str = "auto",
+    seed: int = 0,
+    n_train: int = CIFAR_TRAIN_SIZE,
+    n_test: int = CIFAR_TEST_SIZE,
+) -> ImageDataset:
+    """CIFAR-10/100, real (from the data directory) or synthetic (``data="synthetic"``).
+
+    ``seed``, ``n_train`` and ``n_test`` only shape the synthetic data; ``source``
+    ('auto' | 'archive' | 'tfds') only the real one.
+    """
+    canonical = canonical_cifar_name(name)
+    if str(data) == SYNTHETIC:
+        return synthetic_cifar(NUM_CLASSES[canonical], n_train, n_test, seed)
+    return load_cifar_dataset(canonical, _real_data_dir(data, data_dir), source=source)  # type: ignore[arg-type]
+
+
+def load_token_dataset(
+    name: str = "tinystories",
+    data: str | os.PathLike[str] = AUTO,
+    *,
+    tokenizer: str = "gpt2",
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    n_train_tokens: int = SYNTHETIC_TRAIN_TOKENS,
+    n_val_tokens: int = SYNTHETIC_VAL_TOKENS,
+) -> TokenDataset:
+    """TinyStories tokens, real (tokenized and cached) or synthetic with the tokenizer's vocabulary.
+
+    Synthetic tokens use the chosen tokenizer's vocabulary size and end-of-text
+    id, but need none of its files.
+    """
+    if name.lower() != "tinystories":
+        raise ValueError(f"unknown token dataset {name!r}; expected 'tinystories'")
+    if str(data) == SYNTHETIC:
+        vocab_size, eot_id = tokenizer_vocab(tokenizer)
+        return synthetic_tinystories(
+            n_train_tokens, vocab_size, seed, n_val_tokens=n_val_tokens, eot_id=eot_id, tokenizer=tokenizer
+        )
+    return load_tinystories_dataset(_real_data_dir(data, data_dir), tokenizer=tokenizer)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "AUTO",
+    "SYNTHETIC",
+    "DATA_DIR_ENV_VAR",
+    "ByteTokenizer",
+    "CorruptDatasetError",
+    "DatasetDownloadError",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "OptionalDependencyError",
+    "TokenDataset",
+    "TokenizerUnavailableError",
+    "download_cifar",
+    "get_tokenizer",
+    "load_cifar",
+    "load_cifar_dataset",
+    "load_cifar_tfds",
+    "load_image_dataset",
+    "load_tinystories_dataset",
+    "load_tinystories_tokens",
+    "load_token_dataset",
+    "resolve_data_dir",
+    "synthetic_cifar",
+    "synthetic_tinystories",
+    "token_windows",
+    "tokenizer_vocab",
+]

@@ -1,0 +1,130 @@
+"""The morphogenetic forward: host segments with the lattice's seeds at the injection points.
+
+The forward is written once, over an explicit population axis ``P`` (host parameters,
+lattice states and inputs all lead with it); :meth:`MorphogeneticModel.apply` is the same
+code with ``P = 1``. Why: under ``vmap``, ``lax.cond``/``switch`` turn into ``select`` and
+every blueprint of every slot is computed for every member. With the population axis
+explicit, each blueprint's branch is a real ``lax.cond`` on *whether any member uses it*,
+decided once per population step (DESIGN.md §2), and a slot nobody uses costs nothing.
+
+Per member and slot, by stage (``r`` is the blueprint residual, see :mod:`esper_jax.blending`):
+
+* TRAINING: the seed reads ``stop_gradient(h)`` and joins straight-through,
+  ``out = h + (s - stop_gradient(s))`` with ``s = blend(sg(h), r, 1)``: the forward value is the
+  host's, the seed gets gradients, the host gets none through the seed.
+* BLENDING, HOLDING: ``blend(h, r, alpha·gate)``; the seed reads ``sg(h)`` when
+  ``isolate_blending`` (CNN default) and ``h`` otherwise (transformer default: co-adapt).
+* FOSSILIZED: ``blend(h, r(h), alpha)``, part of the host.
+* any other stage, or a slot in ``disabled``: ``out = h``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from esper_jax import blending, lifecycle
+from esper_jax.hosts.base import Host, slot_config_for
+from esper_jax.lattice import GATE, Lattice, LatticeState
+from esper_jax.lifecycle import GateConfig, Stage
+
+
+def _bcast(per_member: jax.Array, like: jax.Array) -> jax.Array:
+    return per_member.reshape(per_member.shape + (1,) * (like.ndim - per_member.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class MorphogeneticModel:
+    host: Host
+    lattice: Lattice
+    isolate_blending: bool
+
+    @classmethod
+    def build(cls, host: Host, slot_ids=None, gates: GateConfig = GateConfig(), isolate_blending: bool | None = None,
+              seed_optimizer=None) -> "MorphogeneticModel":
+        slots = slot_config_for(host, host.default_slots if slot_ids is None else slot_ids)
+        lattice = Lattice(slots, gates) if seed_optimizer is None else Lattice(slots, gates, seed_optimizer)
+        if isolate_blending is None:
+            isolate_blending = host.topology == "cnn"  # Esper: CNN seeds stay isolated, transformer seeds co-adapt
+        return cls(host, lattice, isolate_blending)
+
+    def init(self, key: jax.Array):
+        host_key, lattice_key = jax.random.split(key)
+        return self.host.init(host_key), self.lattice.init(lattice_key)
+
+    # ------------------------------------------------------------------ forward
+
+    def apply(self, host_params, lattice_state: LatticeState, x: jax.Array, disabled: jax.Array | None = None):
+        """One member: ``x`` is a batch; ``disabled`` (``[S]`` bool) forces those slots to identity."""
+        add = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        disabled = None if disabled is None else disabled[None]
+        out = self.population_apply(add(host_params), add(lattice_state), x[None], disabled)
+        return out[0]
+
+    def population_apply(self, host_params, lattice_state: LatticeState, x: jax.Array, disabled: jax.Array | None = None):
+        """A population: every argument leads with the member axis ``P``."""
+        slot_ids = self.lattice.slots.slot_ids
+        h = x
+        for index, point in enumerate(self.host.injection_points):
+            h = jax.vmap(lambda p, a, i=index: self.host.segment(p, i, a))(host_params, h)
+            if point.slot_id in slot_ids:
+                s = slot_ids.index(point.slot_id)
+                off = None if disabled is None else disabled[:, s]
+                h = self.apply_slot(lattice_state, s, h, off)
+        return jax.vmap(self.host.head)(host_params, h)
+
+    def apply_slot(self, state: LatticeState, s: int, h: jax.Array, disabled: jax.Array | None = None) -> jax.Array:
+        """Slot ``s`` for a population; ``h`` is ``[P, B, ...]``."""
+        st = state.status
+        stage = st.stage[:, s]
+        computed = lifecycle.in_stages(stage, lifecycle.COMPUTED_STAGES)
+        if disabled is not None:
+            computed &= ~disabled
+
+        def active(h):
+            training = stage == Stage.TRAINING
+            blended = lifecycle.in_stages(stage, lifecycle.BLENDED_STAGES)
+            isolated = training | (blended & (stage != Stage.FOSSILIZED) & self.isolate_blending)
+            seed_in = jnp.where(_bcast(isolated, h), jax.lax.stop_gradient(h), h)
+            r = jnp.zeros_like(h)
+            for b, bp in enumerate(self.lattice.blueprints):
+                if bp.is_noop:
+                    continue
+                uses = computed & (st.blueprint[:, s] == b)
+                params = state.params[s][bp.name]
+                r_b = jax.lax.cond(
+                    jnp.any(uses),
+                    lambda p=params, bp=bp: jax.vmap(bp.apply)(p, seed_in),
+                    lambda: jnp.zeros_like(h),
+                )
+                r = r + jnp.where(_bcast(uses, h), r_b, 0.0)
+
+            op = blending.blend_op_of(st.blend_style[:, s])
+            gating = computed & (op == blending.OP_GATE) & (stage == Stage.BLENDING)
+            gate = jax.lax.cond(
+                jnp.any(gating),
+                lambda: jax.vmap(blending.gate_value)(state.params[s][GATE], seed_in),
+                lambda: jnp.ones((h.shape[0], h.shape[1]) + (1,) * (h.ndim - 2), h.dtype),
+            )
+            alpha = _bcast(st.alpha[:, s], h)
+            weight = alpha * jnp.where(_bcast(gating, h), gate, 1.0)
+            op = _bcast(jnp.where(op == blending.OP_GATE, blending.OP_ADD, op), h)
+
+            full = blending.blend(jax.lax.stop_gradient(h), r, 1.0, op)
+            straight_through = h + (full - jax.lax.stop_gradient(full))
+            blended_out = blending.blend(h, r, weight, op)
+            out = jnp.where(_bcast(training & computed, h), straight_through, h)
+            return jnp.where(_bcast(blended & computed, h), blended_out, out)
+
+        return jax.lax.cond(jnp.any(computed), active, lambda h: h, h)
+
+    # ------------------------------------------------------------------ losses
+
+    def loss(self, host_params, lattice_state: LatticeState, x, y, disabled=None) -> jax.Array:
+        return self.host.loss(self.apply(host_params, lattice_state, x, disabled), y)
+
+    def population_losses(self, host_params, lattice_state: LatticeState, x, y, disabled=None) -> jax.Array:
+        """Per-member mean loss, shape ``[P]``."""
+        return jax.vmap(self.host.loss)(self.population_apply(host_params, lattice_state, x, disabled), y)
