@@ -4,8 +4,14 @@ optimizer state, as one pytree per inner environment.
 Shapes never depend on the lifecycle: each slot pre-allocates parameters for every blueprint
 of its topology (and a small blend gate). Germinating re-initializes the chosen blueprint's
 parameters in that slot, and its gate, and resets their optimizer moments; parameters of
-blueprints not in use never change. Each (slot, blueprint) unit has its own optimizer state,
-as each seed has its own optimizer in Esper.
+blueprints not in use never change.
+
+A slot's parameters are stored raveled into one vector; :class:`SlotLayout` views it as named
+units (``{blueprint name or "gate": params}``). Why: one optax update per (slot, unit) pytree
+gave the baseline CNN ~80 fusions and a 17 s XLA:CPU compile for the optimizer step alone;
+on raveled vectors it is 20 fusions and ~1.4 s. It is still one optimizer per seed, as in
+Esper: only the learning seed and its gate have non-zero gradients and only their elements
+are updated (per-element masks), so global-norm clipping over the slot clips that seed alone.
 
 :class:`Lattice` is a frozen, hashable spec; its methods are pure functions of the state.
 """
@@ -13,6 +19,8 @@ as each seed has its own optimizer in Esper.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
@@ -31,8 +39,8 @@ GATE = "gate"
 @struct.dataclass
 class LatticeState:
     status: SlotStatus
-    params: tuple[dict[str, Any], ...]     # per slot: blueprint name (and "gate") → parameters
-    opt_state: tuple[dict[str, Any], ...]  # per slot: same keys → optimizer state
+    params: tuple[jax.Array, ...]  # per slot: every unit's parameters raveled, ``[slot_size]``
+    opt_state: tuple[Any, ...]     # per slot: seed optimizer state of that vector
 
 
 def default_seed_optimizer() -> optax.GradientTransformation:
@@ -42,6 +50,67 @@ def default_seed_optimizer() -> optax.GradientTransformation:
 
 def _where(mask, new, old):
     return jax.tree.map(lambda n, o: jnp.where(mask, n, o), new, old)
+
+
+def _fresh_units(topology: str, key: jax.Array, dim: int) -> dict[str, Any]:
+    blueprints = blueprints_for(topology)
+    keys = jax.random.split(key, len(blueprints))
+    units = {bp.name: bp.init(k, dim) for bp, k in zip(blueprints, keys)}
+    units[GATE] = blending.init_gate(dim)
+    return units
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Static map between a slot's raveled parameter vector and its named units."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    unit_ranges: tuple[tuple[str, int, int], ...]  # (unit name, start, stop), in ravel order
+    size: int
+
+    @staticmethod
+    @functools.cache
+    def of(topology: str, dim: int) -> "SlotLayout":
+        template = jax.eval_shape(lambda k: _fresh_units(topology, k, dim), jax.random.key(0))
+        leaves, treedef = jax.tree.flatten(template)
+        shapes = tuple(tuple(leaf.shape) for leaf in leaves)
+        sizes = [math.prod(shape) for shape in shapes]
+        offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        ranges, start = [], 0
+        for name in sorted(template):  # dicts flatten in sorted key order
+            n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(template[name]))
+            ranges.append((name, start, start + n))
+            start += n
+        return SlotLayout(treedef, shapes, offsets, tuple(ranges), sum(sizes))
+
+    def ravel(self, units: dict) -> jax.Array:
+        leaves = jax.tree.leaves(units)
+        lead = leaves[0].shape[: leaves[0].ndim - len(self.shapes[0])]
+        return jnp.concatenate([leaf.reshape(lead + (-1,)) for leaf in leaves], axis=-1)
+
+    def unravel(self, flat: jax.Array) -> dict:
+        """Named units from a raveled vector (leading axes, e.g. a population, are kept)."""
+        lead = flat.shape[:-1]
+        leaves = [
+            flat[..., o:o + math.prod(shape)].reshape(lead + shape) for o, shape in zip(self.offsets, self.shapes)
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def element_mask(self, unit_mask: dict) -> jax.Array:
+        """Expand a per-unit mask (scalars) to the raveled vector."""
+        # Broadcasts, not jnp.repeat: its gather made XLA constant-fold for seconds.
+        return jnp.concatenate(
+            [jnp.broadcast_to(jnp.asarray(unit_mask[name]), (stop - start,)) for name, start, stop in self.unit_ranges]
+        )
+
+
+def _masked(element_mask: jax.Array, new, old):
+    """Select ``new`` where the mask holds in every optimizer-state leaf shaped like the raveled
+    parameters; other leaves (step counts) take ``new``."""
+    size = element_mask.shape[0]
+    return jax.tree.map(lambda n, o: jnp.where(element_mask, n, o) if n.shape == (size,) else n, new, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +134,25 @@ class Lattice:
     def blueprint_index(self, name: str) -> int:
         return blueprint_index(self.topology, name)
 
-    def _fresh_slot(self, key: jax.Array, dim: int) -> dict[str, Any]:
-        keys = jax.random.split(key, self.num_blueprints)
-        params = {bp.name: bp.init(k, dim) for bp, k in zip(self.blueprints, keys)}
-        params[GATE] = blending.init_gate(dim)
-        return params
+    def layout(self, s: int) -> SlotLayout:
+        return SlotLayout.of(self.topology, self.slots.slots[s].dim)
+
+    def unit_params(self, state: LatticeState, s: int) -> dict[str, Any]:
+        """Slot ``s``'s parameters as ``{unit name: params}`` (keeps leading population axes)."""
+        return self.layout(s).unravel(state.params[s])
+
+    def with_unit_params(self, state: LatticeState, s: int, units: dict[str, Any]) -> LatticeState:
+        params = list(state.params)
+        params[s] = self.layout(s).ravel(units)
+        return state.replace(params=tuple(params))
 
     def init(self, key: jax.Array) -> LatticeState:
         keys = jax.random.split(key, self.slots.num_slots)
-        params = tuple(self._fresh_slot(k, spec.dim) for k, spec in zip(keys, self.slots.slots))
-        opt_state = tuple({name: self.seed_optimizer.init(p) for name, p in slot.items()} for slot in params)
+        params = tuple(
+            self.layout(s).ravel(_fresh_units(self.topology, k, spec.dim))
+            for s, (k, spec) in enumerate(zip(keys, self.slots.slots))
+        )
+        opt_state = tuple(self.seed_optimizer.init(p) for p in params)
         return LatticeState(status=lifecycle.init_status(self.slots.num_slots), params=params, opt_state=opt_state)
 
     # ------------------------------------------------------------------ requests
@@ -86,15 +164,14 @@ class Lattice:
         keys = jax.random.split(key, self.slots.num_slots)
         params, opt_state = [], []
         for s, (spec, k) in enumerate(zip(self.slots.slots, keys)):
-            fresh = self._fresh_slot(k, spec.dim)
+            layout = self.layout(s)
+            fresh = layout.ravel(_fresh_units(self.topology, k, spec.dim))
             here = applied & (jnp.asarray(slot) == s)
-            slot_params, slot_opt = {}, {}
-            for name, old in state.params[s].items():
-                reset = here & ((name == GATE) | (blueprint == self._index_of(name)))
-                slot_params[name] = _where(reset, fresh[name], old)
-                slot_opt[name] = _where(reset, self.seed_optimizer.init(fresh[name]), state.opt_state[s][name])
-            params.append(slot_params)
-            opt_state.append(slot_opt)
+            reset = layout.element_mask(
+                {name: here & ((name == GATE) | (blueprint == self._index_of(name))) for name, _, _ in layout.unit_ranges}
+            )
+            params.append(jnp.where(reset, fresh, state.params[s]))
+            opt_state.append(_masked(reset, self.seed_optimizer.init(fresh), state.opt_state[s]))
         return LatticeState(status, tuple(params), tuple(opt_state)), applied
 
     def _index_of(self, name: str) -> int:
@@ -132,35 +209,33 @@ class Lattice:
         gating = (st.stage == Stage.BLENDING) & (blending.blend_op_of(st.blend_style) == blending.OP_GATE)
         masks = []
         for s in range(self.slots.num_slots):
-            slot_masks = {name: computed[s] & (st.blueprint[s] == self._index_of(name)) for name in state.params[s] if name != GATE}
+            names = [name for name, _, _ in self.layout(s).unit_ranges if name != GATE]
+            slot_masks = {name: computed[s] & (st.blueprint[s] == self._index_of(name)) for name in names}
             slot_masks[GATE] = gating[s]
             masks.append(slot_masks)
         return tuple(masks)
 
-    def apply_gradients(self, state: LatticeState, grads) -> LatticeState:
-        """One optimizer step for the units that are learning; every other unit is untouched."""
+    def apply_gradients(self, state: LatticeState, grads: tuple[jax.Array, ...]) -> LatticeState:
+        """One optimizer step for the units that are learning; every other unit is untouched.
+        ``grads`` has the structure of ``state.params`` (one raveled vector per slot)."""
         masks = self.trainable(state)
         params, opt_state = [], []
         for s in range(self.slots.num_slots):
-            slot_params, slot_opt = {}, {}
-            for name, p in state.params[s].items():
-                updates, new_opt = self.seed_optimizer.update(grads[s][name], state.opt_state[s][name], p)
-                slot_params[name] = _where(masks[s][name], optax.apply_updates(p, updates), p)
-                slot_opt[name] = _where(masks[s][name], new_opt, state.opt_state[s][name])
-            params.append(slot_params)
-            opt_state.append(slot_opt)
+            learning = self.layout(s).element_mask(masks[s])
+            grad = jnp.where(learning, grads[s], 0.0)
+            updates, new_opt = self.seed_optimizer.update(grad, state.opt_state[s], state.params[s])
+            params.append(jnp.where(learning, state.params[s] + updates, state.params[s]))
+            opt_state.append(_masked(learning, new_opt, state.opt_state[s]))
         return state.replace(params=tuple(params), opt_state=tuple(opt_state))
 
-    def seed_grad_norms(self, state: LatticeState, grads) -> jax.Array:
+    def seed_grad_norms(self, state: LatticeState, grads: tuple[jax.Array, ...]) -> jax.Array:
         """Gradient norm of each slot's learning seed (0 where none learns), shape ``[S]``."""
         masks = self.trainable(state)
         norms = []
         for s in range(self.slots.num_slots):
-            sq = sum(
-                jnp.where(masks[s][name], optax.tree_utils.tree_norm(grads[s][name], squared=True), 0.0)
-                for name in state.params[s] if name != GATE
-            )
-            norms.append(jnp.sqrt(sq))
+            seed_only = {name: jnp.where(name == GATE, False, m) for name, m in masks[s].items()}
+            learning = self.layout(s).element_mask(seed_only)
+            norms.append(jnp.sqrt(jnp.sum(jnp.where(learning, grads[s] ** 2, 0.0))))
         return jnp.stack(norms)
 
     def live_param_count(self, state: LatticeState) -> jax.Array:

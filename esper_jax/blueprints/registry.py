@@ -8,6 +8,7 @@ and must return exactly zero at germination so that planting a seed never shocks
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -31,12 +32,18 @@ class Blueprint:
 
     def num_params(self, dim: int) -> int:
         """Exact parameter count at width ``dim`` (derived from ``init``, never hand-written)."""
-        shapes = jax.eval_shape(lambda key: self.init(key, dim), jax.random.key(0))
-        return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+        return _count_params(self, dim)
 
     @property
     def is_noop(self) -> bool:
         return self.num_params(4) == 0
+
+
+@functools.cache
+def _count_params(blueprint: Blueprint, dim: int) -> int:
+    # Cached: the forward asks for it while tracing, and eval_shape re-traces ``init``.
+    shapes = jax.eval_shape(lambda key: blueprint.init(key, dim), jax.random.key(0))
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
 
 _REGISTRY: dict[str, dict[str, Blueprint]] = {topology: {} for topology in TOPOLOGIES}

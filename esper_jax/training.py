@@ -1,0 +1,95 @@
+"""Training steps for a morphogenetic model: one member, or a population with an explicit
+leading axis. Host and seeds have separate optimizers (Esper: SGD with momentum for each,
+clipped separately); the seed optimizer lives in the :class:`~esper_jax.lattice.Lattice`.
+
+``init``/``step`` pairs of pure functions in the optax style; nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from esper_jax.hosts.base import Host, host_forward
+from esper_jax.lattice import LatticeState
+from esper_jax.model import MorphogeneticModel
+
+
+def default_host_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
+    """Esper's host optimizer: SGD, momentum 0.9, weight decay 5e-4, gradients clipped at 1.0."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(5e-4), optax.sgd(learning_rate, momentum=0.9))
+
+
+@struct.dataclass
+class TrainState:
+    host_params: Any
+    host_opt_state: Any
+    lattice: LatticeState
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array            # mean training loss of the batch
+    host_grad_norm: jax.Array  # global norm of the host gradient (before clipping)
+    seed_grad_norm: jax.Array  # per slot, ``[S]``: norm of the learning seed's gradient
+
+
+class TrainStep(NamedTuple):
+    init: Callable[[jax.Array], TrainState]
+    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]
+    population_step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]
+
+
+def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTransformation | None = None) -> TrainStep:
+    host_optimizer = host_optimizer or default_host_optimizer()
+    lattice = model.lattice
+
+    def init(key: jax.Array) -> TrainState:
+        host_params, lattice_state = model.init(key)
+        return TrainState(host_params, host_optimizer.init(host_params), lattice_state)
+
+    def population_step(state: TrainState, x: jax.Array, y: jax.Array):
+        """All arguments lead with the population axis; members never mix (the summed loss's
+        gradient with respect to one member's parameters is that member's gradient)."""
+
+        def total_loss(host_params, seed_params):
+            lattice_state = state.lattice.replace(params=seed_params)
+            losses = model.population_losses(host_params, lattice_state, x, y)
+            return losses.sum(), losses
+
+        (_, losses), (host_grads, seed_grads) = jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
+            state.host_params, state.lattice.params
+        )
+        updates, host_opt_state = jax.vmap(host_optimizer.update)(host_grads, state.host_opt_state, state.host_params)
+        host_params = jax.vmap(optax.apply_updates)(state.host_params, updates)
+        seed_norms = jax.vmap(lattice.seed_grad_norms)(state.lattice, seed_grads)
+        new_lattice = jax.vmap(lattice.apply_gradients)(state.lattice, seed_grads)
+        metrics = StepMetrics(losses, jax.vmap(optax.tree_utils.tree_norm)(host_grads), seed_norms)
+        return TrainState(host_params, host_opt_state, new_lattice), metrics
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array):
+        add = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
+        new_state, metrics = population_step(add(state), x[None], y[None])
+        return drop(new_state), drop(metrics)
+
+    return TrainStep(init, step, population_step)
+
+
+def make_host_train_step(host: Host, host_optimizer: optax.GradientTransformation | None = None):
+    """The plain host with no lattice at all: the reference the lattice's overhead is measured against."""
+    host_optimizer = host_optimizer or default_host_optimizer()
+
+    def init(key):
+        params = host.init(key)
+        return params, host_optimizer.init(params)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: host.loss(host_forward(host, p, x), y))(params)
+        updates, opt_state = host_optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return init, step
