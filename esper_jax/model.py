@@ -70,12 +70,15 @@ class MorphogeneticModel:
         out = self.population_apply(add(host_params), add(lattice_state), x[None], disabled)
         return out[0]
 
-    def population_apply(self, host_params, lattice_state: LatticeState, x: jax.Array, disabled: jax.Array | None = None):
-        """A population: every argument leads with the member axis ``P``."""
+    def population_apply(self, host_params, lattice_state: LatticeState, x: jax.Array, disabled: jax.Array | None = None,
+                         shared_input: bool = False):
+        """A population: every argument leads with the member axis ``P``, except ``x`` when
+        ``shared_input`` (one batch, e.g. the validation set, seen by every member)."""
         slot_ids = self.lattice.slots.slot_ids
         h = x
         for index, point in enumerate(self.host.injection_points):
-            h = jax.vmap(lambda p, a, i=index: self.host.segment(p, i, a))(host_params, h)
+            in_axes = (0, None) if (index == 0 and shared_input) else (0, 0)
+            h = jax.vmap(lambda p, a, i=index: self.host.segment(p, i, a), in_axes=in_axes)(host_params, h)
             if point.slot_id in slot_ids:
                 s = slot_ids.index(point.slot_id)
                 off = None if disabled is None else disabled[:, s]
