@@ -89,6 +89,10 @@ def curve(style: jax.Array, progress: jax.Array) -> jax.Array:
     return jnp.clip(value, 0.0, 1.0)
 
 
+# Always compiled: XLA contracts the multiply-add below into one FMA (one rounding), while
+# op-by-op execution rounds twice. Jitting it here makes plain calls round like jitted and
+# vmapped callers do, so the lifecycle state is bit-for-bit the same however it is run.
+@jax.jit
 def scheduled_alpha(start, target, step, steps, style) -> jax.Array:
     """Alpha after ``step`` of ``steps`` schedule epochs from ``start`` toward ``target``."""
     progress = jnp.where(steps > 0, step / jnp.maximum(steps, 1), 1.0)
@@ -103,7 +107,16 @@ def init_gate(dim: int) -> dict:
 
 
 def gate_value(gate_params: dict, h: jax.Array) -> jax.Array:
-    """Per-sample gate in (0, 1) from the mean feature of ``h``; shape broadcastable to ``h``."""
+    """Gate in (0, 1), broadcastable to ``h``.
+
+    Images ``[B, H, W, C]``: one value per sample from the spatial mean. Sequences ``[B, T, D]``:
+    one value per position from the mean over positions up to it, so a gated seed in a causal
+    model never sees future tokens.
+    """
+    if h.ndim == 3:
+        counts = jnp.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        pooled = jnp.cumsum(h, axis=1) / counts
+        return jax.nn.sigmoid(pooled @ gate_params["w"] + gate_params["b"])[..., None]
     pooled = jnp.mean(h, axis=tuple(range(1, h.ndim - 1))) if h.ndim > 2 else h
     g = jax.nn.sigmoid(pooled @ gate_params["w"] + gate_params["b"])
     return g.reshape(g.shape + (1,) * (h.ndim - 1))

@@ -138,7 +138,9 @@ class SlotStatus:
 
 
 def init_status(num_slots: int) -> SlotStatus:
-    i = lambda v: jnp.full((num_slots,), v, jnp.int32)
+    # int(): jnp.full of an IntEnum (Stage) gives a weak-typed array, and a weak-typed fresh
+    # status would make every jitted function compile once more for the first real transition.
+    i = lambda v: jnp.full((num_slots,), int(v), jnp.int32)
     f = lambda v: jnp.full((num_slots,), v, jnp.float32)
     b = lambda v: jnp.full((num_slots,), v, bool)
     return SlotStatus(

@@ -115,11 +115,9 @@ class MorphogeneticModel:
 
             op = blending.blend_op_of(st.blend_style[:, s])
             gating = computed & (op == blending.OP_GATE) & (stage == Stage.BLENDING)
-            gate = jax.lax.cond(
-                jnp.any(gating),
-                lambda: jax.vmap(blending.gate_value)(units[GATE], seed_in),
-                lambda: jnp.ones((h.shape[0], h.shape[1]) + (1,) * (h.ndim - 2), h.dtype),
-            )
+            gate_fn = lambda: jax.vmap(blending.gate_value)(units[GATE], seed_in)
+            gate_shape = jax.eval_shape(gate_fn)
+            gate = jax.lax.cond(jnp.any(gating), gate_fn, lambda: jnp.ones(gate_shape.shape, gate_shape.dtype))
             alpha = _bcast(st.alpha[:, s], h)
             weight = alpha * jnp.where(_bcast(gating, h), gate, 1.0)
             op = _bcast(jnp.where(op == blending.OP_GATE, blending.OP_ADD, op), h)

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Iterable
 
-_SLOT_ID = re.compile(r"^r(0|[1-9][0-9]*)c(0|[1-9][0-9]*)$")
+_SLOT_ID = re.compile(r"r(0|[1-9][0-9]*)c(0|[1-9][0-9]*)")  # used with fullmatch: "$" would accept "r0c0\n"
 _LEGACY_NAMES = {"early": "r0c0", "mid": "r0c1", "late": "r0c2"}
 
 TOPOLOGIES = ("cnn", "transformer")
@@ -30,7 +30,7 @@ def parse_slot_id(slot_id: str) -> tuple[int, int]:
     """(row, col) of a canonical slot id; ``ValueError`` naming the canonical form otherwise."""
     if not isinstance(slot_id, str):
         raise ValueError(f"slot id must be a string like 'r0c0', got {slot_id!r}")
-    match = _SLOT_ID.match(slot_id)
+    match = _SLOT_ID.fullmatch(slot_id)
     if match is None:
         stripped = slot_id.strip().lower()
         if stripped in _LEGACY_NAMES:
@@ -48,7 +48,7 @@ def validate_slot_id(slot_id: str) -> str:
 
 
 def is_valid_slot_id(slot_id: object) -> bool:
-    return isinstance(slot_id, str) and _SLOT_ID.match(slot_id) is not None
+    return isinstance(slot_id, str) and _SLOT_ID.fullmatch(slot_id) is not None
 
 
 def slot_sort_key(slot_id: str) -> tuple[int, int]:

@@ -45,6 +45,7 @@ from esper_jax.data.paths import PathLike, data_dir_help, resolve_data_dir
 Split = Literal["train", "test"]
 Variant = Literal["binary", "python"]
 Source = Literal["auto", "archive", "tfds"]
+LabelledArrays = tuple[np.ndarray, np.ndarray]  # uint8 [N, 32, 32, 3] images, int32 [N] labels
 
 IMAGE_BYTES = 32 * 32 * 3
 CIFAR_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
@@ -159,7 +160,7 @@ def _check_split(split: str) -> Split:
 # --------------------------------------------------------------------------- decoding records
 
 
-def decode_binary_records(raw: bytes, archive: CifarArchive, file_label: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_binary_records(raw: bytes, archive: CifarArchive, file_label: str) -> LabelledArrays:
     """Decode a binary-variant record file into (uint8 NHWC images, int32 labels)."""
     if len(raw) == 0 or len(raw) % archive.record_bytes != 0:
         raise CorruptDatasetError(
@@ -176,11 +177,13 @@ def decode_binary_records(raw: bytes, archive: CifarArchive, file_label: str) ->
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batches without letting a tampered file run arbitrary code.
 
-    The official pickles only need numpy's array reconstruction; any other global
-    is refused, which turns a malicious or foreign pickle into a CorruptDatasetError.
+    The official pickles only need numpy's array reconstruction (and, when written
+    by Python 3, ``_codecs.encode`` for bytes); any other global is refused, which
+    turns a malicious or foreign pickle into a CorruptDatasetError.
     """
 
     _ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -197,7 +200,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def decode_python_batch(raw: bytes, archive: CifarArchive, file_label: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_python_batch(raw: bytes, archive: CifarArchive, file_label: str) -> LabelledArrays:
     """Decode a python-variant pickled batch into (uint8 NHWC images, int32 labels)."""
     try:
         batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
@@ -234,7 +237,7 @@ def _checked_labels(labels: np.ndarray, archive: CifarArchive, file_label: str) 
     return labels
 
 
-def _decode(raw: bytes, archive: CifarArchive, file_label: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode(raw: bytes, archive: CifarArchive, file_label: str) -> LabelledArrays:
     if archive.variant == "binary":
         return decode_binary_records(raw, archive, file_label)
     return decode_python_batch(raw, archive, file_label)
@@ -317,23 +320,43 @@ def _read_from_tar(archive_path: Path, archive: CifarArchive, wanted: list[str])
     return found
 
 
-def _load_splits(name: str, data_dir: PathLike | None, splits: tuple[Split, ...]) -> tuple[dict[Split, tuple[np.ndarray, np.ndarray]], Path]:
+def _load_splits(name: str, data_dir: PathLike | None, splits: tuple[Split, ...]) -> tuple[dict[Split, LabelledArrays], Path]:
+    """Decode the requested splits from the first usable copy; also returns where they came from."""
     archive, location = _find_cifar_files(name, data_dir, splits)
     wanted = [member for split in splits for member in archive.files(split)]
-    if location.is_dir():
-        raw = _read_from_folder(location, archive, wanted)
-    else:
-        raw = _read_from_tar(location, archive, wanted)
-    result: dict[Split, tuple[np.ndarray, np.ndarray]] = {}
+    from_folder = location.is_dir()
+    raw = _read_from_folder(location, archive, wanted) if from_folder else _read_from_tar(location, archive, wanted)
+
+    def label(member: str) -> str:
+        # error messages name the file as the user would find it
+        return str(location / member) if from_folder else f"{location}:{archive.folder_name}/{member}"
+
+    result: dict[Split, LabelledArrays] = {}
     for split in splits:
-        parts = [_decode(raw[m], archive, f"{location}{os.sep}{m}" if location.is_dir() else f"{location}:{archive.folder_name}/{m}") for m in archive.files(split)]
-        images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        result[split] = (images, labels)
+        parts = [_decode(raw[member], archive, label(member)) for member in archive.files(split)]
+        result[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return result, location
 
 
 # --------------------------------------------------------------------------- public loaders
+
+
+def _load(canonical: str, data_dir: PathLike | None, source: Source, splits: tuple[Split, ...]) -> tuple[dict[Split, LabelledArrays], str]:
+    """The requested splits and a description of where they came from, following ``source``."""
+    if source == "tfds":
+        return _tfds_splits(canonical, data_dir, splits, full_guidance=True)
+    if source not in ("auto", "archive"):
+        raise ValueError(f"unknown source {source!r}; expected 'auto', 'archive' or 'tfds'")
+    try:
+        arrays, location = _load_splits(canonical, data_dir, splits)
+        return arrays, str(location)
+    except DatasetNotFoundError as archive_missing:
+        if source == "archive" or not _tfds_installed():
+            raise
+        try:
+            return _tfds_splits(canonical, data_dir, splits, full_guidance=False)
+        except DatasetNotFoundError as tfds_missing:
+            raise DatasetNotFoundError(f"{archive_missing}\nAlso tried: {tfds_missing}") from None
 
 
 def load_cifar(
@@ -341,7 +364,7 @@ def load_cifar(
     split: Split,
     data_dir: PathLike | None = None,
     source: Source = "auto",
-) -> tuple[np.ndarray, np.ndarray]:
+) -> LabelledArrays:
     """Load one split of CIFAR-10/100 as (uint8 [N, 32, 32, 3], int32 [N]).
 
     ``source="archive"`` reads the official archive or its extracted folder;
@@ -350,40 +373,15 @@ def load_cifar(
     tensorflow-datasets is installed, and otherwise raises DatasetNotFoundError.
     """
     split = _check_split(split)
-    canonical = canonical_cifar_name(name)
-    if source == "tfds":
-        return load_cifar_tfds(canonical, data_dir, split=split)
-    if source not in ("auto", "archive"):
-        raise ValueError(f"unknown source {source!r}; expected 'auto', 'archive' or 'tfds'")
-    try:
-        splits, _ = _load_splits(canonical, data_dir, (split,))
-        return splits[split]
-    except DatasetNotFoundError:
-        if source == "archive" or not _tfds_installed():
-            raise
-        try:
-            return load_cifar_tfds(canonical, data_dir, split=split)
-        except DatasetNotFoundError as tfds_missing:
-            raise DatasetNotFoundError(f"{missing_cifar_message(canonical, data_dir)}\n(tfds: {tfds_missing})") from None
+    arrays, _ = _load(canonical_cifar_name(name), data_dir, source, (split,))
+    return arrays[split]
 
 
 def load_cifar_dataset(name: str, data_dir: PathLike | None = None, source: Source = "auto") -> ImageDataset:
     """Both splits of CIFAR-10/100 as an :class:`ImageDataset`, reading an archive only once."""
     canonical = canonical_cifar_name(name)
-    if source == "tfds":
-        return _tfds_dataset(canonical, data_dir)
-    if source not in ("auto", "archive"):
-        raise ValueError(f"unknown source {source!r}; expected 'auto', 'archive' or 'tfds'")
-    try:
-        splits, location = _load_splits(canonical, data_dir, ("train", "test"))
-    except DatasetNotFoundError:
-        if source == "archive" or not _tfds_installed():
-            raise
-        try:
-            return _tfds_dataset(canonical, data_dir)
-        except DatasetNotFoundError as tfds_missing:
-            raise DatasetNotFoundError(f"{missing_cifar_message(canonical, data_dir)}\n(tfds: {tfds_missing})") from None
-    (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
+    arrays, origin = _load(canonical, data_dir, source, ("train", "test"))
+    (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
     return ImageDataset(
         name=canonical,
         train_images=train_images,
@@ -391,7 +389,7 @@ def load_cifar_dataset(name: str, data_dir: PathLike | None = None, source: Sour
         test_images=test_images,
         test_labels=test_labels,
         num_classes=NUM_CLASSES[canonical],
-        source=str(location),
+        source=origin,
         synthetic=False,
     )
 
@@ -480,42 +478,44 @@ def _import_tfds():  # noqa: ANN202 - the module has no stable type to name
     return tfds
 
 
-def load_cifar_tfds(name: str, data_dir: PathLike | None = None, *, split: Split = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Read one split that tensorflow-datasets has already prepared under ``<data dir>/tensorflow_datasets``.
+def _tfds_splits(
+    canonical: str, data_dir: PathLike | None, splits: tuple[Split, ...], *, full_guidance: bool
+) -> tuple[dict[Split, LabelledArrays], str]:
+    """Read already-prepared tfds splits; never downloads (offline, tfds retries for minutes).
 
-    Never downloads or prepares anything: tfds' offline download path retries for
-    minutes, and preparing CIFAR needs TensorFlow. Unprepared data raises
-    DatasetNotFoundError.
+    tfds' random-access reader (no TensorFlow needed) only reads data prepared in
+    the array_record or parquet formats, not the default tfrecord.
     """
-    split = _check_split(split)
-    canonical = canonical_cifar_name(name)
     tfds = _import_tfds()
     tfds_dir = resolve_data_dir(data_dir) / TFDS_SUBDIR
-    try:
-        source = tfds.data_source(canonical, split=split, data_dir=str(tfds_dir), download=False)
-    except Exception as exc:  # tfds signals "not prepared" with AssertionError or its own errors
-        raise DatasetNotFoundError(
-            f"tensorflow-datasets has no prepared {canonical} in {tfds_dir} ({type(exc).__name__}: {exc}). "
-            f"Prepare it there with tfds on a machine with network, or use the official archives instead.\n"
-            f"{missing_cifar_message(canonical, data_dir)}"
-        ) from exc
-    count = len(source)
-    records = source.__getitems__(list(range(count))) if hasattr(source, "__getitems__") else [source[i] for i in range(count)]
-    images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records]) if count else np.zeros((0, 32, 32, 3), np.uint8)
-    labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)
-    return images, labels
+    arrays: dict[Split, LabelledArrays] = {}
+    for split in splits:
+        try:
+            source = tfds.data_source(canonical, split=split, data_dir=str(tfds_dir), download=False)
+        except Exception as exc:  # tfds signals "not prepared" with AssertionError or its own errors
+            message = f"tensorflow-datasets has no prepared {canonical} in {tfds_dir} ({type(exc).__name__}: {exc})"
+            if full_guidance:
+                message += (
+                    "\nPrepare it there on a machine with network and TensorFlow "
+                    f"(tfds build {canonical} --data_dir={tfds_dir} --file_format=array_record), "
+                    "or use the official archives:\n"
+                    + missing_cifar_message(canonical, data_dir)
+                )
+            raise DatasetNotFoundError(message) from exc
+        records = [source[index] for index in range(len(source))]
+        images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records]) if records else np.zeros((0, 32, 32, 3), np.uint8)
+        labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)  # cifar100: "label" is the fine label
+        arrays[split] = (images, labels)
+    return arrays, f"tfds:{tfds_dir / canonical}"
 
 
-def _tfds_dataset(canonical: str, data_dir: PathLike | None) -> ImageDataset:
-    train_images, train_labels = load_cifar_tfds(canonical, data_dir, split="train")
-    test_images, test_labels = load_cifar_tfds(canonical, data_dir, split="test")
-    return ImageDataset(
-        name=canonical,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=NUM_CLASSES[canonical],
-        source=f"tfds:{resolve_data_dir(data_dir) / TFDS_SUBDIR / canonical}",
-        synthetic=False,
-    )
+def load_cifar_tfds(name: str, data_dir: PathLike | None = None, *, split: Split = "train") -> LabelledArrays:
+    """Read one split that tensorflow-datasets has already prepared under ``<data dir>/tensorflow_datasets``.
+
+    Never downloads or prepares anything (preparing CIFAR needs TensorFlow);
+    unprepared data raises DatasetNotFoundError, a missing package
+    OptionalDependencyError naming the ``tfds`` extra.
+    """
+    split = _check_split(split)
+    arrays, _ = _tfds_splits(canonical_cifar_name(name), data_dir, (split,), full_guidance=True)
+    return arrays[split]

@@ -24,7 +24,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
@@ -69,13 +68,12 @@ class Tokenizer(Protocol):
         ...
 
 
-@dataclass(frozen=True)
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255 and end-of-text as 256: needs no files at all."""
 
-    name: str = "byte"
-    vocab_size: int = 257
-    eot_id: int = 256
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)

@@ -1,0 +1,69 @@
+"""On-device image preprocessing: normalization and the standard CIFAR crop-and-flip augmentation.
+
+Everything here is pure JAX on whole batches, so it can run inside a jitted or
+vmapped training step next to the model instead of in a host-side loader. The
+augmentations are jitted with ``pad`` static (inside an outer jit they inline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+# per-channel statistics of the training sets, on the [0, 1] scale
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def cifar_channel_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for ``cifar10`` or ``cifar100``."""
+    canonical = name.lower().replace("-", "").replace("_", "")
+    if canonical == "cifar10":
+        return CIFAR10_MEAN, CIFAR10_STD
+    if canonical == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
+    raise ValueError(f"no channel statistics for {name!r}; expected 'cifar10' or 'cifar100'")
+
+
+def normalize_images(
+    images: jax.Array,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> jax.Array:
+    """uint8 NHWC images -> float32, scaled to [0, 1] then standardized per channel."""
+    scaled = jnp.asarray(images).astype(jnp.float32) / 255.0
+    return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@partial(jax.jit, static_argnames="pad")
+def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int = 4) -> jax.Array:
+    """Zero-pad each image by ``pad``, take the HxW window at ``offsets[i] = (row, col)``, mirror where ``flips[i]``.
+
+    Offsets lie in ``[0, 2 * pad]``; ``(pad, pad)`` without a flip returns the image unchanged.
+    """
+    height, width = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
+        zero = jnp.zeros((), offset.dtype)
+        window = jax.lax.dynamic_slice(image, (offset[0], offset[1], zero), (height, width, image.shape[-1]))
+        return jnp.where(flip, window[:, ::-1], window)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+@partial(jax.jit, static_argnames="pad")
+def random_crop_flip(key: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
+    """The standard CIFAR augmentation: per-image random crop (zero padding ``pad``) and random horizontal flip.
+
+    Works on any dtype and batch size; deterministic for a given key.
+    """
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(flip_key, 0.5, (images.shape[0],))
+    return crop_and_flip(images, offsets, flips, pad)

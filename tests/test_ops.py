@@ -1,0 +1,164 @@
+"""Numeric building blocks (:mod:`esper_jax.ops`) against ``lax`` and NumPy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esper_jax import ops
+
+from tests.conftest import key
+
+
+def normal(seed: int, shape, scale: float = 1.0, shift: float = 0.0) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale + shift, jnp.float32)
+
+
+# Compiled once each: op-by-op execution would compile every primitive separately.
+group_norm = jax.jit(ops.group_norm)
+layer_norm = jax.jit(ops.layer_norm)
+causal_attention = jax.jit(ops.causal_attention)
+max_pool_2x2 = jax.jit(ops.max_pool_2x2)
+
+
+# ============================================================================== convolutions
+
+
+@jax.jit
+def both_convs(x, w):
+    return ops.conv2d(x, w, impl="im2col"), ops.conv2d(x, w, impl="lax")
+
+
+@pytest.mark.parametrize(
+    "kernel, cin, cout, height, width",
+    [(1, 16, 4, 4, 4), (3, 1, 1, 5, 7), (3, 8, 16, 4, 4), (5, 4, 6, 7, 5)],
+)
+def test_im2col_conv_equals_lax_conv(kernel, cin, cout, height, width):
+    x = normal(kernel * 100 + cin, (2, height, width, cin))
+    w = normal(cout, (kernel, kernel, cin, cout), scale=0.3)
+    im2col, reference = both_convs(x, w)
+    assert im2col.shape == reference.shape == (2, height, width, cout)
+    np.testing.assert_allclose(np.asarray(im2col), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(reference)).max() > 0.1
+
+
+def test_im2col_conv_equals_lax_conv_under_vmap_over_kernels():
+    """The population path: one kernel per member."""
+    x = normal(1, (3, 2, 6, 6, 4))
+    w = normal(2, (3, 3, 3, 4, 8), scale=0.3)
+    im2col, reference = jax.jit(jax.vmap(both_convs))(x, w)
+    np.testing.assert_allclose(np.asarray(im2col), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impl_default_and_override(monkeypatch):
+    monkeypatch.delenv("ESPER_CONV_IMPL", raising=False)
+    assert ops.conv_impl() == ops.DEFAULT_CONV_IMPL == "im2col"
+    monkeypatch.setenv("ESPER_CONV_IMPL", "lax")
+    assert ops.conv_impl() == "lax"
+    monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
+    with pytest.raises(ValueError, match="ESPER_CONV_IMPL"):
+        ops.conv_impl()
+
+
+@jax.jit
+def both_depthwise(x, w):
+    reference = jax.lax.conv_general_dilated(
+        x, w[:, :, None, :], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
+    )
+    return ops.depthwise_conv2d(x, w), reference
+
+
+@pytest.mark.parametrize("kernel, channels, height, width", [(3, 8, 5, 7), (5, 6, 6, 6)])
+def test_depthwise_conv_equals_grouped_lax_conv(kernel, channels, height, width):
+    x = normal(channels, (2, height, width, channels))
+    w = normal(kernel + channels, (kernel, kernel, channels))
+    ours, reference = both_depthwise(x, w)
+    assert ours.shape == x.shape
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================== pooling and normalization
+
+
+def test_max_pool_2x2_equals_reduce_window():
+    x = normal(3, (2, 6, 4, 5))
+    reference = jax.jit(lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))(x)
+    pooled = max_pool_2x2(x)
+    assert pooled.shape == (2, 3, 2, 5)
+    np.testing.assert_array_equal(np.asarray(pooled), np.asarray(reference))
+    # and by hand for one window
+    assert float(pooled[1, 2, 1, 3]) == float(np.max(np.asarray(x)[1, 4:6, 2:4, 3]))
+
+
+def test_group_norm_normalizes_each_sample_over_all_its_features():
+    x = normal(4, (3, 4, 4, 6), scale=3.0, shift=5.0) * np.asarray([1.0, 10.0, 0.1], np.float32)[:, None, None, None]
+    y = np.asarray(group_norm(x, jnp.ones((6,)), jnp.zeros((6,))), np.float64)
+    np.testing.assert_allclose(y.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(1, 2, 3)), 1.0, rtol=1e-3)
+    # Not per channel: one group over all channels.
+    assert np.abs(y.mean(axis=(1, 2))).max() > 0.1
+
+    scale, bias = normal(5, (6,)), normal(6, (6,))
+    z = np.asarray(group_norm(x, scale, bias), np.float64)
+    np.testing.assert_allclose(z, y * np.asarray(scale) + np.asarray(bias), rtol=1e-5, atol=1e-5)
+
+    # Samples never share statistics; a constant sample maps to the bias.
+    x2 = np.array(x)
+    x2[1] = 7.0
+    z2 = np.asarray(group_norm(x2, scale, bias))
+    np.testing.assert_array_equal(z2[[0, 2]], np.asarray(group_norm(x, scale, bias))[[0, 2]])
+    np.testing.assert_allclose(z2[1], np.broadcast_to(np.asarray(bias), z2[1].shape), atol=1e-6)
+
+
+def test_layer_norm_normalizes_the_last_axis():
+    x = normal(7, (2, 5, 16), scale=4.0, shift=-2.0)
+    y = np.asarray(layer_norm(x, jnp.ones((16,)), jnp.zeros((16,))), np.float64)
+    np.testing.assert_allclose(y.mean(axis=-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=-1), 1.0, rtol=1e-3)
+    scale, bias = normal(8, (16,)), normal(9, (16,))
+    np.testing.assert_allclose(
+        np.asarray(layer_norm(x, scale, bias)), y * np.asarray(scale) + np.asarray(bias), rtol=1e-5, atol=1e-5
+    )
+
+
+# ============================================================================== attention
+
+
+def reference_attention(q, k, v):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    t = q.shape[1]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def test_causal_attention_matches_a_reference_and_is_causal():
+    q, k, v = (normal(10 + i, (2, 7, 3, 4)) for i in range(3))
+    out = np.asarray(causal_attention(q, k, v))
+    np.testing.assert_allclose(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 0], np.asarray(v)[:, 0], rtol=1e-6, atol=1e-6)  # the first token sees itself only
+
+    t = 4
+    q2, k2, v2 = (np.array(a) for a in (q, k, v))
+    k2[:, t:] *= -2.0
+    v2[:, t:] += 1.0
+    q2[:, t:] *= 3.0
+    changed = np.asarray(causal_attention(q2, k2, v2))
+    np.testing.assert_array_equal(changed[:, :t], out[:, :t])
+    assert not np.allclose(changed[:, t:], out[:, t:], atol=1e-3)
+
+
+# ============================================================================== initializers
+
+
+def test_initializers_have_the_advertised_scale():
+    he = np.asarray(ops.he_normal(key(0), (64, 256), 64))
+    lecun = np.asarray(ops.lecun_normal(key(1), (64, 256), 64))
+    assert he.dtype == lecun.dtype == np.float32
+    np.testing.assert_allclose(he.std(), np.sqrt(2.0 / 64), rtol=0.05)
+    np.testing.assert_allclose(lecun.std(), np.sqrt(1.0 / 64), rtol=0.05)
+    assert abs(he.mean()) < 0.01 and abs(lecun.mean()) < 0.01
