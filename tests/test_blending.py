@@ -175,6 +175,19 @@ def test_gate_starts_open_and_is_per_sample():
     assert np.all((g > 0) & (g < 1)) and g.std() > 0, "the gate depends on the sample"
 
 
+def test_sequence_gate_is_causal():
+    """For [B, T, D] activations the gate at position t depends on positions <= t only."""
+    params = {"w": jnp.asarray([2.0, -1.0, 0.5, 3.0]), "b": jnp.float32(0.1)}
+    h = np.random.default_rng(2).normal(size=(2, 6, 4)).astype(np.float32)
+    g = np.asarray(blending.gate_value(params, jnp.asarray(h)))
+    assert g.shape == (2, 6, 1) and np.all((g > 0) & (g < 1))
+    changed = h.copy()
+    changed[:, 4:, :] += 10.0
+    g2 = np.asarray(blending.gate_value(params, jnp.asarray(changed)))
+    assert np.array_equal(g2[:, :4], g[:, :4]), "the gate looked at future positions"
+    assert not np.array_equal(g2[:, 4:], g[:, 4:])
+
+
 def test_plain_and_jitted_curve_and_blend_agree():
     rng = np.random.default_rng(1)
     t = rng.uniform(-0.1, 1.1, 64).astype(np.float32)
