@@ -48,10 +48,6 @@ def default_seed_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
 
 
-def _where(mask, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(mask, n, o), new, old)
-
-
 def _fresh_units(topology: str, key: jax.Array, dim: int) -> dict[str, Any]:
     blueprints = blueprints_for(topology)
     keys = jax.random.split(key, len(blueprints))

@@ -318,7 +318,6 @@ def build_token_cache(source: Path, tokenizer: Tokenizer, tokens_path: Path, met
     num_tokens = 0
 
     def write_tokens(handle: BinaryIO) -> None:
-        nonlocal num_tokens
         batch: list[str] = []
 
         def flush() -> None:
