@@ -107,8 +107,11 @@ class EnvConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), **kwargs) -> EnvConfig:
-    model = MorphogeneticModel.build(task.make_host(), slot_ids, gates)
+def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
+                    **kwargs) -> EnvConfig:
+    """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
+    ``host``: a host to use instead of the task's own (tests and smoke runs use small ones)."""
+    model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints)
     reward = kwargs.pop("reward", None) or RewardConfig()
     reward = dataclasses.replace(reward, baseline_loss=task.baseline_loss, target_loss=task.target_loss,
                                  typical_loss_delta_std=task.typical_loss_delta_std)

@@ -48,8 +48,7 @@ def default_seed_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
 
 
-def _fresh_units(topology: str, key: jax.Array, dim: int) -> dict[str, Any]:
-    blueprints = blueprints_for(topology)
+def _fresh_units(blueprints: tuple, key: jax.Array, dim: int) -> dict[str, Any]:
     keys = jax.random.split(key, len(blueprints))
     units = {bp.name: bp.init(k, dim) for bp, k in zip(blueprints, keys)}
     units[GATE] = blending.init_gate(dim)
@@ -68,8 +67,8 @@ class SlotLayout:
 
     @staticmethod
     @functools.cache
-    def of(topology: str, dim: int) -> "SlotLayout":
-        template = jax.eval_shape(lambda k: _fresh_units(topology, k, dim), jax.random.key(0))
+    def of(blueprints: tuple, dim: int) -> "SlotLayout":
+        template = jax.eval_shape(lambda k: _fresh_units(blueprints, k, dim), jax.random.key(0))
         leaves, treedef = jax.tree.flatten(template)
         shapes = tuple(tuple(leaf.shape) for leaf in leaves)
         sizes = [math.prod(shape) for shape in shapes]
@@ -111,9 +110,23 @@ def _masked(element_mask: jax.Array, new, old):
 
 @dataclasses.dataclass(frozen=True)
 class Lattice:
+    """``blueprint_names`` selects which of the topology's blueprints this run may grow, in
+    action order; empty means all of them. Why a subset: every enabled blueprint adds a
+    ``lax.cond`` branch per slot (forward, backward and init) to the compiled step, so a run that
+    needs three blueprints should not compile eight."""
+
     slots: SlotConfig
     gates: GateConfig = GateConfig()
     seed_optimizer: optax.GradientTransformation = dataclasses.field(default_factory=default_seed_optimizer)
+    blueprint_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = tuple(self.blueprint_names)
+        for name in names:
+            blueprint_index(self.topology, name)  # unknown or wrong-topology names get a clear error
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate blueprints in {names}")
+        object.__setattr__(self, "blueprint_names", names)
 
     @property
     def topology(self) -> str:
@@ -121,17 +134,26 @@ class Lattice:
 
     @property
     def blueprints(self):
-        return blueprints_for(self.topology)
+        every = blueprints_for(self.topology)
+        if not self.blueprint_names:
+            return every
+        by_name = {bp.name: bp for bp in every}
+        return tuple(by_name[name] for name in self.blueprint_names)
 
     @property
     def num_blueprints(self) -> int:
         return len(self.blueprints)
 
     def blueprint_index(self, name: str) -> int:
-        return blueprint_index(self.topology, name)
+        """Index of ``name`` in this lattice's blueprint head."""
+        blueprint_index(self.topology, name)
+        names = tuple(bp.name for bp in self.blueprints)
+        if name not in names:
+            raise ValueError(f"blueprint {name!r} is not enabled in this run; enabled blueprints are: {', '.join(names)}")
+        return names.index(name)
 
     def layout(self, s: int) -> SlotLayout:
-        return SlotLayout.of(self.topology, self.slots.slots[s].dim)
+        return SlotLayout.of(self.blueprints, self.slots.slots[s].dim)
 
     def unit_params(self, state: LatticeState, s: int) -> dict[str, Any]:
         """Slot ``s``'s parameters as ``{unit name: params}`` (keeps leading population axes)."""
@@ -145,7 +167,7 @@ class Lattice:
     def init(self, key: jax.Array) -> LatticeState:
         keys = jax.random.split(key, self.slots.num_slots)
         params = tuple(
-            self.layout(s).ravel(_fresh_units(self.topology, k, spec.dim))
+            self.layout(s).ravel(_fresh_units(self.blueprints, k, spec.dim))
             for s, (k, spec) in enumerate(zip(keys, self.slots.slots))
         )
         opt_state = tuple(self.seed_optimizer.init(p) for p in params)
@@ -161,7 +183,7 @@ class Lattice:
         params, opt_state = [], []
         for s, (spec, k) in enumerate(zip(self.slots.slots, keys)):
             layout = self.layout(s)
-            fresh = layout.ravel(_fresh_units(self.topology, k, spec.dim))
+            fresh = layout.ravel(_fresh_units(self.blueprints, k, spec.dim))
             here = applied & (jnp.asarray(slot) == s)
             reset = layout.element_mask(
                 {name: here & ((name == GATE) | (blueprint == self._index_of(name))) for name, _, _ in layout.unit_ranges}

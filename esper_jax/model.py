@@ -43,9 +43,10 @@ class MorphogeneticModel:
 
     @classmethod
     def build(cls, host: Host, slot_ids=None, gates: GateConfig = GateConfig(), isolate_blending: bool | None = None,
-              seed_optimizer=None) -> "MorphogeneticModel":
+              seed_optimizer=None, blueprints: tuple[str, ...] = ()) -> "MorphogeneticModel":
         slots = slot_config_for(host, host.default_slots if slot_ids is None else slot_ids)
-        lattice = Lattice(slots, gates) if seed_optimizer is None else Lattice(slots, gates, seed_optimizer)
+        extra = {} if seed_optimizer is None else {"seed_optimizer": seed_optimizer}
+        lattice = Lattice(slots, gates, blueprint_names=tuple(blueprints or ()), **extra)
         if isolate_blending is None:
             isolate_blending = host.topology == "cnn"  # Esper: CNN seeds stay isolated, transformer seeds co-adapt
         return cls(host, lattice, isolate_blending)
