@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from esper_jax import blending, lifecycle
+from esper_jax import blending, lifecycle, ops
 from esper_jax.blueprints import blueprint_index, blueprints_for
 from esper_jax.lifecycle import GateConfig, SlotStatus, Stage
 from esper_jax.slots import SlotConfig
@@ -49,8 +49,10 @@ def default_seed_optimizer() -> optax.GradientTransformation:
 
 
 def _fresh_units(blueprints: tuple, key: jax.Array, dim: int) -> dict[str, Any]:
-    keys = jax.random.split(key, len(blueprints))
-    units = {bp.name: bp.init(k, dim) for bp, k in zip(blueprints, keys)}
+    # One normal draw for the whole slot, sliced by the initializers (see ops.NormalSource):
+    # a threefry draw per initializer made germination and reset compile ~12 s longer.
+    source = ops.NormalSource(jax.random.normal(key, (sum(bp.num_params(dim) for bp in blueprints),)))
+    units = {bp.name: bp.init(source, dim) for bp in blueprints}
     units[GATE] = blending.init_gate(dim)
     return units
 

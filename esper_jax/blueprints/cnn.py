@@ -65,7 +65,7 @@ class Bottleneck:
     @staticmethod
     def init(key, dim):
         mid = max(dim // 4, 4)
-        k1, k2 = jax.random.split(key)
+        k1, k2 = ops.split_key(key, 2)
         return {
             "down": ops.he_normal(k1, (1, 1, dim, mid), dim),
             "conv": ops.he_normal(k2, (3, 3, mid, mid), 9 * mid),
