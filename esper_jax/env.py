@@ -294,7 +294,10 @@ class MorphogeneticEnv:
             jax.nn.one_hot(jnp.where(stage_mask, before.blueprint, -1), self.lattice.num_blueprints), axis=1
         ).astype(jnp.int32)
         newly_fossilized = (after.stage == Stage.FOSSILIZED) & (before.stage != Stage.FOSSILIZED)
-        newly_pruned = lifecycle.in_stages(after.stage, (Stage.PRUNED,)) & (before.stage != Stage.PRUNED)
+        # A seed with alpha 0 is pruned at once and the tick moves it on to EMBARGOED in the same
+        # step, so count every live seed that left for the pruned path, not only those still PRUNED.
+        newly_pruned = lifecycle.in_stages(before.stage, lifecycle.LIVE_STAGES) & lifecycle.in_stages(
+            after.stage, (Stage.PRUNED, Stage.EMBARGOED))
         germinated = state.germinated + jnp.where(
             germinated_now[:, None], jax.nn.one_hot(action.blueprint, self.lattice.num_blueprints, dtype=jnp.int32), 0)
 
