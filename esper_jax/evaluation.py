@@ -1,0 +1,324 @@
+"""Held-out evaluation of controllers: the trained policy, the heuristic, random and static.
+
+Every controller runs one episode on the same population of held-out inner environments: the
+same reset keys (initial host weights), the same per-epoch environment keys (batch order,
+augmentation, seed initialization), derived from the run seed by :func:`held_out_key` through a
+stream no training code draws from. The only difference between two controllers' episodes is
+their actions. A controller's own randomness (the random controller, a sampling policy) comes
+from a separate key stream, also the same for every controller.
+
+One compiled program serves all controllers: the episode is a ``lax.scan`` over epochs whose
+body picks the controller with ``lax.switch`` on a (non-batched) index, so XLA runs only the
+chosen branch and the expensive part — the environment step — is compiled once rather than once
+per controller. Each epoch records the lattice's stage and blueprint per slot, the validation
+loss and the op taken, which become the seed timelines of the report.
+
+What this module returns and writes:
+
+* :class:`EpisodeOutput`: arrays of one episode per env (``[N]``, ``[N, E]``, ``[N, E, S]``);
+* :func:`summarize` / :func:`timeline`: JSON-ready dicts of one controller's results;
+* :func:`write_evaluation`: ``evaluation.json`` and ``evaluation.md`` (the comparison table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from esper_jax.actions import FactoredAction, Op
+from esper_jax.controllers import CONTROLLERS, make_controller
+from esper_jax.env import EnvData, EnvState, MorphogeneticEnv
+from esper_jax.lifecycle import Stage
+
+POLICY = "policy"
+EVALUATION_VERSION = 1
+# The held-out environments' key stream: fold_in(key(run seed), EVAL_STREAM). Training draws its
+# keys by splitting key(seed) (and per-member seeds); a fold_in with this constant is a different
+# stream, so held-out environments never replay a training environment.
+EVAL_STREAM = 0x45564C31  # "EVL1"
+STAGE_NAMES = tuple(s.name for s in Stage)
+OP_NAMES = tuple(o.name for o in Op)
+
+
+def held_out_key(run_seed: int) -> jax.Array:
+    """The key of the held-out environments of a run with seed ``run_seed``."""
+    return jax.random.fold_in(jax.random.key(run_seed), EVAL_STREAM)
+
+
+class Driver(NamedTuple):
+    """How a controller acts on a population of envs.
+
+    ``init_carry(num_envs)`` gives the controller's recurrent carry (``()`` for stateless ones);
+    ``act(inputs, carry, key, obs[N, D], state) -> (FactoredAction leaves [N], carry)``, where
+    ``inputs`` is a pytree of traced arguments (the policy's parameters) shared by all drivers.
+    """
+
+    init_carry: Callable[[int], Any]
+    act: Callable
+
+
+def controller_driver(controller: Callable[[jax.Array, EnvState], FactoredAction]) -> Driver:
+    """A rule-based ``(key, EnvState of one member) -> FactoredAction`` controller, vmapped."""
+
+    def act(inputs, carry, key, obs, state):
+        keys = jax.random.split(key, obs.shape[0])
+        return jax.vmap(controller)(keys, state), carry
+
+    return Driver(init_carry=lambda num_envs: (), act=act)
+
+
+def policy_driver(trainer, deterministic: bool = True) -> Driver:
+    """The trained policy through ``trainer.act`` (see :mod:`esper_jax.ppo`); ``inputs`` is
+    ``(params, obs_stats)`` of one learner. ``deterministic`` takes each head's most likely
+    valid choice; otherwise actions are sampled."""
+
+    def act(inputs, carry, key, obs, state):
+        params, obs_stats = inputs
+        return trainer.act(params, obs_stats, obs, trainer.masks(state), carry, key, deterministic)
+
+    return Driver(init_carry=trainer.init_carry, act=act)
+
+
+@struct.dataclass
+class EpisodeOutput:
+    """One held-out episode per env. Timelines hold the state at the end of each epoch (after
+    the lifecycle tick), so ``stage[:, -1]`` is the final state's stage."""
+
+    final_val_loss: jax.Array       # [N]
+    final_val_accuracy: jax.Array   # [N] (0 for language models)
+    params_added: jax.Array         # [N] parameters of computed seeds at the end
+    episode_return: jax.Array       # [N] undiscounted
+    rollbacks: jax.Array            # [N]
+    germinated: jax.Array           # [N, NB]
+    fossilized: jax.Array           # [N, NB]
+    pruned: jax.Array               # [N, NB]
+    final_stage: jax.Array          # [N, S]
+    final_blueprint: jax.Array      # [N, S]
+    stage: jax.Array                # [N, E, S]
+    blueprint: jax.Array            # [N, E, S] (-1 empty)
+    val_loss: jax.Array             # [N, E]
+    val_accuracy: jax.Array         # [N, E]
+    op: jax.Array                   # [N, E] the op requested
+    applied: jax.Array              # [N, E] whether it was valid and applied
+
+
+def _as_action(action: FactoredAction, num_envs: int) -> FactoredAction:
+    # Every switch branch must return identical types: int32 leaves of shape [N].
+    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (num_envs,)), action)
+
+
+class Evaluator:
+    """Runs any of its controllers over ``num_envs`` held-out envs with one compiled episode.
+
+    ``controllers``: rule-based controller names (:data:`esper_jax.controllers.CONTROLLERS`);
+    ``policy``: an optional :func:`policy_driver`, evaluated under the name ``"policy"``.
+    """
+
+    def __init__(self, env: MorphogeneticEnv, num_envs: int, controllers: Sequence[str] = CONTROLLERS,
+                 policy: Driver | None = None):
+        if num_envs <= 0:
+            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        self.env = env
+        self.num_envs = num_envs
+        drivers = {POLICY: policy} if policy is not None else {}
+        for name in controllers:
+            drivers[name] = controller_driver(make_controller(name, env))
+        if not drivers:
+            raise ValueError("nothing to evaluate: give a policy or at least one controller")
+        self.names = tuple(drivers)
+        self._drivers = tuple(drivers.values())
+        # The carry every branch passes along: the policy's (rule-based drivers return it unchanged).
+        self._carry_driver = policy if policy is not None else self._drivers[0]
+        self._episode = jax.jit(self._episode_impl)
+
+    def _episode_impl(self, index, inputs, key, data: EnvData) -> EpisodeOutput:
+        env, n = self.env, self.num_envs
+        epochs = env.config.episode_epochs
+        reset_key, env_key, act_key = jax.random.split(key, 3)
+        obs, state = env.population_reset(jax.random.split(reset_key, n), data)
+
+        def branch(driver):
+            def run(operands):
+                carry, k, obs, state = operands
+                action, carry = driver.act(inputs, carry, k, obs, state)
+                return _as_action(action, n), carry
+            return run
+
+        branches = [branch(d) for d in self._drivers]
+
+        def epoch(loop, keys):
+            obs, state, carry, ret = loop
+            k_act, k_env = keys
+            action, carry = jax.lax.switch(index, branches, (carry, k_act, obs, state))
+            obs, state, reward, done, info = env.population_step(jax.random.split(k_env, n), state, action, data)
+            status = state.train.lattice.status
+            record = (status.stage, status.blueprint, state.val_loss, state.val_accuracy, action.op, info["applied"])
+            return (obs, state, carry, ret + reward), record
+
+        keys = (jax.random.split(act_key, epochs), jax.random.split(env_key, epochs))
+        carry0 = self._carry_driver.init_carry(n)
+        (obs, state, carry, ret), record = jax.lax.scan(epoch, (obs, state, carry0, jnp.zeros((n,), jnp.float32)), keys)
+        stage, blueprint, val_loss, val_accuracy, op, applied = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), record)
+        status = state.train.lattice.status
+        return EpisodeOutput(
+            final_val_loss=state.val_loss, final_val_accuracy=state.val_accuracy,
+            params_added=jax.vmap(env.lattice.live_param_count)(state.train.lattice), episode_return=ret,
+            rollbacks=state.rollbacks, germinated=state.germinated, fossilized=state.fossilized, pruned=state.pruned,
+            final_stage=status.stage, final_blueprint=status.blueprint, stage=stage, blueprint=blueprint,
+            val_loss=val_loss, val_accuracy=val_accuracy, op=op, applied=applied,
+        )
+
+    def run(self, name: str, data: EnvData, key: jax.Array, inputs: Any = None) -> EpisodeOutput:
+        """One episode of controller ``name`` (NumPy arrays). ``inputs``: the policy's
+        ``(params, obs_stats)`` when this evaluator has a policy (every controller call passes
+        the same structure; rule-based controllers ignore it)."""
+        if name not in self.names:
+            raise ValueError(f"unknown controller {name!r}; this evaluator runs {', '.join(self.names)}")
+        index = jnp.asarray(self.names.index(name), jnp.int32)
+        return jax.device_get(self._episode(index, inputs, key, data))
+
+
+# ---------------------------------------------------------------------------- results as JSON
+
+
+def _per_blueprint(counts: np.ndarray, blueprints: Sequence[str]) -> dict[str, int]:
+    """Totals over envs per blueprint (every enabled blueprint listed, zeros included)."""
+    totals = np.asarray(counts).sum(axis=0)
+    return {name: int(c) for name, c in zip(blueprints, totals)}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def summarize(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
+    """One controller's results: means over the held-out envs, per-env values, and seeds
+    germinated/fossilized/pruned per blueprint (totals over envs)."""
+    blueprints = [b.name for b in env.lattice.blueprints]
+    loss = np.asarray(out.final_val_loss, np.float64)
+    has_accuracy = env.config.task.has_accuracy
+    acc = np.asarray(out.final_val_accuracy, np.float64)
+    added = np.asarray(out.params_added, np.int64)
+    return {
+        "final_val_loss": _finite_or_none(loss.mean()),
+        "final_val_loss_std": _finite_or_none(loss.std()),
+        "final_val_loss_per_env": [_finite_or_none(v) for v in loss],
+        "final_val_accuracy": float(acc.mean()) if has_accuracy else None,
+        "final_val_accuracy_per_env": [float(v) for v in acc] if has_accuracy else None,
+        "params_added": float(added.mean()),
+        "params_added_per_env": [int(v) for v in added],
+        "mean_return": float(np.mean(out.episode_return)),
+        "rollbacks": int(np.sum(out.rollbacks)),
+        "germinated": _per_blueprint(out.germinated, blueprints),
+        "fossilized": _per_blueprint(out.fossilized, blueprints),
+        "pruned": _per_blueprint(out.pruned, blueprints),
+    }
+
+
+def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
+    """Per-env, per-epoch lattice state: ``stage``/``blueprint`` are ``[env][epoch][slot]``
+    (stage codes index ``stages``; blueprint codes index ``blueprints``, -1 = empty)."""
+    return {
+        "slots": list(env.lattice.slots.slot_ids),
+        "blueprints": [b.name for b in env.lattice.blueprints],
+        "stages": list(STAGE_NAMES),
+        "ops": list(OP_NAMES),
+        "stage": np.asarray(out.stage).astype(int).tolist(),
+        "blueprint": np.asarray(out.blueprint).astype(int).tolist(),
+        "val_loss": [[_finite_or_none(v) for v in row] for row in np.asarray(out.val_loss, np.float64)],
+        "op": np.asarray(out.op).astype(int).tolist(),
+        "applied": np.asarray(out.applied).astype(bool).tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    used = [f"{name} {count}" for name, count in counts.items() if count]
+    return ", ".join(used) if used else "0"
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+    """The comparison table of ``evaluation.json``'s payload, as Markdown."""
+    held = payload["held_out"]
+    lines = []
+    if payload.get("synthetic"):
+        lines += ["**SYNTHETIC data**: these results are on the synthetic stand-in, not the real dataset.", ""]
+    lines += [
+        f"Evaluation of run `{payload.get('run_dir', '?')}`: task {payload['task']} on {payload['data']}; "
+        f"{held['num_envs']} held-out envs x {held['episode_epochs']} epochs (held-out seed stream "
+        f"{held['derivation']}); host {payload['host_params']} parameters.",
+    ]
+    if payload.get("policy"):
+        pol = payload["policy"]
+        lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}), checkpoint after "
+                     f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
+    lines += [
+        "",
+        f"| controller | final val loss | val accuracy | params added | return | germinated | fossilized | pruned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in payload["controllers"].items():
+        loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
+        lines.append(
+            f"| {name} | {loss} | {_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
+            f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
+        )
+    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; params added: mean "
+              "per env of parameters in computed seeds; seed counts: totals over all envs, per blueprint."]
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(run_dir: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``; returns their paths."""
+    json_path = os.path.join(run_dir, "evaluation.json")
+    md_path = os.path.join(run_dir, "evaluation.md")
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, json_path)  # a reader never sees half a file
+    with open(md_path, "w") as f:
+        f.write(markdown_table(payload))
+    return json_path, md_path
+
+
+def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput], *, run_seed: int, task: str,
+                       data_label: str, synthetic: bool, run_dir: str | None = None,
+                       policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``evaluation.json`` object for ``results`` (controller name → episode)."""
+    first = next(iter(results.values()))
+    return {
+        "version": EVALUATION_VERSION,
+        "run_dir": run_dir,
+        "task": task,
+        "data": data_label,
+        "synthetic": bool(synthetic),
+        "host_params": env.host_param_count,
+        "held_out": {
+            "run_seed": int(run_seed),
+            "derivation": f"fold_in(key({int(run_seed)}), {EVAL_STREAM:#x})",
+            "num_envs": int(np.asarray(first.final_val_loss).shape[0]),
+            "episode_epochs": env.config.episode_epochs,
+        },
+        "policy": policy,
+        "controllers": {name: summarize(env, out) for name, out in results.items()},
+        "timelines": {name: timeline(env, out) for name, out in results.items()},
+    }
+
+
+def select_member(tree, member: int):
+    """Member ``member`` of a pytree with a leading population axis."""
+    return jax.tree.map(lambda a: a[member], tree)

@@ -1,0 +1,113 @@
+"""Write PNG plots of a run into ``DIR/plots/`` and list them.
+
+    python -m experiments.report --run-dir DIR [--no-eval] [--max-envs N]
+
+From ``metrics.jsonl`` (written by ``python -m experiments.ppo``): learning curves (return, final
+validation loss and accuracy, explained variance, seeds per episode) and entropy per head, one
+line per member for populations. From ``evaluation.json`` (written by
+``python -m experiments.evaluate``): the controller comparison, the held-out validation loss per
+controller, and a seed timeline per controller with a panel per held-out env. ``--no-eval``
+plots the learning curves only (e.g. while a run is still training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from esper_jax import plots
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Plot a run's learning curves and its held-out seed timelines.")
+    parser.add_argument("--run-dir", required=True, help="a run directory written by experiments.ppo")
+    parser.add_argument("--no-eval", action="store_true", help="only the learning curves; do not need evaluation.json")
+    parser.add_argument("--max-envs", type=positive, default=16, help="held-out envs shown per timeline (default 16)")
+    return parser
+
+
+def _note(config: dict, evaluation: dict | None) -> str | None:
+    """'SYNTHETIC data' when the run trained (or was evaluated) on the synthetic stand-in."""
+    synthetic = bool((config.get("data") or {}).get("synthetic")) or bool(evaluation and evaluation.get("synthetic"))
+    return "SYNTHETIC data (not the real dataset)" if synthetic else None
+
+
+def _member_labels(config: dict) -> list[str] | None:
+    members = config.get("members") or []
+    if len(members) < 2:
+        return None
+    labels = []
+    for m, spec in enumerate(members):
+        parts = [f"{k}={spec[k]:.3g}" for k in ("learning_rate", "ent_coef") if isinstance(spec.get(k), (int, float))]
+        labels.append(f"member {m}" + (f" ({', '.join(parts)})" if parts else ""))
+    return labels
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def make_report(run_dir: str, *, with_eval: bool = True, max_envs: int = 16) -> list[str]:
+    """Write the plots; returns their paths. Raises FileNotFoundError (with the command to run
+    first) when an input is missing, plots.MetricsError when metrics.jsonl is unusable."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; train one with "
+                                f"`python -m experiments.ppo --task=... --run-dir {run_dir}`")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    eval_path = os.path.join(run_dir, "evaluation.json")
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f"{metrics_path} is missing: train first with "
+                                f"`python -m experiments.ppo --task=... --run-dir {run_dir}`")
+    if with_eval and not os.path.isfile(eval_path):
+        raise FileNotFoundError(f"{eval_path} is missing (the seed timelines come from it): run "
+                                f"`python -m experiments.evaluate --run-dir {run_dir}` first, or pass --no-eval")
+    rows = plots.read_metrics(metrics_path)
+    if not rows:
+        raise plots.MetricsError(f"{metrics_path} has no complete rows yet")
+    config_path = os.path.join(run_dir, "config.json")
+    config = plots.read_json(config_path) if os.path.isfile(config_path) else {}
+    evaluation = plots.read_json(eval_path) if with_eval else None
+    note = _note(config, evaluation)
+    labels = _member_labels(config)
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    written = [
+        plots.plot_learning_curves(rows, os.path.join(out, "learning_curves.png"), note=note, member_labels=labels),
+        plots.plot_entropy(rows, os.path.join(out, "entropy.png"), note=note, member_labels=labels),
+    ]
+    if evaluation is not None:
+        written.append(plots.plot_comparison(evaluation, os.path.join(out, "evaluation.png"), note=note))
+        written.append(plots.plot_eval_loss(evaluation, os.path.join(out, "evaluation_val_loss.png"), note=note))
+        for name, tl in evaluation["timelines"].items():
+            final = evaluation["controllers"].get(name, {}).get("final_val_loss_per_env")
+            written.append(plots.plot_seed_timeline(tl, os.path.join(out, f"timeline_{_safe(name)}.png"),
+                                                    controller=name, note=note, max_envs=max_envs,
+                                                    final_val_loss=final))
+    return written
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = make_report(args.run_dir, with_eval=not args.no_eval, max_envs=args.max_envs)
+    except (FileNotFoundError, plots.MetricsError, ValueError, KeyError) as error:
+        message = error if not isinstance(error, KeyError) else f"evaluation.json lacks {error}; rerun experiments.evaluate"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} plots to {os.path.join(args.run_dir, 'plots')}:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
