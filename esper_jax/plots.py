@@ -181,13 +181,16 @@ def plot_comparison(evaluation: dict[str, Any], path: str, *, note: str | None =
     fig, (ax_loss, ax_params) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, name in enumerate(names):
         r = results[name]
-        if r["final_val_loss"] is not None:
-            ax_loss.bar(i, r["final_val_loss"], color=f"C{i}", alpha=0.6)
+        # Points, not bars from 0: the differences between controllers are small next to the loss.
         per_env = [v for v in r["final_val_loss_per_env"] if v is not None]
-        ax_loss.scatter([i] * len(per_env), per_env, color="black", s=10, zorder=3)
+        ax_loss.scatter([i - 0.12] * len(per_env), per_env, color=f"C{i}", s=16, alpha=0.8, zorder=2)
+        if r["final_val_loss"] is not None:
+            ax_loss.errorbar(i + 0.12, r["final_val_loss"], yerr=r.get("final_val_loss_std") or 0.0, fmt="_", ms=24, mew=2.5,
+                             color="black", capsize=6, zorder=3)
         ax_params.bar(i, r["params_added"], color=f"C{i}", alpha=0.6)
         ax_params.scatter([i] * len(r["params_added_per_env"]), r["params_added_per_env"], color="black", s=10, zorder=3)
-    for ax, title in ((ax_loss, "final validation loss (held-out envs)"), (ax_params, "parameters added")):
+    ax_loss.set_xlim(-0.6, len(names) - 0.4)
+    for ax, title in ((ax_loss, "final validation loss (dots: envs; bar: mean ± std)"), (ax_params, "parameters added")):
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
@@ -240,8 +243,8 @@ def plot_seed_timeline(tl: dict[str, Any], path: str, *, controller: str, note: 
     shown = min(n_envs, max_envs)
     epochs = len(stage[0]) if n_envs else 0
     height = 0.45 * len(slots) + 0.75
-    fig, axes = plt.subplots(shown, 1, figsize=(min(4 + 0.25 * epochs, 22), height * shown + 1.4), squeeze=False,
-                             sharex=True)
+    width = min(max(7.0, 4 + 0.25 * epochs), 22)
+    fig, axes = plt.subplots(shown, 1, figsize=(width, height * shown + 1.4), squeeze=False, sharex=True)
     used = set()
     for e in range(shown):
         ax = axes[e, 0]
@@ -266,7 +269,8 @@ def plot_seed_timeline(tl: dict[str, Any], path: str, *, controller: str, note: 
     axes[-1, 0].set_xlabel("epoch")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     legend = [Patch(facecolor=STAGE_COLORS[n], edgecolor="grey", label=n) for n in stage_names if n in used]
-    fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 9), fontsize=8, frameon=False)
+    fig.legend(handles=legend, loc="lower center", ncol=max(1, min(len(legend), int(width / 1.45))), fontsize=8,
+               frameon=False)
     more = f" (first {shown} of {n_envs} envs)" if shown < n_envs else ""
     _title(fig, f"Seed timeline: {controller}{more}", note)
     fig.tight_layout(rect=(0, 0.06 if shown > 1 else 0.1, 1, 1))
