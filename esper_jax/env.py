@@ -276,7 +276,10 @@ class MorphogeneticEnv:
         val_accuracy = jnp.where(rolled_back, state.val_accuracy, val_accuracy)
         train_loss = jnp.where(rolled_back, state.train_loss, train_loss)
         divergent_epochs = jnp.where(rolled_back, 0, divergent_epochs)
-        snapshot = _select(rolled_back, restored, train)
+        # Only a good epoch (finite, not divergent) becomes the snapshot: the weights of an epoch
+        # counted toward the divergence patience are not "last good" for the rollback that follows.
+        good = finite & ~divergent
+        snapshot = _select(rolled_back, restored, _select(good, train, state.snapshot))
 
         # 5. measurements, lifecycle tick, bookkeeping
         metric = val_accuracy if cfg.task.has_accuracy else val_loss
