@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the whole learner state: save between jitted chunks, resume exactly.
+
+This module owns :class:`Checkpointer`, a thin wrapper over ``orbax.checkpoint.CheckpointManager``
+that stores one pytree (the learner's ``RunnerState``: parameters, optimizer state, observation
+statistics, the environment population, PRNG keys, the update counter) per step, where the step
+is the number of updates done. What it adds to Orbax:
+
+* **Restores against an abstract target** (``jax.ShapeDtypeStruct`` leaves, with shardings where
+  the state is sharded). Without one, Orbax hands optax states back as plain lists and typed PRNG
+  keys as raw data (DESIGN.md section 2); with one they round-trip exactly.
+* **Asynchronous saves.** ``save`` returns once the arrays are copied off the device; the files
+  are written in the background while the next chunk trains. ``wait`` (and ``close``) block until
+  every pending save is on disk, so callers wait before exiting, also on Ctrl-C.
+* **Only complete checkpoints count.** Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*``
+  and renames it when finished, so a run killed while saving leaves a temporary directory that is
+  never listed as a step (and is removed the next time the directory is opened for writing).
+  A step directory whose files are damaged is reported as a :class:`CheckpointError` naming the
+  directory and the previous good step, never silently skipped: that would quietly throw away
+  training the user may want to recover.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used: missing, empty, damaged, or of another shape."""
+
+
+def abstract_like(state: Any) -> Any:
+    """The restore target for a state like ``state``: shapes, dtypes and shardings, no values.
+
+    ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def incomplete_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Temporary step directories a save left behind when it was interrupted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and ocp.utils.TMP_DIR_SUFFIX in p.name)
+
+
+def has_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds at least one complete step (without opening a manager)."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.is_dir() and p.name.isdigit() for p in directory.iterdir())
+
+
+class Checkpointer:
+    """Saves and restores one pytree per step under ``directory``, keeping the newest ``keep``.
+
+    ``read_only`` opens an existing directory without creating, cleaning or deleting anything
+    (for evaluation and inspection)."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int | None = None, *, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        if not read_only:
+            # A killed save leaves <step>.orbax-checkpoint-tmp-*: never listed as a step; a writer
+            # removes it. (Orbax's own cleanup option runs in the background, and a reader after
+            # us could still see the directory.) One writer per run directory is assumed.
+            for path in incomplete_checkpoints(self.directory):
+                shutil.rmtree(path, ignore_errors=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------ queries
+
+    def steps(self) -> list[int]:
+        """Complete steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save / restore
+
+    def save(self, step: int, state: Any) -> None:
+        """Start saving ``state`` as ``step``; returns once the arrays are off the device."""
+        self._manager.save(int(step), args=ocp.args.StandardSave(state))
+
+    def wait(self) -> None:
+        """Block until every pending save is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any]:
+        """Restore ``step`` (default: the newest complete one) as ``(step, state)``.
+
+        ``target`` is a state of the right structure (arrays or ``ShapeDtypeStruct`` leaves); the
+        result has its structure, dtypes and shardings. Errors name the directory and what to do."""
+        steps = self.steps()
+        if not steps:
+            hint = ""
+            if incomplete_checkpoints(self.directory):
+                hint = " (only an incomplete save was found: the run was stopped before its first checkpoint finished)"
+            raise CheckpointError(f"no complete checkpoint in {self.directory}{hint}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for update {step} in {self.directory}; available: {steps}")
+        earlier = [s for s in steps if s < step]
+        try:
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+        except Exception as error:  # Orbax raises many types (JSON, tensorstore, tree mismatch)
+            where = self.directory / str(step)
+            advice = (f"delete {where} to resume from update {earlier[-1]}" if earlier
+                      else "no earlier checkpoint is left to fall back on")
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+            raise CheckpointError(
+                f"checkpoint at update {step} ({where}) cannot be restored: it is damaged or was written by a "
+                f"different configuration ({detail}); {advice}") from error
+        return step, state
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

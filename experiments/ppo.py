@@ -1,0 +1,222 @@
+"""Train the seed controller with PPO on device, with Orbax checkpoints and hyperparameter populations.
+
+    python -m experiments.ppo --task=cifar10 [--preset=smoke|default|full] [--data=auto|synthetic|PATH]
+        [--envs N] [--updates U] [--population P --lr log:1e-4:1e-3 --ent-coef 0.01,0.05 ...]
+        [--run-dir DIR] [--checkpoint-every C] [--keep-checkpoints K]
+    python -m experiments.ppo --resume DIR [--updates U]
+
+A preset sets a whole configuration; explicit options override it. Everything is resolved,
+written to DIR/config.json and trained by :mod:`esper_jax.run` (this file only parses flags).
+Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C; resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+from esper_jax import run
+from esper_jax.population import SWEEP_HELP
+from esper_jax.ppo import PPOConfig
+from esper_jax.rewards import REWARD_KINDS
+from esper_jax.tasks import TASK_NAMES
+
+DEFAULT_CACHE = os.environ.get("ESPER_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "esper-jax" / "xla"))
+
+# Help for the learner's settings; flags for PPOConfig fields not listed here are still made,
+# from the field's name and type, so every learner setting can be given on the command line.
+PPO_HELP = {
+    "rollout_steps": "env steps per env per update (0: one whole episode)",
+    "update_epochs": "PPO epochs over each rollout",
+    "num_minibatches": "minibatches per PPO epoch",
+    "gamma": "discount", "gae_lambda": "GAE lambda", "clip_eps": "PPO clip range", "vf_coef": "value loss weight",
+    "max_grad_norm": "gradient clipping norm",
+    "target_kl": "stop an update's minibatch steps when the KL exceeds 1.5x this ('none': never)",
+    "hidden_size": "policy torso width", "recurrent": "none (MLP) | lstm | gru",
+    "normalize_obs": "running mean/variance observation normalization",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad options end with one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def optional_float(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _field_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(PPOConfig)[field.name]
+    args = set(typing.get_args(hint))
+    if hint is bool:
+        return "bool"
+    if hint is int:
+        return non_negative
+    if hint is float:
+        return float
+    if hint is str:
+        return str
+    if args == {float, type(None)} or (isinstance(hint, types.UnionType) and args == {float, type(None)}):
+        return optional_float
+    return None  # not settable from the command line (no such field today)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = run.DEFAULTS
+    parser = Parser(
+        prog="python -m experiments.ppo",
+        description="Train the seed controller with PPO: a preset gives a whole configuration, explicit options "
+                    "override it. Presets: " + "; ".join(f"{n}: {p.description}" for n, p in run.PRESETS.items()),
+        argument_default=argparse.SUPPRESS,  # only options given explicitly reach the run settings
+    )
+    g = parser.add_argument_group("run")
+    g.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (required unless --resume)")
+    g.add_argument("--preset", help=f"one of {', '.join(run.PRESETS)} (default: {run.DEFAULT_PRESET})")
+    g.add_argument("--run-dir", help="where the run is written (default: runs/TASK-PRESET-TIME); must be empty")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest complete checkpoint; "
+                   "other options must match the run's, except --updates, --keep-checkpoints, --data-dir")
+    g.add_argument("--updates", type=positive, help=f"PPO updates in all (default {d['updates']})")
+    g.add_argument("--checkpoint-every", type=positive, help="updates per jitted chunk; a checkpoint after each "
+                   f"(default {d['checkpoint_every']})")
+    g.add_argument("--keep-checkpoints", type=positive, help=f"newest checkpoints kept (default {d['keep_checkpoints']})")
+    g.add_argument("--seed", type=int, help=f"run seed: member i uses SEED+i unless --seeds (default {d['seed']})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per chunk instead)")
+    g.add_argument("--compile-cache", default=DEFAULT_CACHE,
+                   help="directory of JAX's persistent compilation cache, or 'off' "
+                   f"(default $ESPER_JAX_COMPILE_CACHE or {DEFAULT_CACHE})")
+
+    g = parser.add_argument_group("task and data")
+    g.add_argument("--host-variant", help="cifar: baseline|impaired; tinystories: base|tiny")
+    g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
+                   "(default auto; the smoke preset uses synthetic)")
+    g.add_argument("--data-dir", help="where datasets live (default $ESPER_DATA or ./data)")
+    g.add_argument("--tokenizer", help="tinystories: gpt2 or byte (default gpt2)")
+
+    g = parser.add_argument_group("environment")
+    g.add_argument("--envs", type=positive, help=f"inner environments per learner (default {d['envs']})")
+    g.add_argument("--episode-epochs", type=positive, help=f"host epochs per episode (default {d['episode_epochs']})")
+    g.add_argument("--steps-per-epoch", type=positive, help=f"batches per epoch (default {d['steps_per_epoch']})")
+    g.add_argument("--batch-size", type=positive, help=f"host batch size (default {d['batch_size']})")
+    g.add_argument("--val-size", type=positive, help=f"validation examples (default {d['val_size']})")
+    g.add_argument("--slots", help="comma-separated slot ids, e.g. r0c0,r1c0 (default: the host's own)")
+    g.add_argument("--blueprints", help="comma-separated blueprints the run may grow, e.g. norm,conv_light "
+                   "(default: the preset's subset)")
+    g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
+
+    g = parser.add_argument_group("population (one vmapped program of P learners, sharded over the devices)")
+    g.add_argument("--population", type=positive,
+                   help="learners trained together (default: the longest --lr/--ent-coef/--seeds list, else 1)")
+    g.add_argument("--learning-rate", "--lr", dest="learning_rate",
+                   help=f"Adam learning rate: {SWEEP_HELP} (default {d['learning_rate']})")
+    g.add_argument("--ent-coef", help=f"entropy coefficient: {SWEEP_HELP} (default {d['ent_coef']})")
+    g.add_argument("--seeds", help="comma-separated seed per member (default SEED, SEED+1, ...)")
+
+    g = parser.add_argument_group("learner (PPO)")
+    for field in dataclasses.fields(PPOConfig):
+        if field.name in ("num_envs", "learning_rate", "ent_coef"):
+            continue
+        kind = _field_type(field)
+        if kind is None:
+            continue
+        flags = ["--" + field.name.replace("_", "-")]
+        if field.name == "num_minibatches":
+            flags.append("--minibatches")
+        help_text = f"{PPO_HELP.get(field.name, field.name.replace('_', ' '))} (default {field.default})"
+        if kind == "bool":
+            g.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif field.name == "recurrent":
+            g.add_argument(*flags, dest=field.name, choices=("none", "lstm", "gru"), help=help_text)
+        elif field.name in run.POSITIVE_SETTINGS:
+            g.add_argument(*flags, dest=field.name, type=positive, help=help_text)
+        else:
+            g.add_argument(*flags, dest=field.name, type=kind, help=help_text)
+    return parser
+
+
+def explicit_settings(args: argparse.Namespace) -> dict:
+    """The run settings given on the command line (argparse keeps only what was given)."""
+    skip = {"resume", "run_dir", "no_progress", "compile_cache"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    explicit = explicit_settings(args)
+    try:
+        if "resume" in args:
+            run_dir = Path(args.resume)
+            if "run_dir" in args and Path(args.run_dir).absolute() != run_dir.absolute():
+                raise run.RunConfigError("--resume DIR continues the run in DIR; do not give another --run-dir")
+            run.prepare_run_dir(run_dir, resume=True)
+            stored = run.read_json(run_dir / run.CONFIG_FILE)
+            run.check_resume_settings(stored, explicit)
+            settings = dict(stored["settings"])
+            settings.update({k: explicit[k] for k in run.RESUME_MAY_CHANGE if k in explicit})
+            config = run.resolve_config(settings)
+            config["members"] = stored["members"]  # drawn once, when the run started
+        else:
+            settings = run.resolve_settings(explicit, explicit.pop("preset", None))
+            config = run.resolve_config(settings)
+            run_dir = Path(args.run_dir) if "run_dir" in args else run.default_run_dir(config)
+            run.prepare_run_dir(run_dir, resume=False)
+        cache = args.compile_cache
+        run.enable_compile_cache(None if cache == "off" else cache)
+        result = run.train(config, run_dir, resume="resume" in args,
+                           progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
+    except run.USER_ERRORS as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for long advice
+        return 2
+    summary = result.summary
+    print(f"run directory: {result.run_dir}")
+    for member in summary["members"]:
+        final = member["final"] or {}
+        print(f"member {member['member']}: lr {member['learning_rate']:.3g} ent {member['ent_coef']:.3g} "
+              f"seed {member['seed']}: score {run._fmt(member['score'])}, final return "
+              f"{run._fmt(final.get('mean_return'))}, final val loss {run._fmt(final.get('mean_final_val_loss'))}")
+    if summary["best_member"] is not None:
+        print(f"best member: {summary['best_member']} ({summary['best_by']})")
+    if summary["synthetic"]:
+        print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
+    if result.interrupted:
+        if result.checkpoint is None:
+            print(f"interrupted before the first checkpoint was saved; delete {result.run_dir} and start again",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted: updates 1..{result.checkpoint} are saved; resume with: "
+                  f"python -m experiments.ppo --resume {result.run_dir}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
