@@ -264,7 +264,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
     ]
     if payload.get("policy"):
         pol = payload["policy"]
-        lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}), checkpoint after "
+        lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
     lines += [
         "",

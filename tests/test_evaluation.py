@@ -148,3 +148,72 @@ def test_payload_json_and_table(rig, tmp_path):
     assert "SYNTHETIC" in table and "member 1 of 2" in table
     for name in results:
         assert f"| {name} |" in table
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def _fails(capsys, argv, *fragments):
+    from experiments import evaluate
+
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _smoke_config(**explicit):
+    from esper_jax import run
+
+    return run.resolve_config(run.resolve_settings({"task": "cifar10", **explicit}, "smoke"))
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+    from esper_jax import run
+
+    _fails(capsys, ["--run-dir", str(tmp_path / "nowhere")], "config.json is missing", "python -m experiments.ppo")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--controllers", "policy,oracle"], "unknown controller 'oracle'")
+    run.write_json(tmp_path / run.CONFIG_FILE, _smoke_config())
+    _fails(capsys, ["--run-dir", str(tmp_path)], "checkpoint", "python -m experiments.ppo")
+
+
+def test_member_option():
+    from experiments.evaluate import parse_controllers, parse_member
+
+    assert parse_member("best", 3, 2) == (2, False)
+    assert parse_member("all", 3, 2) == (2, True)
+    assert parse_member("1", 3, 2) == (1, False)
+    for bad in ("3", "-1", "first"):
+        with pytest.raises(ValueError, match="--member"):
+            parse_member(bad, 3, 2)
+    assert parse_controllers("static, policy,static") == ("static", "policy")
+    with pytest.raises(ValueError, match="empty"):
+        parse_controllers(" , ")
+
+
+@pytest.mark.slow
+def test_train_evaluate_report(tmp_path, capsys):
+    """End to end: a smoke population of two trains, is evaluated (best member and all members)
+    and reported."""
+    from esper_jax import run
+    from experiments import evaluate, report
+
+    run_dir = tmp_path / "run"
+    config = _smoke_config(population=2, seeds="0,1", updates=2, checkpoint_every=2)
+    result = run.train(config, run_dir, progress=False, log=lambda line: None)
+    assert result.checkpoint == 2
+    best = result.summary["best_member"]
+    capsys.readouterr()
+    assert evaluate.main(["--run-dir", str(run_dir), "--envs", "3", "--member", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "| policy_m" in out
+    loaded = json.loads((run_dir / "evaluation.json").read_text())
+    assert loaded["policy"]["member"] == best and loaded["policy"]["checkpoint_update"] == 2
+    assert list(loaded["controllers"]) == ["policy", "heuristic", "random", "static", f"policy_m{1 - best}"]
+    assert loaded["controllers"]["static"]["params_added"] == 0
+    assert np.asarray(loaded["timelines"]["policy"]["stage"]).shape == (3, config["env"]["episode_epochs"], 1)
+    assert report.main(["--run-dir", str(run_dir)]) == 0
+    plots = sorted(p.name for p in (run_dir / "plots").iterdir())
+    assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 9

@@ -1,0 +1,159 @@
+"""Evaluate a trained run against the rule-based controllers on held-out environments.
+
+    python -m experiments.evaluate --run-dir DIR [--envs N] [--member best|all|K]
+        [--controllers policy,heuristic,random,static] [--stochastic] [--step U] [--eval-seed S]
+        [--data synthetic|PATH] [--data-dir PATH]
+
+Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
+heuristic, random and static controllers for one episode each on the same ``N`` held-out
+environments (seeds derived from the run seed through a stream training never uses; see
+:func:`esper_jax.evaluation.held_out_key`). Writes ``evaluation.json`` (results and per-env
+seed timelines) and ``evaluation.md`` (the comparison table) into the run directory and prints
+the table.
+
+Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
+if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
+adds every other member as ``policy_m{K}``. The policy takes each head's most likely valid
+action unless ``--stochastic``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from esper_jax import evaluation as ev
+from esper_jax.controllers import CONTROLLERS
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compare a trained policy with rule-based controllers on held-out envs.")
+    parser.add_argument("--run-dir", required=True, help="a run directory written by experiments.ppo")
+    parser.add_argument("--envs", type=positive, default=8, help="held-out environments per controller (default 8)")
+    parser.add_argument("--member", default="best", help="population member to evaluate: best, all, or an index")
+    parser.add_argument("--controllers", default=",".join((ev.POLICY,) + CONTROLLERS),
+                        help=f"comma-separated subset of {', '.join((ev.POLICY,) + CONTROLLERS)}")
+    parser.add_argument("--stochastic", action="store_true", help="sample the policy's actions instead of the mode")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint (updates done) to evaluate; default newest")
+    parser.add_argument("--eval-seed", type=int, default=None,
+                        help="base of the held-out seed stream (default: the run's seed)")
+    parser.add_argument("--data", default=None, help="read the data from elsewhere than the run did: synthetic or a path")
+    parser.add_argument("--data-dir", default=None, help="directory of the real dataset, if it moved")
+    return parser
+
+
+def parse_controllers(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    valid = (ev.POLICY,) + CONTROLLERS
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"unknown controller {name!r}; choose from {', '.join(valid)}")
+    if not names:
+        raise ValueError(f"--controllers is empty; choose from {', '.join(valid)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_member(text: str, population: int, best: int) -> tuple[int, bool]:
+    """(member evaluated as ``policy``, whether to add every other member too)."""
+    if text in ("best", "all"):
+        return best, text == "all"
+    try:
+        member = int(text)
+    except ValueError:
+        raise ValueError(f"--member must be best, all or a member index, got {text!r}") from None
+    if not 0 <= member < population:
+        raise ValueError(f"--member {member} is out of range: the run has {population} member(s), 0..{population - 1}")
+    return member, False
+
+
+def _selection(option: str, summary: dict | None) -> str:
+    if option not in ("best", "all"):
+        return "chosen with --member"
+    if summary and summary.get("best_member") is not None:
+        return f"the best member by {summary.get('best_by', 'summary.json')}"
+    return "no summary.json with a best member yet, so member 0"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # Orbax logs a warning for every read-only checkpoint directory it opens; it is not news here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
+    from esper_jax.checkpoint import CheckpointError
+    from esper_jax.run import CONFIG_FILE, USER_ERRORS, RunConfigError, load_run
+
+    try:
+        controllers = parse_controllers(args.controllers)
+        if not (Path(args.run_dir) / CONFIG_FILE).is_file():
+            raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
+                                 f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
+        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)
+        member, all_members = parse_member(args.member, handle.population, handle.best_member)
+    except CheckpointError as error:
+        print(f"error: {error}; train (or resume) with `python -m experiments.ppo` first", file=sys.stderr)
+        return 2
+    except USER_ERRORS + (ValueError,) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    env = handle.env
+    seed = handle.config["seed"] if args.eval_seed is None else args.eval_seed
+    use_policy = ev.POLICY in controllers
+    rule_based = tuple(n for n in controllers if n != ev.POLICY)
+    policy = ev.policy_driver(handle.trainer, deterministic=not args.stochastic) if use_policy else None
+    evaluator = ev.Evaluator(env, args.envs, rule_based, policy=policy)
+    key = ev.held_out_key(seed)
+
+    def inputs_of(m: int):
+        state = handle.member_state(m)
+        return state.params, state.obs_stats
+
+    # Every run passes the same input structure (rule-based controllers ignore it), so one compiled
+    # episode serves them all.
+    inputs = inputs_of(member) if use_policy else None
+    runs = [(name, name, inputs) for name in evaluator.names]
+    if use_policy and all_members:
+        runs += [(f"{ev.POLICY}_m{m}", ev.POLICY, inputs_of(m)) for m in range(handle.population) if m != member]
+
+    print(f"evaluating run {handle.run_dir} (checkpoint after update {handle.step}; task {handle.config['task']} on "
+          f"{handle.data_label}): {args.envs} held-out envs x {env.config.episode_epochs} epochs, "
+          f"held-out seed stream fold_in(key({seed}), {ev.EVAL_STREAM:#x})")
+    results = {}
+    for label, name, run_inputs in runs:
+        start = time.perf_counter()
+        results[label] = evaluator.run(name, handle.env_data, key, run_inputs)
+        first = " (including compilation)" if len(results) == 1 else ""
+        print(f"  {label}: {time.perf_counter() - start:.1f} s{first}", flush=True)
+
+    policy_info = None
+    if use_policy:
+        policy_info = {
+            "member": member, "population": handle.population,
+            "selection": _selection(args.member, handle.summary),
+            "checkpoint_update": handle.step, "deterministic": not args.stochastic,
+            "hyperparameters": handle.members[member],
+        }
+    payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config["task"],
+                                    data_label=handle.data_label, synthetic=handle.synthetic,
+                                    run_dir=str(handle.run_dir), policy=policy_info)
+    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload)
+    print()
+    print(ev.markdown_table(payload))
+    if handle.synthetic:
+        print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
+    print(f"wrote {json_path} and {md_path}; plots: python -m experiments.report --run-dir {handle.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
