@@ -1,5 +1,8 @@
-"""End-to-end inner environment runs. Marked slow: the population environment step takes
-minutes to compile on a 2-core CPU (see the issue notes), so it runs with `pytest -m slow`."""
+"""End-to-end inner environment runs at full size (Esper's baseline CIFAR host, three slots,
+every CNN blueprint). Marked slow: that environment step takes 1.5-2 minutes to compile on a
+2-core CPU, so these run with `pytest -m slow`. The same behaviour on a tiny configuration
+(germination applied and counted, finite observations, the governor, the controllers) is in
+the default suite: test_env.py and test_controllers.py."""
 
 import json
 
