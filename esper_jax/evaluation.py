@@ -268,17 +268,23 @@ def markdown_table(payload: dict[str, Any]) -> str:
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
     lines += [
         "",
-        f"| controller | final val loss | val accuracy | params added | return | germinated | fossilized | pruned |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| controller | final val loss | vs static (better in) | val accuracy | params added | return | germinated "
+        "| fossilized | pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    envs = held["num_envs"]
     for name, r in payload["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
+        delta = r.get("final_val_loss_minus_static")
+        vs_static = "-" if delta is None else f"{delta:+.4f} ({r['envs_better_than_static']}/{envs})"
         lines.append(
-            f"| {name} | {loss} | {_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
+            f"| {name} | {loss} | {vs_static} | {_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
             f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
         )
-    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; params added: mean "
-              "per env of parameters in computed seeds; seed counts: totals over all envs, per blueprint."]
+    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static: mean over "
+              "envs of the final loss minus static's on the same env (negative = better), and in how many envs it was "
+              "lower; params added: mean per env of parameters in computed seeds; seed counts: totals over all envs, "
+              "per blueprint."]
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +299,23 @@ def write_evaluation(run_dir: str, payload: dict[str, Any]) -> tuple[str, str]:
     with open(md_path, "w") as f:
         f.write(markdown_table(payload))
     return json_path, md_path
+
+
+BASELINES = ("static", "heuristic")
+
+
+def paired_differences(out: EpisodeOutput, results: dict[str, EpisodeOutput]) -> dict[str, Any]:
+    """Final validation loss minus each baseline's on the same held-out env (mean over envs, and
+    in how many envs it is lower). The envs and their seeds are shared, so this paired difference
+    is what the actions changed, without the env-to-env spread of the plain means."""
+    diffs = {}
+    for base in BASELINES:
+        if base not in results:
+            continue
+        d = np.asarray(out.final_val_loss, np.float64) - np.asarray(results[base].final_val_loss, np.float64)
+        diffs[f"final_val_loss_minus_{base}"] = _finite_or_none(d.mean())
+        diffs[f"envs_better_than_{base}"] = int(np.sum(d < 0))
+    return diffs
 
 
 def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput], *, run_seed: int, task: str,
@@ -314,7 +337,8 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
             "episode_epochs": env.config.episode_epochs,
         },
         "policy": policy,
-        "controllers": {name: summarize(env, out) for name, out in results.items()},
+        "controllers": {name: {**summarize(env, out), **paired_differences(out, results)}
+                        for name, out in results.items()},
         "timelines": {name: timeline(env, out) for name, out in results.items()},
     }
 

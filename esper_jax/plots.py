@@ -113,6 +113,8 @@ def _plot_metric(ax, rows, key: str, label: str, members: int, member_labels: Se
     ax.set_title(label, fontsize=10)
     ax.set_xlabel("update")
     ax.grid(alpha=0.3)
+    ax.ticklabel_format(axis="y", useOffset=False)  # entropies near their maximum: no "1e-5+1.098" axes
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not ax.lines:
         ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
 
@@ -167,7 +169,7 @@ def plot_entropy(rows: Sequence[dict], path: str, *, note: str | None = None,
                  member_labels: Sequence[str] | None = None) -> str:
     """Policy entropy of each action head against updates (one panel per head)."""
     members = num_members(rows)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
     for ax, head in zip(axes.flat, HEADS):
         _plot_metric(ax, rows, f"entropy_{head}", f"entropy: {head}", members, member_labels)
     _finish(fig, path, "Policy entropy per head", note, axes.flat[0] if members > 1 else None)
@@ -202,21 +204,38 @@ def plot_comparison(evaluation: dict[str, Any], path: str, *, note: str | None =
     return path
 
 
+def _loss_curves(tl: dict[str, Any]) -> list[list[float]]:
+    return [[math.nan if v is None else v for v in env] for env in tl["val_loss"]]
+
+
 def plot_eval_loss(evaluation: dict[str, Any], path: str, *, note: str | None = None) -> str:
-    """Validation loss over the held-out episode: mean over envs per controller, with the range."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, (name, tl) in enumerate(evaluation["timelines"].items()):
-        curves = [[math.nan if v is None else v for v in env] for env in tl["val_loss"]]
+    """Validation loss over the held-out episode: mean over envs per controller, with the range;
+    and, when ``static`` was evaluated, each controller's paired difference from it (same envs,
+    same seeds, so the difference is what the controller's actions changed)."""
+    timelines = evaluation["timelines"]
+    baseline = _loss_curves(timelines["static"]) if "static" in timelines else None
+    fig, axes = plt.subplots(1, 2 if baseline else 1, figsize=(12 if baseline else 6.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    for i, (name, tl) in enumerate(timelines.items()):
+        curves = _loss_curves(tl)
         epochs = list(range(1, len(curves[0]) + 1))
-        mean = [sum(col) / len(col) for col in zip(*curves)]
-        ax.plot(epochs, mean, color=f"C{i}", lw=1.8, label=name)
+        ax.plot(epochs, [sum(col) / len(col) for col in zip(*curves)], color=f"C{i}", lw=1.8, label=name)
         ax.fill_between(epochs, [min(col) for col in zip(*curves)], [max(col) for col in zip(*curves)],
-                        color=f"C{i}", alpha=0.15)
-    ax.set_xlabel("epoch")
+                        color=f"C{i}", alpha=0.08)
+        if baseline:
+            diffs = [[a - b for a, b in zip(env, base)] for env, base in zip(curves, baseline)]
+            axes[0, 1].plot(epochs, [sum(col) / len(col) for col in zip(*diffs)], color=f"C{i}", lw=1.8, label=name)
+    ax.set_title("validation loss (mean; band: min-max over envs)", fontsize=10)
     ax.set_ylabel("validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _title(fig, "Held-out validation loss per controller (mean, min-max over envs)", note)
+    if baseline:
+        axes[0, 1].axhline(0.0, color="grey", lw=0.8)
+        axes[0, 1].set_title("minus static's loss on the same env (mean over envs; < 0: better)", fontsize=10)
+    for a in axes[0]:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.legend(fontsize=8)
+    _title(fig, "Held-out validation loss per controller", note)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

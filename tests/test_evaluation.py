@@ -217,3 +217,14 @@ def test_train_evaluate_report(tmp_path, capsys):
     assert report.main(["--run-dir", str(run_dir)]) == 0
     plots = sorted(p.name for p in (run_dir / "plots").iterdir())
     assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 9
+
+
+def test_paired_differences(rig):
+    env, *_, results = rig
+    payload = evaluation_payload(env, results, run_seed=0, task="cifar10", data_label="SYNTHETIC data", synthetic=True)
+    for name, r in payload["controllers"].items():
+        expected = np.mean(results[name].final_val_loss.astype(np.float64) - results["static"].final_val_loss)
+        assert r["final_val_loss_minus_static"] == pytest.approx(expected, abs=1e-9)
+        assert 0 <= r["envs_better_than_heuristic"] <= NUM_ENVS
+    assert payload["controllers"]["static"]["final_val_loss_minus_static"] == 0.0
+    assert payload["controllers"]["static"]["envs_better_than_static"] == 0
