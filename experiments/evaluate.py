@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
     except CheckpointError as error:
-        print(f"error: {error}; train (or resume) with `python -m experiments.ppo` first", file=sys.stderr)
+        hint = "" if args.step is not None else "; train (or resume) with `python -m experiments.ppo` first"
+        print(f"error: {error}{hint}", file=sys.stderr)
         return 2
     except USER_ERRORS + (ValueError,) as error:
         print(f"error: {error}", file=sys.stderr)
