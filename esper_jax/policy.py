@@ -5,8 +5,9 @@ op first, then the other heads; the slot is sampled under the mask of the sample
 (``ActionMasks.slot_given_op[op]``). The log-probability of an action and the entropy are sums
 over the heads *relevant to its op* (``actions.RELEVANT_HEADS``): the other heads are still
 sampled (an action needs every field) but contribute exactly zero, so they receive no gradient
-and do not enter the PPO ratio or the KL. Distributions are ``distrax.Categorical`` over masked
-logits; a masked entry gets a large negative logit rather than ``-inf`` so that
+and do not enter the PPO ratio or the KL. Log-probabilities, entropies and modes come from
+``distrax.Categorical`` over masked logits (sampling is the equivalent Gumbel-max, see
+:func:`sample_action`); a masked entry gets a large negative logit rather than ``-inf`` so that
 ``0 * log 0`` terms in the entropy stay 0 instead of NaN.
 
 The torso is an MLP (tanh), optionally followed by an LSTM or GRU cell (``flax.linen``); the
@@ -59,15 +60,28 @@ def relevance(op: jax.Array) -> jax.Array:
 
 def sample_action(key: jax.Array, logits: dict[str, jax.Array], masks: ActionMasks,
                   deterministic: bool = False) -> FactoredAction:
-    """Sample (or take the mode of) every head; the op first, then the rest under its masks."""
-    keys = jax.random.split(key, len(HEADS))
-    op_dist = distrax.Categorical(logits=masked_logits(logits["op"], masks.op))
-    op = op_dist.mode() if deterministic else op_dist.sample(seed=keys[0])
-    dists = distributions(logits, masks, op)
-    fields = {"op": op}
-    for k, h in zip(keys[1:], HEADS[1:]):
-        fields[h] = dists[h].mode() if deterministic else dists[h].sample(seed=k)
-    return FactoredAction(**{h: v.astype(jnp.int32) for h, v in fields.items()})
+    """Sample (or take the mode of) every head; the op first, then the rest under its masks.
+
+    Sampling is Gumbel-max over the masked logits with *one* uniform draw for all heads: an
+    exact categorical sample per head, but one PRNG call instead of one per head, which cut the
+    compile time of this function about sixfold on XLA:CPU (every threefry call is inlined)."""
+    op_logits = masked_logits(logits["op"], masks.op)
+    if deterministic:
+        op = distrax.Categorical(logits=op_logits).mode()
+        dists = distributions(logits, masks, op)
+        fields = {"op": op, **{h: dists[h].mode() for h in HEADS[1:]}}
+    else:
+        widths = [logits[h].shape[-1] for h in HEADS]
+        u = jax.random.uniform(key, op_logits.shape[:-1] + (sum(widths),), minval=jnp.finfo(jnp.float32).tiny,
+                               maxval=1.0)
+        gumbel = -jnp.log(-jnp.log(u))
+        offsets = np.cumsum([0] + widths)
+        noise = {h: gumbel[..., offsets[i]:offsets[i + 1]] for i, h in enumerate(HEADS)}
+        op = jnp.argmax(op_logits + noise["op"], axis=-1)
+        per_head = head_masks(masks, op)
+        fields = {"op": op, **{h: jnp.argmax(masked_logits(logits[h], per_head[h]) + noise[h], axis=-1)
+                               for h in HEADS[1:]}}
+    return FactoredAction(**{h: fields[h].astype(jnp.int32) for h in HEADS})
 
 
 def head_entropies(logits: dict[str, jax.Array], masks: ActionMasks, op: jax.Array) -> dict[str, jax.Array]:
