@@ -21,6 +21,7 @@ is the number of updates done. What it adds to Orbax:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -37,8 +38,18 @@ class CheckpointError(Exception):
 def abstract_like(state: Any) -> Any:
     """The restore target for a state like ``state``: shapes, dtypes and shardings, no values.
 
-    ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``)."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``). Leaves
+    without a sharding go to the default device: a checkpoint written from several devices then
+    restores on one (Orbax would otherwise insist on the devices it was saved from)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(leaf):
+        struct = ocp.utils.to_shape_dtype_struct(leaf)
+        if getattr(struct, "sharding", None) is None:
+            struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=default)
+        return struct
+
+    return jax.tree.map(target, state)
 
 
 def incomplete_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
@@ -77,7 +88,14 @@ class Checkpointer:
             read_only=read_only,
             enable_async_checkpointing=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet = logging.getLogger("absl")
+        level = quiet.level
+        if read_only:  # Orbax warns that a read-only manager will not save: that is the point
+            quiet.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            quiet.setLevel(level)
 
     # ------------------------------------------------------------------ queries
 
