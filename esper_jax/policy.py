@@ -94,14 +94,19 @@ def evaluate_actions(logits: dict[str, jax.Array], masks: ActionMasks, action: F
 
     ``log_prob`` and each head's entropy are already multiplied by the head's relevance to the
     action's op; the policy entropy is ``sum(entropies.values())``."""
+    log_prob, raw, rel = evaluate_actions_raw(logits, masks, action)
+    return log_prob, {h: rel[..., i] * raw[h] for i, h in enumerate(HEADS)}, rel
+
+
+def evaluate_actions_raw(logits: dict[str, jax.Array], masks: ActionMasks, action: FactoredAction):
+    """Like :func:`evaluate_actions` but the entropies are not weighted by relevance (one set of
+    distributions serves the loss and the per-head metrics)."""
     dists = distributions(logits, masks, action.op)
     rel = relevance(action.op)
     log_prob = jnp.zeros(action.op.shape, jnp.float32)
-    entropies = {}
     for i, h in enumerate(HEADS):
         log_prob = log_prob + rel[..., i] * dists[h].log_prob(getattr(action, h))
-        entropies[h] = rel[..., i] * dists[h].entropy()
-    return log_prob, entropies, rel
+    return log_prob, {h: d.entropy() for h, d in dists.items()}, rel
 
 
 class ActorCritic(nn.Module):
