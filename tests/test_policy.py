@@ -240,3 +240,25 @@ def test_recurrent_carry_resets_where_an_episode_starts(kind):
 def test_policy_rejects_unknown_recurrent_kind():
     with pytest.raises(ValueError, match="recurrent"):
         Policy.make(SIZES, recurrent="transformer")
+
+
+@pytest.mark.parametrize("kind", ["none", "gru"])
+def test_init_gives_scaled_orthogonal_kernels_and_zero_biases(kind):
+    policy = Policy.make(SIZES, hidden_size=16, recurrent=kind)
+    params = jax.jit(policy.init, static_argnums=1)(jax.random.key(3), 40)
+    reference = jax.eval_shape(policy.network.init, jax.random.key(0), policy.initial_carry(1), jnp.zeros((1, 40)),
+                               jnp.ones(1, bool))
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
+    expected = {"torso": math.sqrt(2.0), "head": 0.01, "value": 1.0, "gru": 1.0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [p.key for p in path]
+        a = np.asarray(leaf, np.float64)
+        if names[-1] == "bias":
+            assert not a.any(), names
+            continue
+        gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+        scale = expected[names[1].split("_")[0]]
+        np.testing.assert_allclose(gram, scale ** 2 * np.eye(len(gram)), atol=1e-5 * max(1.0, scale ** 2), err_msg=str(names))
+    other = jax.jit(policy.init, static_argnums=1)(jax.random.key(4), 40)
+    assert not np.allclose(np.asarray(other["params"]["torso_0"]["kernel"]), np.asarray(params["params"]["torso_0"]["kernel"]))
