@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from flax import struct
 
-from esper_jax.actions import NUM_OPS, ActionMasks, ActionSpace, FactoredAction, Op
-from esper_jax.policy import evaluate_actions
+from esper_jax import normalize
+from esper_jax.actions import ActionMasks, ActionSpace, Op
+from esper_jax.policy import evaluate_actions, masked_logits
 from esper_jax.ppo import (
     METRIC_NAMES, Hyperparams, PPOConfig, compute_gae, explained_variance, make_train, set_hyperparams,
 )
@@ -105,8 +106,6 @@ def tree_allclose(a, b, rtol, atol):
 def germinate_probability(trainer, runner, env):
     """Mean probability of GERMINATE under the policy at fresh episodes' first observations."""
     obs, state = env.population_reset(jax.random.split(jax.random.key(99), 16), DATA)
-    from esper_jax import normalize
-    from esper_jax.policy import masked_logits
     nobs = normalize.apply(runner.obs_stats, obs)
     _, logits, _ = trainer.policy.apply(runner.params, trainer.init_carry(16), nobs, jnp.ones(16, bool))
     masks = env.population_masks(state)
