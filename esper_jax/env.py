@@ -108,10 +108,12 @@ class EnvConfig:
 
 
 def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
-                    **kwargs) -> EnvConfig:
+                    seed_dispatch: str | None = None, **kwargs) -> EnvConfig:
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
-    ``host``: a host to use instead of the task's own (tests and smoke runs use small ones)."""
-    model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints)
+    ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
+    ``seed_dispatch``: how a population computes its seeds (default: :func:`esper_jax.model.default_seed_dispatch`)."""
+    model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
+                                     seed_dispatch=seed_dispatch)
     reward = kwargs.pop("reward", None) or RewardConfig()
     reward = dataclasses.replace(reward, baseline_loss=task.baseline_loss, target_loss=task.target_loss,
                                  typical_loss_delta_std=task.typical_loss_delta_std)

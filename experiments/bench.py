@@ -194,7 +194,7 @@ def bench_env(args) -> dict:
     from esper_jax.tasks import get_task
 
     task = get_task("cifar10")
-    config = make_env_config(task, blueprints=args.env_blueprints, episode_epochs=10_000,
+    config = make_env_config(task, blueprints=args.env_blueprints, seed_dispatch=args.env_seed_dispatch, episode_epochs=10_000,
                              steps_per_epoch=args.env_steps_per_epoch,
                              batch_size=args.env_batch, val_size=args.env_val_size, data_label="SYNTHETIC data")
     env = MorphogeneticEnv(config)
@@ -218,7 +218,7 @@ def bench_env(args) -> dict:
                      "blueprints": [b.name for b in env.lattice.blueprints],
                      "steps_per_epoch": config.steps_per_epoch, "batch_size": config.batch_size,
                      "val_size": config.val_size, "scenarios": list(args.env_scenarios), "live_blueprint": live_name,
-                     "rounds": args.env_rounds, "compile_seconds": {},
+                     "rounds": args.env_rounds, "seed_dispatch": env.model.seed_dispatch, "compile_seconds": {},
                      "sizes": {}}
 
     # States: population reset for the largest N; smaller populations and the loop's single
@@ -372,6 +372,9 @@ def main(argv=None) -> int:
     parser.add_argument("--env-rounds", type=int, default=3, help="env section: interleaved timing rounds")
     parser.add_argument("--env-blueprints", default="",
                         help="env section: comma-separated blueprint subset (default: every CNN blueprint, as the task has)")
+    parser.add_argument("--env-seed-dispatch", default=None, choices=("shared", "per_member"),
+                        help="env section: how the population computes its seeds (default: the backend's, "
+                             "esper_jax.model.default_seed_dispatch)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

@@ -10,6 +10,8 @@ and alphas never recompiles.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -398,13 +400,16 @@ def population(cnn):
     """The members of ``MEMBERS`` (different host parameters, inputs, blueprints, stages, alphas,
     blend ops and disabled slots) through ``population_apply`` (jit + grad of the summed losses)
     and, one by one, through ``jax.vmap`` of the per-member forward and gradient of ``model.apply``."""
-    model, host = cnn.model, cnn.host
+    host = cnn.host
 
-    def pop_loss(host_params, seed_params, state, x, y, disabled):
-        out = model.population_apply(host_params, state.replace(params=seed_params), x, disabled)
-        return jax.vmap(host.loss)(out, y).sum(), out
+    def make_pop_grad(model):
+        def pop_loss(host_params, seed_params, state, x, y, disabled):
+            out = model.population_apply(host_params, state.replace(params=seed_params), x, disabled)
+            return jax.vmap(host.loss)(out, y).sum(), out
 
-    pop_grad = jax.jit(jax.value_and_grad(pop_loss, argnums=(0, 1), has_aux=True))
+        return jax.jit(jax.value_and_grad(pop_loss, argnums=(0, 1), has_aux=True))
+
+    pop_grad = make_pop_grad(cnn.model)
 
     members = []
     for noise, seeds, disabled in MEMBERS:
@@ -426,12 +431,24 @@ def population(cnn):
     args = [cnn.member_args(m["state"], m["host_params"], m["x"], m["y"], m["disabled"]) for m in members]
     batched = stack(*args)  # jax.tree.map(lambda *a: jnp.stack(a), ...)
     (pop_loss_value, pop_out), (pop_host_grads, pop_seed_grads) = jax.tree.map(np.asarray, pop_grad(*batched))
+    # The same members under the other seed dispatch than the rig's.
+    other = "shared" if cnn.model.seed_dispatch == "per_member" else "per_member"
+    other_dispatch = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(cnn.model, seed_dispatch=other))(*batched))
     singles = cnn.run_members(args)
     host_outs = [np.asarray(cnn.host_only(m["host_params"], m["x"], m["y"])[1]) for m in members]
     return dict(
         members=members, singles=singles, host_outs=host_outs,
-        loss=pop_loss_value, out=pop_out, host_grads=pop_host_grads, seed_grads=pop_seed_grads,
+        loss=pop_loss_value, out=pop_out, host_grads=pop_host_grads, seed_grads=pop_seed_grads, other_dispatch=other_dispatch,
     )
+
+
+def test_shared_and_per_member_seed_dispatch_agree(population):
+    """Both ways of computing a population's seeds give the same outputs and gradients."""
+    (loss, out), (host_grads, seed_grads) = population["other_dispatch"]
+    np.testing.assert_allclose(out, population["out"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, population["loss"], rtol=1e-5)
+    assert_trees_close(host_grads, population["host_grads"], rtol=1e-4, atol=1e-6)
+    assert_trees_close(seed_grads, population["seed_grads"], rtol=1e-4, atol=1e-6)
 
 
 def member(tree, m: int):
