@@ -85,8 +85,8 @@ DEFAULTS: dict[str, Any] = {
     "host": {},                  # host field overrides, per topology (presets only)
     "envs": 4,
     "updates": 24,
-    "episode_epochs": 10,
-    "steps_per_epoch": 10,
+    "episode_epochs": 8,
+    "steps_per_epoch": 8,
     "batch_size": 128,
     "val_size": 256,
     "slots": None,
@@ -114,10 +114,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "a check that everything runs (under 2 minutes on a 2-core CPU including compilation): a one-block "
-        "CNN host of width 4 (or a one-layer transformer of width 32), one slot, two blueprints, synthetic data, "
+        "CNN host of width 4 (or a one-layer transformer of width 32 on bytes), one slot, two blueprints, synthetic data, "
         "2 envs x 3-epoch episodes of 2 batches of 16, 4 updates",
         {
-            "data": SYNTHETIC, "synthetic_train": 512, "synthetic_test": 64, "block_size": 16,
+            "data": SYNTHETIC, "synthetic_train": 512, "synthetic_test": 64, "block_size": 16, "tokenizer": "byte",
             "host": {"cnn": {"base_width": 4, "num_blocks": 1, "pool_blocks": 1},
                      "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
             "slots": {"cnn": "r0c0", "transformer": "r0c0"},
@@ -127,8 +127,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "default": Preset(
-        "the task's own host with its default slots and four blueprints per topology, 4 envs x 10-epoch "
-        "episodes of 10 batches of 128, 24 updates (under 15 minutes on a 2-core CPU; uses a GPU when JAX sees one)",
+        "the task's own host with its default slots and four blueprints per topology, 4 envs x 8-epoch "
+        "episodes of 8 batches of 128, 24 updates (about 10 minutes on a 2-core CPU; uses a GPU when JAX sees one)",
         {
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light", "transformer": "norm,lora,attention,mlp_small"},
         },
@@ -295,7 +295,8 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         "seed": s["seed"],
         # the flat settings as resolved for this topology, to compare with the options given on --resume
         "settings": {k: _canonical(k, v) for k, v in sorted(
-            {**s, "slots": list(slots), "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {}}
+            {**s, "slots": list(slots), "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
+             "host_variant": task.host_variant, "population": len(members), "seeds": [m["seed"] for m in members]}
             .items())},
     }
 
@@ -646,7 +647,8 @@ def describe(built: Built, run_dir: Path) -> str:
         f"{c['updates']} updates, a checkpoint every {c['checkpoint_every']}",
         f"policy {ppo.recurrent if ppo.recurrent != 'none' else 'mlp'} {ppo.hidden_size}; members "
         + "; ".join(f"{i}: lr {m['learning_rate']:.3g} ent {m['ent_coef']:.3g} seed {m['seed']}"
-                    for i, m in enumerate(c["members"])),
+                    for i, m in enumerate(c["members"][:8]))
+        + (f"; ... ({len(c['members'])} in all, see config.json)" if len(c["members"]) > 8 else ""),
         f"devices: {built.placement.describe()}; run directory {run_dir}",
     ]
     if built.synthetic:
@@ -690,6 +692,7 @@ def train(config: dict[str, Any], run_dir: str | os.PathLike[str], *, resume: bo
         else:
             metrics_path.touch()
         config["data"]["label"] = built.data_label  # "SYNTHETIC data" or where the real data came from
+        config["host"] = {"topology": config["host"]["topology"], **_host_fields(built.env.model.host)}  # + vocabulary
         write_json(run_dir / CONFIG_FILE, config)  # on resume: the new --updates/--keep-checkpoints
     except BaseException:
         ckpt.close()
@@ -697,7 +700,8 @@ def train(config: dict[str, Any], run_dir: str | os.PathLike[str], *, resume: bo
 
     log(describe(built, run_dir))
     if resume:
-        log(f"resuming from the checkpoint at update {done} of {config['updates']}")
+        log(f"resuming from the checkpoint at update {done} of {config['updates']}" if done < config["updates"] else
+            f"the run is complete ({done} updates); give a larger --updates to continue it")
     sizes = _chunk_sizes(done, config["updates"], config["checkpoint_every"])
     interrupted = False
     compile_seconds = train_seconds = 0.0
@@ -731,7 +735,8 @@ def train(config: dict[str, Any], run_dir: str | os.PathLike[str], *, resume: bo
             saved = done
             train_seconds += seconds
             steps_run += n * _steps_per_update(built)
-            _report(bar, rows[-1], n, n * _steps_per_update(built) / max(seconds, 1e-9), log, done, config["updates"])
+            _report(bar, rows[-1], n, n * _steps_per_update(built) / max(seconds, 1e-9), log, done, config["updates"],
+                    built.task.has_accuracy)
     except KeyboardInterrupt:
         interrupted = True
         if state is not None and saved != done:  # rows written, save not started: save now
@@ -789,11 +794,13 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _report(bar, row: dict[str, Any], n: int, steps_per_second: float, log, done: int, total: int) -> None:
+def _report(bar, row: dict[str, Any], n: int, steps_per_second: float, log, done: int, total: int,
+            has_accuracy: bool = True) -> None:
     bar.update(n)
     bar.set_postfix({"steps/s": f"{steps_per_second:.1f}", "return": _fmt(row.get("mean_return"))}, refresh=True)
     line = (f"update {done}/{total}: return {_fmt(row.get('mean_return'))}, final val loss "
-            f"{_fmt(row.get('mean_final_val_loss'))}, accuracy {_fmt(row.get('mean_final_val_accuracy'))}, "
+            f"{_fmt(row.get('mean_final_val_loss'))}, accuracy "
+            f"{_fmt(row.get('mean_final_val_accuracy') if has_accuracy else None)}, "
             f"{steps_per_second:.1f} env steps/s; checkpoint {done}")
     if bar.disable:
         log(line)
