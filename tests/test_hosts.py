@@ -239,9 +239,28 @@ def test_sgd_steps_with_a_live_seed_reduce_the_loss(request, topology, blueprint
 
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    if topology == "cnn":
+        assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    # (The tiny transformer on random tokens is too curved for every plain SGD step to descend:
+    # its losses rose mid-run even at lr 0.02 with one random draw of the seed; whether they
+    # did depended on that draw. What must hold is below: the gradient is the loss's.)
     # The seed learned, and only the seed that is live.
     before, after = rig.units(state.params, slot_id), rig.units(params[1], slot_id)
     for name in before:
         moved = tree_norm(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after[name], before[name]))
         assert (moved > 0) == (name == blueprint), name
+
+
+@pytest.mark.parametrize("topology, blueprint", [("cnn", "conv_light"), ("transformer", "lora")])
+def test_a_small_step_along_the_gradient_lowers_the_loss_as_predicted(request, topology, blueprint):
+    """First-order check of the host and seed gradients together: a step of ``eps`` along
+    ``-grad`` lowers the loss by ``eps * |grad|^2`` up to second-order terms."""
+    rig = request.getfixturevalue(topology)
+    state = rig.plant(rig.state, rig.slot_ids[-1], blueprint, Stage.BLENDING, alpha=0.5)
+    loss, _, g_host, g_seed = rig.run(state, host_params=rig.host_params)
+    eps = 1e-3
+    host_params, seed_params = sgd((rig.host_params, state.params), (g_host, g_seed), jnp.float32(eps))
+    stepped = float(rig.run(state.replace(params=seed_params), host_params=host_params)[0])
+    predicted = eps * sum(float(np.sum(np.square(np.asarray(g)))) for g in jax.tree.leaves((g_host, g_seed)))
+    assert predicted > 0
+    np.testing.assert_allclose(float(loss) - stepped, predicted, rtol=0.1)
