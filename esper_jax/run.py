@@ -47,6 +47,7 @@ from esper_jax.checkpoint import Checkpointer, CheckpointError, has_checkpoint, 
 from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
 from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError
 from esper_jax.env import EnvData, MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.lifecycle import GateConfig
 from esper_jax.hosts import CNNHost, TransformerHost
 from esper_jax.hosts.base import slot_config_for
 from esper_jax.population import Placement, parse_seeds, parse_sweep, resolve_members, stack_hyperparams
@@ -92,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
     "slots": None,
     "blueprints": None,
     "reward": "loss",
+    # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
+    # blend, hold and be fossilized within one, and every controller would end with the same host.
+    "min_training_epochs": 2,
     "seed": 0,
     "checkpoint_every": 4,
     "keep_checkpoints": 3,
@@ -122,7 +126,7 @@ PRESETS: dict[str, Preset] = {
                      "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
             "slots": {"cnn": "r0c0", "transformer": "r0c0"},
             "blueprints": {"cnn": "conv_small,norm", "transformer": "norm,lora"},
-            "envs": 2, "updates": 4, "episode_epochs": 3, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
+            "envs": 2, "updates": 4, "episode_epochs": 3, "min_training_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
             "checkpoint_every": 2, "num_minibatches": 2, "update_epochs": 2, "hidden_size": 32,
         },
     ),
@@ -137,7 +141,7 @@ PRESETS: dict[str, Preset] = {
         "Esper's scale, for a GPU: every blueprint, 16 envs x 25-epoch episodes of 50 batches of 128, "
         "1000-image validation, 200 updates",
         {
-            "envs": 16, "updates": 200, "episode_epochs": 25, "steps_per_epoch": 50, "val_size": 1000,
+            "envs": 16, "updates": 200, "episode_epochs": 25, "min_training_epochs": 10, "steps_per_epoch": 50, "val_size": 1000,
             "checkpoint_every": 10, "synthetic_train": 50_000, "synthetic_test": 10_000,
         },
     ),
@@ -146,7 +150,7 @@ DEFAULT_PRESET = "default"
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
-POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size",
+POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size", "min_training_epochs",
                      "checkpoint_every", "keep_checkpoints", "population", "block_size", "synthetic_train",
                      "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
 
@@ -283,7 +287,7 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         "env": {
             "episode_epochs": s["episode_epochs"], "steps_per_epoch": s["steps_per_epoch"],
             "batch_size": s["batch_size"], "val_size": s["val_size"], "slots": list(slots),
-            "blueprints": list(blueprints), "reward": s["reward"],
+            "blueprints": list(blueprints), "reward": s["reward"], "min_training_epochs": s["min_training_epochs"],
             "block_size": s["block_size"] if task.kind == "language_model" else None,
         },
         "ppo": dataclasses.asdict(ppo_config),
@@ -392,6 +396,7 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
             task, tuple(env_cfg["slots"]), blueprints=tuple(env_cfg["blueprints"]), host=host,
             episode_epochs=env_cfg["episode_epochs"], steps_per_epoch=env_cfg["steps_per_epoch"],
             batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"]),
+            gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs)),
             data_label=label)
         ppo_config = ppo_lib.PPOConfig(**config["ppo"])
         env = MorphogeneticEnv(env_config)

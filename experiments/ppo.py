@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blueprints", help="comma-separated blueprints the run may grow, e.g. norm,conv_light "
                    "(default: the preset's subset)")
     g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
+    g.add_argument("--min-training-epochs", type=positive,
+                   help=f"G2: epochs a seed trains before it may blend (Esper: 10; default {d['min_training_epochs']}, "
+                        "so that a seed can be fossilized within an episode)")
 
     g = parser.add_argument_group("population (one vmapped program of P learners, sharded over the devices)")
     g.add_argument("--population", type=positive,
