@@ -27,13 +27,7 @@ from pathlib import Path
 
 from esper_jax import evaluation as ev
 from esper_jax.controllers import CONTROLLERS
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+from experiments.cli import positive
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,13 +20,7 @@ from esper_jax.env import MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.hosts.base import slot_config_for
 from esper_jax.slots import parse_slot_list
 from esper_jax.tasks import TASK_NAMES, get_task
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+from experiments.cli import positive
 
 
 def build_parser() -> argparse.ArgumentParser:

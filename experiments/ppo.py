@@ -25,6 +25,7 @@ from esper_jax.population import SWEEP_HELP
 from esper_jax.ppo import PPOConfig
 from esper_jax.rewards import REWARD_KINDS
 from esper_jax.tasks import TASK_NAMES
+from experiments.cli import positive
 
 DEFAULT_CACHE = os.environ.get("ESPER_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "esper-jax" / "xla"))
 
@@ -47,16 +48,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message}\n")
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def non_negative(text: str) -> int:

@@ -17,13 +17,7 @@ import os
 import sys
 
 from esper_jax import plots
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+from experiments.cli import positive
 
 
 def build_parser() -> argparse.ArgumentParser:
