@@ -103,6 +103,20 @@ def tree_allclose(a, b, rtol, atol):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
 
 
+def assert_population_matches_members(trainer, init, chunk, keys, hyper, data, rtol, metrics_atol, params_atol):
+    """One chunk of a vmapped population of learners equals each member run alone (``init``/``chunk``
+    are the trainer's jitted single-learner functions). Returns the population and its metrics."""
+    population = jax.jit(jax.vmap(trainer.init, in_axes=(0, 0, None)))(keys, hyper, data)
+    population, pop_metrics = jax.jit(jax.vmap(trainer.train_chunk, in_axes=(0, None)))(population, data)
+    for m in range(keys.shape[0]):
+        single = init(keys[m], Hyperparams.make(hyper.learning_rate[m], hyper.ent_coef[m]), data)
+        single, metrics = chunk(single, data)
+        member = lambda t: jax.tree.map(lambda x: x[m], t)
+        tree_allclose(member(pop_metrics), metrics, rtol=rtol, atol=metrics_atol)
+        tree_allclose(member(population.params), single.params, rtol=rtol, atol=params_atol)
+    return population, pop_metrics
+
+
 def germinate_probability(trainer, runner, env):
     """Mean probability of GERMINATE under the policy at fresh episodes' first observations."""
     obs, state = env.population_reset(jax.random.split(jax.random.key(99), 16), DATA)
@@ -278,14 +292,8 @@ def test_population_members_equal_single_runs(bandit_runs):
     env, config, one, two, init, chunk1, chunk2 = bandit_runs
     keys = jnp.stack([jax.random.key(10), jax.random.key(11)])
     hyper = Hyperparams.make([1e-3, 3e-2], [0.0, 0.1])
-    population = jax.jit(jax.vmap(one.init, in_axes=(0, 0, None)))(keys, hyper, DATA)
-    population, pop_metrics = jax.jit(jax.vmap(one.train_chunk, in_axes=(0, None)))(population, DATA)
-    for m in range(2):
-        single = init(keys[m], Hyperparams.make(hyper.learning_rate[m], hyper.ent_coef[m]), DATA)
-        single, metrics = chunk1(single, DATA)
-        member = lambda t: jax.tree.map(lambda x: x[m], t)
-        tree_allclose(member(pop_metrics), metrics, rtol=1e-4, atol=1e-5)
-        tree_allclose(member(population.params), single.params, rtol=1e-4, atol=1e-6)
+    population, pop_metrics = assert_population_matches_members(
+        one, init, chunk1, keys, hyper, DATA, rtol=1e-4, metrics_atol=1e-5, params_atol=1e-6)
     # The members really had different hyperparameters.
     lr = population.opt_state[1].hyperparams["learning_rate"]
     np.testing.assert_allclose(np.asarray(lr), [1e-3, 3e-2])
@@ -421,14 +429,8 @@ def test_real_env_chunks_compose_and_population_matches_members(tiny):
 
     keys = jnp.stack([jax.random.key(0), jax.random.key(3)])
     hyper = Hyperparams.make([3e-4, 3e-3], [0.05, 0.01])
-    population = jax.jit(jax.vmap(trainer.init, in_axes=(0, 0, None)))(keys, hyper, data)
-    population, pop_metrics = jax.jit(jax.vmap(trainer.train_chunk, in_axes=(0, None)))(population, data)
-    for m in range(2):
-        single = init(keys[m], Hyperparams.make(hyper.learning_rate[m], hyper.ent_coef[m]), data)
-        single, single_metrics = chunk(single, data)
-        member = lambda t: jax.tree.map(lambda x: x[m], t)
-        tree_allclose(member(pop_metrics), single_metrics, rtol=1e-3, atol=1e-4)
-        tree_allclose(member(population.params), single.params, rtol=1e-3, atol=1e-5)
+    assert_population_matches_members(trainer, init, chunk, keys, hyper, data, rtol=1e-3, metrics_atol=1e-4,
+                                      params_atol=1e-5)
 
 
 @pytest.mark.slow
