@@ -301,7 +301,10 @@ def _maybe_vmap(fun, members):
 
 
 def _build_rig(name: str, host, x: jax.Array, y: jax.Array, slot_ids=None, seed: int = 0, members=None) -> Rig:
-    model = MorphogeneticModel.build(host, slot_ids=slot_ids)
+    # The lattice program even when every slot is dormant, so that "a live seed leaves the host
+    # exactly as it was" can be checked bit for bit against the same program.
+    # test_model.py::test_skipping_the_dormant_lattice_is_the_plain_host checks the default.
+    model = MorphogeneticModel.build(host, slot_ids=slot_ids, skip_dormant_lattice=False)
     host_params = strong(jax.jit(host.init)(key(seed)))
     state = fresh_lattice_state(model)
 

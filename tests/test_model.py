@@ -73,6 +73,32 @@ def test_model_without_seeds_is_the_host(rig):
     assert_all_zero(g_seed, "dormant seed params")
 
 
+def test_skipping_the_dormant_lattice_is_the_plain_host(rig):
+    """The default model (``skip_dormant_lattice``) runs the plain host while no slot is computed
+    and the lattice program otherwise; both agree with the rig's always-lattice model to rounding.
+    A real ``lax.cond`` here (one member, no vmap), so both branches are exercised."""
+    skipping = dataclasses.replace(rig.model, skip_dormant_lattice=True)
+    disabled = rig.no_slot_disabled()
+
+    @jax.jit
+    def value_and_grads(host_params, state, x, y):
+        def loss(host_params, seed_params):
+            out = skipping.apply(host_params, state.replace(params=seed_params), x, disabled)
+            return rig.host.loss(out, y), out
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(host_params, state.params)
+
+    planted = rig.plant(rig.state, rig.slot_ids[0], rig.blueprint_names[-1], Stage.BLENDING, alpha=0.6, seed=9)
+    for state in (rig.state, planted):
+        (loss, out), (g_host, g_seed) = value_and_grads(rig.host_params, state, rig.x, rig.y)
+        exp_loss, exp_out, exp_host, exp_seed = rig.run(state)
+        np.testing.assert_allclose(np.asarray(out), exp_out, rtol=OUT_RTOL, atol=OUT_ATOL)
+        np.testing.assert_allclose(float(loss), float(exp_loss), rtol=1e-6)
+        assert_trees_close(g_host, exp_host, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+        assert_trees_close(g_seed, exp_seed, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    _, (_, dormant_seed_grads) = value_and_grads(rig.host_params, rig.state, rig.x, rig.y)
+    assert_all_zero(dormant_seed_grads, "seed params of a skipped lattice")
+
+
 @pytest.mark.parametrize(
     "topology, blueprint",
     [("cnn", name) for name in CNN_SEEDS] + [("transformer", name) for name in TRANSFORMER_SEEDS],
