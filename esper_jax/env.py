@@ -108,12 +108,14 @@ class EnvConfig:
 
 
 def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
-                    seed_dispatch: str | None = None, **kwargs) -> EnvConfig:
+                    seed_dispatch: str | None = None, member_execution: str | None = None, **kwargs) -> EnvConfig:
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
     ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
-    ``seed_dispatch``: how a population computes its seeds (default: :func:`esper_jax.model.default_seed_dispatch`)."""
+    ``member_execution``: how a population of environments runs, "vmap" or "map" (default:
+    :func:`esper_jax.model.default_member_execution`); ``seed_dispatch``: under "vmap", how a
+    population computes its seeds (default: :func:`esper_jax.model.default_seed_dispatch`)."""
     model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
-                                     seed_dispatch=seed_dispatch)
+                                     seed_dispatch=seed_dispatch, member_execution=member_execution)
     reward = kwargs.pop("reward", None) or RewardConfig()
     reward = dataclasses.replace(reward, baseline_loss=task.baseline_loss, target_loss=task.target_loss,
                                  typical_loss_delta_std=task.typical_loss_delta_std)
@@ -228,6 +230,9 @@ class MorphogeneticEnv:
         return tuple(_drop(o) for o in out)
 
     def population_step(self, keys: jax.Array, state: EnvState, action: FactoredAction, data: EnvData):
+        if self.model.member_execution == "map" and keys.shape[0] > 1:
+            # Each environment's one-env program in turn (see model.default_member_execution).
+            return jax.lax.map(lambda member: self.step(*member, data), (keys, state, action))
         cfg = self.config
         split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
         act_keys, train_keys = split[:, 0], split[:, 1]

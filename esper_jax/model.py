@@ -32,6 +32,7 @@ from esper_jax.lifecycle import GateConfig, Stage
 
 
 SEED_DISPATCH = ("shared", "per_member")
+MEMBER_EXECUTION = ("vmap", "map")
 
 
 def default_seed_dispatch() -> str:
@@ -42,6 +43,15 @@ def default_seed_dispatch() -> str:
     both are the same program. Accelerators are not measured yet: they keep "shared", whose
     batched calls suit wide hardware better than a loop over members."""
     return "per_member" if jax.default_backend() == "cpu" else "shared"
+
+
+def default_member_execution() -> str:
+    """The measured choice, in one place. XLA:CPU runs a vmapped population of hosts slower per
+    member than one host (its batched im2col matmuls and 5-d pads), while lax.map over the
+    one-member program runs each member at the one-member speed (baseline CNN host training
+    step, 8 members, batch 128: see ``python -m experiments.bench --only population``).
+    Accelerators keep "vmap": wide batched ops are what they are for."""
+    return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
 def over_members(fn, *args, in_axes=0):
@@ -74,21 +84,28 @@ class MorphogeneticModel:
     # dormant program is the lattice program; tests that compare a live model with a dormant
     # one bit for bit turn it off, since two different programs agree only to rounding.
     skip_dormant_lattice: bool = True
+    # How a population's members are run: "vmap" batches them into one set of wider ops; "map"
+    # runs the one-member program for each in turn inside the same compiled step (lax.map), so
+    # every lax.cond/switch stays a real branch per member. See default_member_execution.
+    member_execution: str = "vmap"
 
     def __post_init__(self):
+        if self.member_execution not in MEMBER_EXECUTION:
+            raise ValueError(f"member_execution must be one of {', '.join(MEMBER_EXECUTION)}, got {self.member_execution!r}")
         if self.seed_dispatch not in SEED_DISPATCH:
             raise ValueError(f"seed_dispatch must be one of {', '.join(SEED_DISPATCH)}, got {self.seed_dispatch!r}")
 
     @classmethod
     def build(cls, host: Host, slot_ids=None, gates: GateConfig = GateConfig(), isolate_blending: bool | None = None,
               seed_optimizer=None, blueprints: tuple[str, ...] = (), seed_dispatch: str | None = None,
-              skip_dormant_lattice: bool = True) -> "MorphogeneticModel":
+              skip_dormant_lattice: bool = True, member_execution: str | None = None) -> "MorphogeneticModel":
         slots = slot_config_for(host, host.default_slots if slot_ids is None else slot_ids)
         extra = {} if seed_optimizer is None else {"seed_optimizer": seed_optimizer}
         lattice = Lattice(slots, gates, blueprint_names=tuple(blueprints or ()), **extra)
         if isolate_blending is None:
             isolate_blending = host.topology == "cnn"  # Esper: CNN seeds stay isolated, transformer seeds co-adapt
-        return cls(host, lattice, isolate_blending, seed_dispatch or default_seed_dispatch(), skip_dormant_lattice)
+        return cls(host, lattice, isolate_blending, seed_dispatch or default_seed_dispatch(), skip_dormant_lattice,
+                   member_execution or default_member_execution())
 
     def init(self, key: jax.Array):
         host_key, lattice_key = jax.random.split(key)
@@ -107,6 +124,15 @@ class MorphogeneticModel:
                          shared_input: bool = False):
         """A population: every argument leads with the member axis ``P``, except ``x`` when
         ``shared_input`` (one batch, e.g. the validation set, seen by every member)."""
+        members = jax.tree.leaves(host_params)[0].shape[0]
+        if self.member_execution == "map" and members > 1:
+            def one_member(args):
+                params, state, member_x, off = jax.tree.map(lambda leaf: leaf[None], args)
+                member_x = x[None] if shared_input else member_x
+                return self.population_apply(params, state, member_x, off)[0]
+
+            return jax.lax.map(one_member, (host_params, lattice_state, None if shared_input else x, disabled))
+
         slot_ids = self.lattice.slots.slot_ids
 
         def forward(host_params, lattice_state, x, with_slots: bool):

@@ -53,6 +53,13 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
     def population_step(state: TrainState, x: jax.Array, y: jax.Array):
         """All arguments lead with the population axis; members never mix (the summed loss's
         gradient with respect to one member's parameters is that member's gradient)."""
+        if model.member_execution == "map" and x.shape[0] > 1:
+            # Each member's whole step (forward, backward, update) in turn: mapping inside the
+            # forward instead would stack every member's activations for the backward pass.
+            return jax.lax.map(lambda member: step(*member), (state, x, y))
+        return batched_step(state, x, y)
+
+    def batched_step(state: TrainState, x: jax.Array, y: jax.Array):
 
         def total_loss(host_params, seed_params):
             lattice_state = state.lattice.replace(params=seed_params)
@@ -72,7 +79,7 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
     def step(state: TrainState, x: jax.Array, y: jax.Array):
         add = lambda tree: jax.tree.map(lambda a: a[None], tree)
         drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
-        new_state, metrics = population_step(add(state), x[None], y[None])
+        new_state, metrics = batched_step(add(state), x[None], y[None])
         return drop(new_state), drop(metrics)
 
     return TrainStep(init, step, population_step)

@@ -435,7 +435,9 @@ def population(cnn):
 
         return jax.jit(jax.value_and_grad(pop_loss, argnums=(0, 1), has_aux=True))
 
-    pop_grad = make_pop_grad(cnn.model)
+    # Batched members (vmap), where the seed dispatch matters; "map" is checked against it below.
+    batched_model = dataclasses.replace(cnn.model, member_execution="vmap")
+    pop_grad = make_pop_grad(batched_model)
 
     members = []
     for noise, seeds, disabled in MEMBERS:
@@ -458,19 +460,30 @@ def population(cnn):
     batched = stack(*args)  # jax.tree.map(lambda *a: jnp.stack(a), ...)
     (pop_loss_value, pop_out), (pop_host_grads, pop_seed_grads) = jax.tree.map(np.asarray, pop_grad(*batched))
     # The same members under the other seed dispatch than the rig's.
-    other = "shared" if cnn.model.seed_dispatch == "per_member" else "per_member"
-    other_dispatch = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(cnn.model, seed_dispatch=other))(*batched))
+    other = "shared" if batched_model.seed_dispatch == "per_member" else "per_member"
+    other_dispatch = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(batched_model, seed_dispatch=other))(*batched))
+    mapped = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(batched_model, member_execution="map"))(*batched))
     singles = cnn.run_members(args)
     host_outs = [np.asarray(cnn.host_only(m["host_params"], m["x"], m["y"])[1]) for m in members]
     return dict(
         members=members, singles=singles, host_outs=host_outs,
         loss=pop_loss_value, out=pop_out, host_grads=pop_host_grads, seed_grads=pop_seed_grads, other_dispatch=other_dispatch,
+        mapped=mapped,
     )
 
 
 def test_shared_and_per_member_seed_dispatch_agree(population):
     """Both ways of computing a population's seeds give the same outputs and gradients."""
     (loss, out), (host_grads, seed_grads) = population["other_dispatch"]
+    np.testing.assert_allclose(out, population["out"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, population["loss"], rtol=1e-5)
+    assert_trees_close(host_grads, population["host_grads"], rtol=1e-4, atol=1e-6)
+    assert_trees_close(seed_grads, population["seed_grads"], rtol=1e-4, atol=1e-6)
+
+
+def test_mapped_and_batched_members_agree(population):
+    """member_execution "map" (each member's one-member program in turn) gives what "vmap" gives."""
+    (loss, out), (host_grads, seed_grads) = population["mapped"]
     np.testing.assert_allclose(out, population["out"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss, population["loss"], rtol=1e-5)
     assert_trees_close(host_grads, population["host_grads"], rtol=1e-4, atol=1e-6)

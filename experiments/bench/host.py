@@ -1,0 +1,169 @@
+"""Benchmark sections on one training step of the baseline CNN host (batch 128).
+
+* ``conv``: the convolution formulation (:mod:`esper_jax.ops`), lax vs im2col, for one host
+  training step and for a vmapped population of 8 host steps.
+* ``lattice``: ``dormant_overhead`` (all 3 slots DORMANT ÷ the plain host with no lattice) and
+  ``live_seed_overhead`` (one conv_light seed in TRAINING ÷ the plain host plus that seed's own
+  training step, timed alone on the activation it reads).
+* ``population``: the training step of a population of 8 members vs a loop of 8 jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from esper_jax import ops
+from esper_jax.blueprints import get_blueprint
+from esper_jax.hosts import CNNHost
+from esper_jax.lifecycle import Stage
+from esper_jax.model import MEMBER_EXECUTION, MorphogeneticModel
+from esper_jax.training import make_host_train_step, make_train_step
+from experiments.bench.timing import Timer, image_batch, stack
+
+LIVE_BLUEPRINT = "conv_light"
+LIVE_SLOT = 1  # r1c0: 16 channels at 16x16, the middle of the baseline host
+
+
+def with_live_seed(model: MorphogeneticModel, state, slot: int, blueprint: str, key):
+    """``state`` with a fresh ``blueprint`` seed germinated at ``slot`` and moved to TRAINING."""
+    lattice, applied = model.lattice.germinate(state.lattice, slot, model.lattice.blueprint_index(blueprint), 0, 0, key)
+    if not bool(applied):
+        raise RuntimeError(f"could not germinate {blueprint} at slot {slot}")
+    status = lattice.status.replace(stage=lattice.status.stage.at[slot].set(Stage.TRAINING))
+    return state.replace(lattice=lattice.replace(status=status))
+
+
+def bench_conv(args) -> dict:
+    host = CNNHost.baseline()
+    x, y = image_batch(args.batch)
+    xs, ys = image_batch(args.batch, 8)
+    timer = Timer(args.rounds, args.calls)
+    previous = os.environ.get("ESPER_CONV_IMPL")
+    try:
+        for impl in ops.CONV_IMPLS:
+            os.environ["ESPER_CONV_IMPL"] = impl  # read at trace time
+            init, step = make_host_train_step(host)
+            params, opt = init(jax.random.key(0))
+            single = jax.jit(step)
+            members = stack([init(jax.random.key(i)) for i in range(8)])
+            population = jax.jit(jax.vmap(step))
+            timer.add(f"{impl}: one member", lambda s=single, p=params, o=opt: s(p, o, x, y))
+            timer.add(f"{impl}: vmap 8 (per member)", lambda s=population, m=members: s(m[0], m[1], xs, ys))
+    finally:
+        if previous is None:
+            os.environ.pop("ESPER_CONV_IMPL", None)
+        else:
+            os.environ["ESPER_CONV_IMPL"] = previous
+    times = timer.run()
+    for impl in ops.CONV_IMPLS:
+        times[f"{impl}: vmap 8 (per member)"] /= 8
+    return {
+        "seconds": times,
+        "compile_seconds": timer.compile_seconds,
+        "im2col_over_lax_single": times["im2col: one member"] / times["lax: one member"],
+        "im2col_over_lax_vmap8": times["im2col: vmap 8 (per member)"] / times["lax: vmap 8 (per member)"],
+        "chosen": ops.DEFAULT_CONV_IMPL,
+    }
+
+
+def seed_alone_step(model: MorphogeneticModel, slot: int, blueprint: str, batch: int):
+    """The seed's own training step, without the host: its forward on a fixed activation of the
+    slot's shape, the backward from a fixed cotangent, and the seed optimizer's update."""
+    bp = get_blueprint("cnn", blueprint)
+    spec = model.lattice.slots.slots[slot]
+    shape = jax.eval_shape(lambda x: _activation_at(model, x, slot), jnp.zeros(model.host.input_shape(batch))).shape
+    h = jax.random.normal(jax.random.key(3), shape)
+    cotangent = jax.random.normal(jax.random.key(4), shape)
+    params = bp.init(jax.random.key(5), spec.dim)
+    optimizer = model.lattice.seed_optimizer
+    opt_state = optimizer.init(params)
+
+    def step(params, opt_state, h):
+        grads = jax.grad(lambda p: jnp.vdot(bp.apply(p, jax.lax.stop_gradient(h)), cotangent))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step), (params, opt_state, h)
+
+
+def _activation_at(model: MorphogeneticModel, x, slot: int):
+    """The host activation a slot reads (shape only is used)."""
+    params = model.host.init(jax.random.key(0))
+    target = model.lattice.slots.slot_ids[slot]
+    h = x
+    for index, point in enumerate(model.host.injection_points):
+        h = model.host.segment(params, index, h)
+        if point.slot_id == target:
+            return h
+    raise ValueError(f"slot {target} is not an injection point of the host")
+
+
+def bench_lattice(args) -> dict:
+    model = MorphogeneticModel.build(CNNHost.baseline(), blueprints=args.blueprints)
+    train = make_train_step(model)
+    x, y = image_batch(args.batch)
+    host_init, host_step = make_host_train_step(model.host)
+    params, opt = host_init(jax.random.key(0))
+    dormant = train.init(jax.random.key(0))
+    live = with_live_seed(model, dormant, LIVE_SLOT, LIVE_BLUEPRINT, jax.random.key(7))
+    seed_step, seed_args = seed_alone_step(model, LIVE_SLOT, LIVE_BLUEPRINT, args.batch)
+    host_step, step = jax.jit(host_step), jax.jit(train.step)
+    timer = Timer(args.rounds, args.calls)
+    timer.add("plain host", lambda: host_step(params, opt, x, y))
+    timer.add("all slots dormant", lambda: step(dormant, x, y))
+    timer.add(f"one live {LIVE_BLUEPRINT} seed", lambda: step(live, x, y))
+    timer.add(f"{LIVE_BLUEPRINT} seed alone", lambda: seed_step(*seed_args))
+    times = timer.run()
+    plain, seed_alone = times["plain host"], times[f"{LIVE_BLUEPRINT} seed alone"]
+    with_seed = times[f"one live {LIVE_BLUEPRINT} seed"]
+    return {
+        "blueprints": [b.name for b in model.lattice.blueprints],
+        "live_seed": {"blueprint": LIVE_BLUEPRINT, "slot": model.lattice.slots.slot_ids[LIVE_SLOT]},
+        "seconds": times,
+        "compile_seconds": timer.compile_seconds,
+        "dormant_overhead": times["all slots dormant"] / plain,
+        "live_seed_overhead": with_seed / (plain + seed_alone),
+        "live_seed_components": {"plain_host_s": plain, "seed_alone_s": seed_alone, "host_with_live_seed_s": with_seed,
+                                 "lattice_overhead_s": with_seed - plain - seed_alone,
+                                 "live_over_plain_host": with_seed / plain},
+    }
+
+
+def bench_population(args) -> dict:
+    """The training step alone (no env), 8 members: a loop of 8 jitted one-member steps vs one
+    population step with the members batched (``member_execution="vmap"``) or run in turn inside
+    the program (``"map"``), each with every slot dormant and with one live seed per member."""
+    base = MorphogeneticModel.build(CNNHost.baseline(), blueprints=args.blueprints)
+    n = 8
+    xs, ys = image_batch(args.batch, n)
+    xs_list, ys_list = list(xs), list(ys)
+    timer = Timer(args.rounds, max(1, args.calls // 2))
+    labels = ("dormant", "one live seed each")
+    for label in labels:
+        train = make_train_step(base)
+        members = [train.init(jax.random.key(i)) for i in range(n)]
+        if label != "dormant":
+            members = [with_live_seed(base, m, i % 3, LIVE_BLUEPRINT, jax.random.key(100 + i)) for i, m in enumerate(members)]
+        stacked = stack(members)
+        step = jax.jit(train.step)
+
+        def loop(members=members, step=step):
+            return [step(m, xi, yi) for m, xi, yi in zip(members, xs_list, ys_list)]
+
+        timer.add(f"{label}: loop of {n}", loop)
+        for execution in MEMBER_EXECUTION:
+            population_step = jax.jit(make_train_step(dataclasses.replace(base, member_execution=execution)).population_step)
+            timer.add(f"{label}: population ({execution})", lambda f=population_step, s=stacked: f(s, xs, ys))
+    times = timer.run()
+    results = {"default_member_execution": base.member_execution,
+               "seconds_per_member": {k: v / n for k, v in times.items()}, "compile_seconds": timer.compile_seconds}
+    for label in labels:
+        for execution in MEMBER_EXECUTION:
+            results[f"population_over_loop[{label}, {execution}]"] = (
+                times[f"{label}: population ({execution})"] / times[f"{label}: loop of {n}"])
+    return results
