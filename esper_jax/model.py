@@ -5,7 +5,10 @@ lattice states and inputs all lead with it); :meth:`MorphogeneticModel.apply` is
 code with ``P = 1``. Why: under ``vmap``, ``lax.cond``/``switch`` turn into ``select`` and
 every blueprint of every slot is computed for every member. With the population axis
 explicit, each blueprint's branch is a real ``lax.cond`` on *whether any member uses it*,
-decided once per population step (DESIGN.md §2), and a slot nobody uses costs nothing.
+decided once per population step (DESIGN.md §2), and a slot nobody uses costs nothing; while
+no member computes any slot the lattice is skipped altogether. On CPU the members are not
+batched at all (``member_execution="map"``, see :func:`default_member_execution`): each runs
+the one-member program in turn inside the same compiled step, where every branch is real.
 
 Per member and slot, by stage (``r`` is the blueprint residual, see :mod:`esper_jax.blending`):
 
@@ -133,33 +136,38 @@ class MorphogeneticModel:
 
             return jax.lax.map(one_member, (host_params, lattice_state, None if shared_input else x, disabled))
 
-        slot_ids = self.lattice.slots.slot_ids
-
-        def forward(host_params, lattice_state, x, with_slots: bool):
-            h = x
-            for index, point in enumerate(self.host.injection_points):
-                in_axes = (0, None) if (index == 0 and shared_input) else (0, 0)
-                h = over_members(lambda p, a, i=index: self.host.segment(p, i, a), host_params, h, in_axes=in_axes)
-                if with_slots and point.slot_id in slot_ids:
-                    s = slot_ids.index(point.slot_id)
-                    off = None if disabled is None else disabled[:, s]
-                    h = self.apply_slot(lattice_state, s, h, off)
-            return over_members(self.host.head, host_params, h)
-
-        if not (slot_ids and self.skip_dormant_lattice):
-            return forward(host_params, lattice_state, x, True)
+        if not (self.lattice.slots.slot_ids and self.skip_dormant_lattice):
+            return self.population_forward(host_params, lattice_state, x, disabled, shared_input)
         # Whole-population skip: while no member computes any slot, the lattice is not in the
         # program's path at all. Per-slot conds alone left the dormant step 1.22x the plain host
-        # (their operands, cotangent buffers and copies); with this outer cond it is 1.09x
-        # (baseline CNN, batch 128, XLA:CPU). The lattice branch is not rematerialized: that made
-        # a live seed's step 2.4x the host instead of 1.8x.
+        # (their operands, cotangent buffers and copies); with an outer cond it was 1.09x
+        # (baseline CNN, batch 128, XLA:CPU). make_train_step puts the same cond around the whole
+        # gradient instead, so that neither branch carries the other's residuals.
+        forward = lambda with_slots: lambda p, l, x: self.population_forward(p, l, x, disabled, shared_input, with_slots)
+        return jax.lax.cond(self.computes_any_slot(lattice_state, disabled), forward(True), forward(False),
+                            host_params, lattice_state, x)
+
+    def computes_any_slot(self, lattice_state: LatticeState, disabled: jax.Array | None = None) -> jax.Array:
+        """Whether any member computes any of its slots (a scalar): if not, the model is its host."""
         computed = lifecycle.in_stages(lattice_state.status.stage, lifecycle.COMPUTED_STAGES)
         if disabled is not None:
             computed &= ~disabled
-        return jax.lax.cond(jnp.any(computed),
-                            lambda p, l, x: forward(p, l, x, True),
-                            lambda p, l, x: forward(p, l, x, False),
-                            host_params, lattice_state, x)
+        return jnp.any(computed)
+
+    def population_forward(self, host_params, lattice_state: LatticeState, x: jax.Array, disabled: jax.Array | None = None,
+                           shared_input: bool = False, with_slots: bool = True):
+        """The forward with the members batched (``vmap``) and no skipping: the host with its
+        slots, or (``with_slots=False``) the host alone. Same arguments as :meth:`population_apply`."""
+        slot_ids = self.lattice.slots.slot_ids
+        h = x
+        for index, point in enumerate(self.host.injection_points):
+            in_axes = (0, None) if (index == 0 and shared_input) else (0, 0)
+            h = over_members(lambda p, a, i=index: self.host.segment(p, i, a), host_params, h, in_axes=in_axes)
+            if with_slots and point.slot_id in slot_ids:
+                s = slot_ids.index(point.slot_id)
+                off = None if disabled is None else disabled[:, s]
+                h = self.apply_slot(lattice_state, s, h, off)
+        return over_members(self.host.head, host_params, h)
 
     def apply_slot(self, state: LatticeState, s: int, h: jax.Array, disabled: jax.Array | None = None) -> jax.Array:
         """Slot ``s`` for a population; ``h`` is ``[P, B, ...]``."""

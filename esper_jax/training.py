@@ -15,7 +15,7 @@ from flax import struct
 
 from esper_jax.hosts.base import Host, host_forward
 from esper_jax.lattice import LatticeState
-from esper_jax.model import MorphogeneticModel
+from esper_jax.model import MorphogeneticModel, over_members
 
 
 def default_host_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
@@ -61,14 +61,25 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
 
     def batched_step(state: TrainState, x: jax.Array, y: jax.Array):
 
-        def total_loss(host_params, seed_params):
-            lattice_state = state.lattice.replace(params=seed_params)
-            losses = model.population_losses(host_params, lattice_state, x, y)
-            return losses.sum(), losses
+        def gradients(with_slots: bool):
+            def total_loss(host_params, seed_params):
+                lattice_state = state.lattice.replace(params=seed_params)
+                logits = model.population_forward(host_params, lattice_state, x, with_slots=with_slots)
+                losses = over_members(model.host.loss, logits, y)
+                return losses.sum(), losses
 
-        (_, losses), (host_grads, seed_grads) = jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
-            state.host_params, state.lattice.params
-        )
+            (_, losses), grads = jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
+                state.host_params, state.lattice.params)
+            return losses, grads
+
+        if model.skip_dormant_lattice and lattice.slots.slot_ids:
+            # The host alone while no member computes a slot (its seed gradients are zeros). The
+            # cond wraps forward and backward together: around the forward only, the backward
+            # would carry both branches' residuals, zero-filled for the branch not taken.
+            losses, (host_grads, seed_grads) = jax.lax.cond(
+                model.computes_any_slot(state.lattice), lambda: gradients(True), lambda: gradients(False))
+        else:
+            losses, (host_grads, seed_grads) = gradients(True)
         updates, host_opt_state = jax.vmap(host_optimizer.update)(host_grads, state.host_opt_state, state.host_params)
         host_params = jax.vmap(optax.apply_updates)(state.host_params, updates)
         seed_norms = jax.vmap(lattice.seed_grad_norms)(state.lattice, seed_grads)

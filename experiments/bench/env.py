@@ -65,12 +65,21 @@ def bench_env(args) -> dict:
     _, fresh = jax.jit(env.population_reset)(reset_keys, data)
     fresh_members = unstack(fresh, largest)
 
+    # Every program first: the single step and a population step per N.
     step_key = jax.random.key(1)
-    single_compiled, seconds = compile_timed(single, step_key, fresh_members[0], wait1, data)
-    results["compile_seconds"]["env.step N=1"] = seconds
-    results["memory_bytes"]["1"] = memory_of(single_compiled)
-    print(f"  compile env.step (N=1): lower {seconds['lower']:.1f} s + compile {seconds['compile']:.1f} s "
-          f"({seconds['cpu_total']:.1f} s CPU)", flush=True)
+    jobs = {"env.step N=1": (single, step_key, fresh_members[0], wait1, data)}
+    for n in sorted(args.env_sizes):
+        if n > 1:
+            jobs[f"env.population_step N={n}"] = (population, jnp.stack([jax.random.key(1000 + i) for i in range(n)]),
+                                                  stack(fresh_members[:n]), stacked(wait1, n), data)
+    compiled_programs = {}
+    for name, job in jobs.items():
+        compiled, seconds = compiled_programs[name] = compile_timed(*job)
+        results["compile_seconds"][name] = seconds
+        results["memory_bytes"][name.rsplit("=", 1)[1]] = memory_of(compiled)
+        print(f"  compile {name}: lower {seconds['lower']:.1f} s + compile {seconds['compile']:.1f} s "
+              f"({seconds['cpu_total']:.1f} s CPU)", flush=True)
+    single_compiled = compiled_programs["env.step N=1"][0]
 
     def live_member(state, i: int):
         """Germinate the live blueprint at slot i mod S, then advance it to TRAINING (single steps)."""
@@ -90,15 +99,10 @@ def bench_env(args) -> dict:
         key_list = [jax.random.key(1000 + i) for i in range(n)]
         keys = jnp.stack(key_list)
         wait = stacked(wait1, n)
-        entry = {"compile_seconds": None}
+        entry = {}
         if n > 1:
             states = {name: stack(ms[:n]) for name, ms in members.items()}
-            compiled, seconds = compile_timed(population, keys, states["dormant"], wait, data)
-            results["compile_seconds"][f"env.population_step N={n}"] = seconds
-            results["memory_bytes"][str(n)] = memory_of(compiled)
-            entry["compile_seconds"] = seconds
-            print(f"  compile env.population_step (N={n}): lower {seconds['lower']:.1f} s + compile "
-                  f"{seconds['compile']:.1f} s ({seconds['cpu_total']:.1f} s CPU)", flush=True)
+            compiled = compiled_programs[f"env.population_step N={n}"][0]
         for name in args.env_scenarios:
             loop_states = members[name][:n]
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -31,11 +32,23 @@ LIVE_SLOT = 1  # r1c0: 16 channels at 16x16, the middle of the baseline host
 
 def with_live_seed(model: MorphogeneticModel, state, slot: int, blueprint: str, key):
     """``state`` with a fresh ``blueprint`` seed germinated at ``slot`` and moved to TRAINING."""
-    lattice, applied = model.lattice.germinate(state.lattice, slot, model.lattice.blueprint_index(blueprint), 0, 0, key)
+    lattice, applied = _germinate_in_training(model)(state.lattice, slot, model.lattice.blueprint_index(blueprint), key)
     if not bool(applied):
         raise RuntimeError(f"could not germinate {blueprint} at slot {slot}")
-    status = lattice.status.replace(stage=lattice.status.stage.at[slot].set(Stage.TRAINING))
-    return state.replace(lattice=lattice.replace(status=status))
+    return state.replace(lattice=lattice)
+
+
+@functools.lru_cache(maxsize=None)
+def _germinate_in_training(model: MorphogeneticModel):
+    """One compiled germination per model (run op by op it compiled every primitive: seconds)."""
+
+    @jax.jit
+    def germinate(lattice_state, slot, blueprint, key):
+        lattice_state, applied = model.lattice.germinate(lattice_state, slot, blueprint, 0, 0, key)
+        stage = lattice_state.status.stage.at[slot].set(jnp.where(applied, Stage.TRAINING, lattice_state.status.stage[slot]))
+        return lattice_state.replace(status=lattice_state.status.replace(stage=stage)), applied
+
+    return germinate
 
 
 def bench_conv(args) -> dict:
@@ -79,9 +92,8 @@ def seed_alone_step(model: MorphogeneticModel, slot: int, blueprint: str, batch:
     shape = jax.eval_shape(lambda x: _activation_at(model, x, slot), jnp.zeros(model.host.input_shape(batch))).shape
     h = jax.random.normal(jax.random.key(3), shape)
     cotangent = jax.random.normal(jax.random.key(4), shape)
-    params = bp.init(jax.random.key(5), spec.dim)
     optimizer = model.lattice.seed_optimizer
-    opt_state = optimizer.init(params)
+    params, opt_state = jax.jit(lambda key: (lambda p: (p, optimizer.init(p)))(bp.init(key, spec.dim)))(jax.random.key(5))
 
     def step(params, opt_state, h):
         grads = jax.grad(lambda p: jnp.vdot(bp.apply(p, jax.lax.stop_gradient(h)), cotangent))(params)
@@ -108,8 +120,8 @@ def bench_lattice(args) -> dict:
     train = make_train_step(model)
     x, y = image_batch(args.batch)
     host_init, host_step = make_host_train_step(model.host)
-    params, opt = host_init(jax.random.key(0))
-    dormant = train.init(jax.random.key(0))
+    params, opt = jax.jit(host_init)(jax.random.key(0))
+    dormant = jax.jit(train.init)(jax.random.key(0))
     live = with_live_seed(model, dormant, LIVE_SLOT, LIVE_BLUEPRINT, jax.random.key(7))
     seed_step, seed_args = seed_alone_step(model, LIVE_SLOT, LIVE_BLUEPRINT, args.batch)
     host_step, step = jax.jit(host_step), jax.jit(train.step)
@@ -146,7 +158,8 @@ def bench_population(args) -> dict:
     labels = ("dormant", "one live seed each")
     for label in labels:
         train = make_train_step(base)
-        members = [train.init(jax.random.key(i)) for i in range(n)]
+        init = jax.jit(train.init)
+        members = [init(jax.random.key(i)) for i in range(n)]
         if label != "dormant":
             members = [with_live_seed(base, m, i % 3, LIVE_BLUEPRINT, jax.random.key(100 + i)) for i, m in enumerate(members)]
         stacked = stack(members)
