@@ -1,7 +1,8 @@
 """Benchmark sections on one training step of the baseline CNN host (batch 128).
 
 * ``conv``: the convolution formulation (:mod:`esper_jax.ops`), lax vs im2col, for one host
-  training step and for a vmapped population of 8 host steps.
+  training step, for a vmapped population of 8 host steps, and for the training steps of
+  three convolutional seeds alone (conv_light, conv_heavy, bottleneck).
 * ``lattice``: ``dormant_overhead`` (all 3 slots DORMANT ÷ the plain host with no lattice) and
   ``live_seed_overhead`` (one conv_light seed in TRAINING ÷ the plain host plus that seed's own
   training step, timed alone on the activation it reads).
@@ -51,8 +52,12 @@ def _germinate_in_training(model: MorphogeneticModel):
     return germinate
 
 
+SEED_CONV_CASES = (("conv_light", 1), ("conv_heavy", 2), ("bottleneck", 0))
+
+
 def bench_conv(args) -> dict:
     host = CNNHost.baseline()
+    seed_model = MorphogeneticModel.build(host, blueprints=tuple(b for b, _ in SEED_CONV_CASES))
     x, y = image_batch(args.batch)
     xs, ys = image_batch(args.batch, 8)
     timer = Timer(args.rounds, args.calls)
@@ -67,6 +72,11 @@ def bench_conv(args) -> dict:
             population = jax.jit(jax.vmap(step))
             timer.add(f"{impl}: one member", lambda s=single, p=params, o=opt: s(p, o, x, y))
             timer.add(f"{impl}: vmap 8 (per member)", lambda s=population, m=members: s(m[0], m[1], xs, ys))
+            # The blueprints' convs: on CPU each member runs them unbatched (member_execution "map").
+            for blueprint, slot in SEED_CONV_CASES:
+                seed_step, seed_args = seed_alone_step(seed_model, slot, blueprint, args.batch)
+                timer.add(f"{impl}: {blueprint} seed alone at {seed_model.lattice.slots.slot_ids[slot]}",
+                          lambda f=seed_step, a=seed_args: f(*a))
     finally:
         if previous is None:
             os.environ.pop("ESPER_CONV_IMPL", None)
@@ -75,9 +85,14 @@ def bench_conv(args) -> dict:
     times = timer.run()
     for impl in ops.CONV_IMPLS:
         times[f"{impl}: vmap 8 (per member)"] /= 8
+    seeds = {}
+    for blueprint, slot in SEED_CONV_CASES:
+        label = f"{blueprint} seed alone at {seed_model.lattice.slots.slot_ids[slot]}"
+        seeds[label] = times[f"im2col: {label}"] / times[f"lax: {label}"]
     return {
         "seconds": times,
         "compile_seconds": timer.compile_seconds,
+        "im2col_over_lax_seed_steps": seeds,
         "im2col_over_lax_single": times["im2col: one member"] / times["lax: one member"],
         "im2col_over_lax_vmap8": times["im2col: vmap 8 (per member)"] / times["lax: vmap 8 (per member)"],
         "chosen": ops.DEFAULT_CONV_IMPL,

@@ -16,11 +16,14 @@ import jax.numpy as jnp
 
 from esper_jax import ppo as ppo_lib
 from esper_jax import run as run_lib
+from esper_jax.data import SYNTHETIC
 from experiments.bench.timing import Timer, compile_timed
 
 
 def _built(preset: str, task: str):
-    settings = run_lib.resolve_settings({"task": task, "checkpoint_every": 1}, preset)
+    # Synthetic data for every preset (labelled in the results): throughput depends on shapes, not
+    # values, and a benchmark must not need the real dataset on disk.
+    settings = run_lib.resolve_settings({"task": task, "checkpoint_every": 1, "data": SYNTHETIC}, preset)
     return run_lib.build(run_lib.resolve_config(settings))
 
 
