@@ -59,9 +59,9 @@ def default_member_execution() -> str:
 
 def over_members(fn, *args, in_axes=0):
     """``jax.vmap(fn, in_axes)(*args)``, except that a population of one calls ``fn`` on the
-    member itself. Why: XLA:CPU runs the im2col matmuls of a vmapped host with a member axis
-    of size 1 about 2x slower than the same host unbatched (baseline CNN forward, batch 128:
-    17.2 vs 9.1 ms), and every single-environment step is a population of one."""
+    member itself. Why: XLA:CPU ran a vmapped host with a member axis of size 1 about 2x slower
+    than the same host unbatched (im2col convolutions, baseline CNN forward, batch 128: 17.2 vs
+    9.1 ms), and every single-environment step is a population of one."""
     axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     sizes = {jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, axes) if ax is not None and jax.tree.leaves(a)}
     if sizes != {1}:

@@ -1,14 +1,24 @@
 """Numeric building blocks shared by hosts and blueprints, and the one place the
 convolution formulation is chosen.
 
-Why a choice at all: ``vmap`` over parameter sets turns ``lax.conv`` into a grouped
-convolution, which XLA:CPU runs about 3× slower per member than a loop (DESIGN.md §2).
-An im2col convolution (shifted slices concatenated on channels, then one matmul) batches
-into a plain batched matmul instead. ``python -m experiments.bench --only conv`` measures both;
-:data:`DEFAULT_CONV_IMPL` holds the winner and ``ESPER_CONV_IMPL`` overrides it. On CPU the
-members of a population now run unbatched (``model.default_member_execution``), and im2col
-still wins there: one baseline-CNN env's training step with a live conv_light seed, batch 64,
-took 22.7 ms with im2col and 144 ms with ``lax.conv`` (``--only reference``, 2-core CPU).
+Three formulations of a stride-1 'same' convolution, measured by
+``python -m experiments.bench --only conv`` (numbers in ``benchmarks/results/``):
+
+* ``lax``: ``lax.conv`` with autodiff's gradients. XLA:CPU rewrites the kernel-gradient
+  convolution into its fast layout only in the entry computation; inside a ``lax.cond`` branch
+  (the lattice's dispatch, the dormant-lattice skip) it runs as a naive loop, 10-40x slower.
+* ``lax_vjp``: ``lax.conv`` forward with a hand-written VJP whose two gradient convolutions
+  are already in that layout, so they are fast wherever they sit. Under ``vmap`` over kernels
+  every one of them becomes a grouped convolution, which XLA:CPU runs about 3x slower per
+  member than a loop (DESIGN.md section 2).
+* ``im2col``: shifted slices concatenated on channels, then one matmul; batches under ``vmap``
+  into a plain batched matmul.
+
+:func:`default_conv_impl` picks by backend, to match how population members run there
+(``model.default_member_execution``): on CPU members run unbatched and ``lax_vjp`` wins (one
+baseline-CNN env's training step with a live conv_light seed, batch 64: 17.0 ms per member vs
+23.3 ms with im2col and 139 ms with ``lax``); elsewhere members are vmapped and im2col is kept.
+``ESPER_CONV_IMPL`` overrides the choice (read at trace time).
 """
 
 from __future__ import annotations
@@ -19,13 +29,16 @@ import os
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("im2col", "lax")
-# Chosen by python -m experiments.bench (conv and reference sections); numbers in benchmarks/results/.
-DEFAULT_CONV_IMPL = "im2col"
+CONV_IMPLS = ("im2col", "lax", "lax_vjp")
+
+
+def default_conv_impl() -> str:
+    """The measured choice (module docstring): unbatched members on CPU, vmapped elsewhere."""
+    return "lax_vjp" if jax.default_backend() == "cpu" else "im2col"
 
 
 def conv_impl() -> str:
-    impl = os.environ.get("ESPER_CONV_IMPL", DEFAULT_CONV_IMPL)
+    impl = os.environ.get("ESPER_CONV_IMPL") or default_conv_impl()
     if impl not in CONV_IMPLS:
         raise ValueError(f"ESPER_CONV_IMPL={impl!r} is not one of {CONV_IMPLS}")
     return impl
@@ -48,10 +61,41 @@ def _conv_lax(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@jax.custom_vjp
+def _conv_lax_vjp(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _conv_lax(x, w)
+
+
+def _conv_lax_vjp_forward(x, w):
+    return _conv_lax(x, w), (x, w)
+
+
+def _conv_lax_vjp_backward(residuals, g):
+    # Both gradients as convolutions already in the NHWC/HWIO form XLA:CPU runs fast. Autodiff's
+    # kernel gradient (dimension labels f01b_i01o->01bf) is rewritten into that form only in the
+    # entry computation: inside a lax.cond branch it falls to a naive loop, 10-40x slower.
+    x, w = residuals
+    kh, kw, _, _ = w.shape
+    dx = _conv_lax(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    # dw[i, j, c, o] = sum_{b,h,v} x_pad[b, h+i, v+j, c] g[b, h, v, o]: a convolution whose batch
+    # is the input channels, whose features are the images and whose window is the whole map.
+    dw = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dx, dw.transpose(1, 2, 0, 3)
+
+
+_conv_lax_vjp.defvjp(_conv_lax_vjp_forward, _conv_lax_vjp_backward)
+
+_CONVS = {"im2col": _conv_im2col, "lax": _conv_lax, "lax_vjp": _conv_lax_vjp}
+
+
 def conv2d(x: jax.Array, w: jax.Array, impl: str | None = None) -> jax.Array:
     """Stride-1 'same' convolution, NHWC input, HWIO kernel (odd kernel sizes)."""
-    impl = impl or conv_impl()
-    return _conv_im2col(x, w) if impl == "im2col" else _conv_lax(x, w)
+    kh, kw, cin, cout = w.shape
+    if kh == 1 and kw == 1:
+        return x @ w.reshape(cin, cout)
+    return _CONVS[impl or conv_impl()](x, w)
 
 
 def depthwise_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:

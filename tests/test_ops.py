@@ -27,36 +27,67 @@ max_pool_2x2 = jax.jit(ops.max_pool_2x2)
 
 
 @jax.jit
-def both_convs(x, w):
-    return ops.conv2d(x, w, impl="im2col"), ops.conv2d(x, w, impl="lax")
+def every_conv(x, w):
+    return {impl: ops.conv2d(x, w, impl=impl) for impl in ops.CONV_IMPLS}
 
 
-@pytest.mark.parametrize(
-    "kernel, cin, cout, height, width",
-    [(1, 16, 4, 4, 4), (3, 1, 1, 5, 7), (3, 8, 16, 4, 4), (5, 4, 6, 7, 5)],
-)
-def test_im2col_conv_equals_lax_conv(kernel, cin, cout, height, width):
+def conv_loss(impl, w, x):
+    return jnp.sum(jnp.tanh(ops.conv2d(x, w, impl=impl)) * jnp.cos(x[..., :1]))
+
+
+@jax.jit
+def every_conv_gradient(x, w, inside_cond):
+    """Gradients with respect to kernel and input, taken inside a lax.cond branch: where the
+    lattice's convolutions run, and where XLA:CPU compiles gradient convolutions differently."""
+    def gradients(impl):
+        grad = jax.grad(conv_loss, argnums=(1, 2))
+        return jax.lax.cond(inside_cond, lambda: grad(impl, w, x),
+                            lambda: (jnp.zeros_like(w), jnp.zeros_like(x)))
+    return {impl: gradients(impl) for impl in ops.CONV_IMPLS}
+
+
+CONV_CASES = [(1, 16, 4, 4, 4), (3, 1, 1, 5, 7), (3, 8, 16, 4, 4), (5, 4, 6, 7, 5)]
+
+
+@pytest.mark.parametrize("kernel, cin, cout, height, width", CONV_CASES)
+def test_every_conv_formulation_equals_lax_conv(kernel, cin, cout, height, width):
     x = normal(kernel * 100 + cin, (2, height, width, cin))
     w = normal(cout, (kernel, kernel, cin, cout), scale=0.3)
-    im2col, reference = both_convs(x, w)
-    assert im2col.shape == reference.shape == (2, height, width, cout)
-    np.testing.assert_allclose(np.asarray(im2col), np.asarray(reference), rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(reference)).max() > 0.1
+    outputs = every_conv(x, w)
+    reference = np.asarray(outputs["lax"])
+    assert reference.shape == (2, height, width, cout) and np.abs(reference).max() > 0.1
+    for impl, out in outputs.items():
+        np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5, err_msg=impl)
 
 
-def test_im2col_conv_equals_lax_conv_under_vmap_over_kernels():
-    """The population path: one kernel per member."""
+@pytest.mark.parametrize("kernel, cin, cout, height, width", CONV_CASES)
+def test_every_conv_formulation_has_lax_convs_gradients(kernel, cin, cout, height, width):
+    x = normal(kernel * 10 + cout, (3, height, width, cin))
+    w = normal(cin, (kernel, kernel, cin, cout), scale=0.3)
+    gradients = every_conv_gradient(x, w, jnp.asarray(True))
+    reference_w, reference_x = (np.asarray(g) for g in gradients["lax"])
+    assert np.abs(reference_w).max() > 1e-2 and np.abs(reference_x).max() > 1e-2
+    for impl, (grad_w, grad_x) in gradients.items():
+        np.testing.assert_allclose(np.asarray(grad_w), reference_w, rtol=1e-4, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(grad_x), reference_x, rtol=1e-4, atol=1e-5, err_msg=impl)
+
+
+def test_every_conv_formulation_under_vmap_over_kernels():
+    """The vmapped population path: one kernel per member, values and gradients."""
     x = normal(1, (3, 2, 6, 6, 4))
     w = normal(2, (3, 3, 3, 4, 8), scale=0.3)
-    im2col, reference = jax.jit(jax.vmap(both_convs))(x, w)
-    np.testing.assert_allclose(np.asarray(im2col), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    outputs = jax.jit(jax.vmap(every_conv))(x, w)
+    grads = jax.jit(jax.vmap(lambda x, w: {impl: jax.grad(conv_loss, argnums=1)(impl, w, x) for impl in ops.CONV_IMPLS}))(x, w)
+    for impl in ops.CONV_IMPLS:
+        np.testing.assert_allclose(np.asarray(outputs[impl]), np.asarray(outputs["lax"]), rtol=1e-5, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(grads[impl]), np.asarray(grads["lax"]), rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
 def test_conv_impl_default_and_override(monkeypatch):
     monkeypatch.delenv("ESPER_CONV_IMPL", raising=False)
-    assert ops.conv_impl() == ops.DEFAULT_CONV_IMPL == "im2col"
-    monkeypatch.setenv("ESPER_CONV_IMPL", "lax")
-    assert ops.conv_impl() == "lax"
+    assert ops.conv_impl() == ops.default_conv_impl() == ("lax_vjp" if jax.default_backend() == "cpu" else "im2col")
+    monkeypatch.setenv("ESPER_CONV_IMPL", "im2col")
+    assert ops.conv_impl() == "im2col"
     monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
     with pytest.raises(ValueError, match="ESPER_CONV_IMPL"):
         ops.conv_impl()

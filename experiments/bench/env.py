@@ -109,9 +109,10 @@ def bench_env(args) -> dict:
             def loop(states=loop_states, keys=key_list):
                 return [single_compiled(k, s, wait1, data) for k, s in zip(keys, states)]
 
-            timer.add(f"N={n} {name}: loop", loop)
+            timer.add(f"N={n} {name}: loop", loop, compiled=True)
             if n > 1:
-                timer.add(f"N={n} {name}: population", lambda c=compiled, s=states[name], k=keys, w=wait: c(k, s, w, data))
+                timer.add(f"N={n} {name}: population", lambda c=compiled, s=states[name], k=keys, w=wait: c(k, s, w, data),
+                          compiled=True)
         results["sizes"][str(n)] = entry
     print(f"  timing {len(timer.candidates)} candidates in {args.env_rounds} interleaved rounds", flush=True)
     times = timer.run()

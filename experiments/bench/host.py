@@ -1,6 +1,6 @@
 """Benchmark sections on one training step of the baseline CNN host (batch 128).
 
-* ``conv``: the convolution formulation (:mod:`esper_jax.ops`), lax vs im2col, for one host
+* ``conv``: the convolution formulations (:mod:`esper_jax.ops`: im2col, lax, lax_vjp), for one host
   training step, for a vmapped population of 8 host steps, and for the training steps of
   three convolutional seeds alone (conv_light, conv_heavy, bottleneck).
 * ``lattice``: ``dormant_overhead`` (all 3 slots DORMANT ÷ the plain host with no lattice) and
@@ -71,6 +71,11 @@ def bench_conv(args) -> dict:
             members = stack([init(jax.random.key(i)) for i in range(8)])
             population = jax.jit(jax.vmap(step))
             timer.add(f"{impl}: one member", lambda s=single, p=params, o=opt: s(p, o, x, y))
+            # Where the lattice runs its convolutions: inside a lax.cond branch (traced predicate).
+            in_cond = jax.jit(lambda p, o, x, y, run, step=step: jax.lax.cond(
+                run, lambda: step(p, o, x, y), lambda: (p, o, jnp.zeros(()))))
+            timer.add(f"{impl}: one member inside lax.cond",
+                      lambda s=in_cond, p=params, o=opt: s(p, o, x, y, jnp.asarray(True)))
             timer.add(f"{impl}: vmap 8 (per member)", lambda s=population, m=members: s(m[0], m[1], xs, ys))
             # The blueprints' convs: on CPU each member runs them unbatched (member_execution "map").
             for blueprint, slot in SEED_CONV_CASES:
@@ -85,17 +90,16 @@ def bench_conv(args) -> dict:
     times = timer.run()
     for impl in ops.CONV_IMPLS:
         times[f"{impl}: vmap 8 (per member)"] /= 8
-    seeds = {}
-    for blueprint, slot in SEED_CONV_CASES:
-        label = f"{blueprint} seed alone at {seed_model.lattice.slots.slot_ids[slot]}"
-        seeds[label] = times[f"im2col: {label}"] / times[f"lax: {label}"]
+    cases = ["one member", "one member inside lax.cond", "vmap 8 (per member)"] + [
+        f"{blueprint} seed alone at {seed_model.lattice.slots.slot_ids[slot]}" for blueprint, slot in SEED_CONV_CASES]
+    chosen = ops.default_conv_impl()
     return {
         "seconds": times,
         "compile_seconds": timer.compile_seconds,
-        "im2col_over_lax_seed_steps": seeds,
-        "im2col_over_lax_single": times["im2col: one member"] / times["lax: one member"],
-        "im2col_over_lax_vmap8": times["im2col: vmap 8 (per member)"] / times["lax: vmap 8 (per member)"],
-        "chosen": ops.DEFAULT_CONV_IMPL,
+        "chosen": chosen,
+        # Each formulation's time ÷ the chosen one's, per case (> 1: slower than the choice).
+        "over_chosen": {f"{impl}: {case}": times[f"{impl}: {case}"] / times[f"{chosen}: {case}"]
+                        for case in cases for impl in ops.CONV_IMPLS if impl != chosen},
     }
 
 
