@@ -6,21 +6,21 @@ Three formulations of a stride-1 'same' convolution, measured by
 
 * ``lax``: ``lax.conv`` with autodiff's gradients. XLA:CPU rewrites the kernel-gradient
   convolution into its fast layout only in the entry computation; inside a ``lax.cond`` branch
-  (the lattice's dispatch, the dormant-lattice skip) it runs as a naive loop, 10-40x slower.
-* ``lax_vjp``: ``lax.conv`` forward with a hand-written VJP whose two gradient convolutions
-  are already in that layout, so they are fast wherever they sit. Under ``vmap`` over kernels
-  every one of them becomes a grouped convolution, which XLA:CPU runs about 3x slower per
-  member than a loop (DESIGN.md section 2).
+  (the lattice's dispatch, the dormant-lattice skip) it runs as a naive loop, 6-40x slower.
+  Under ``vmap`` over kernels it becomes grouped convolutions, about 3x slower per member
+  than a loop on XLA:CPU (DESIGN.md section 2).
 * ``im2col``: shifted slices concatenated on channels, then one matmul; batches under ``vmap``
   into a plain batched matmul.
+* ``lax_vjp``: ``lax.conv`` forward with a hand-written VJP whose two gradient convolutions
+  are already in XLA:CPU's fast layout, so they are fast wherever they sit; under ``vmap``
+  (``jax.custom_batching.custom_vmap``) the forward and both gradients run as im2col instead.
 
-:func:`default_conv_impl` picks by backend, to match how population members run there
-(``model.default_member_execution``): on CPU members run unbatched and ``lax_vjp`` wins (one
-baseline-CNN env's training step with a live conv_light seed, batch 64: 17.0 ms per member vs
-23.3 ms with im2col and 139 ms with ``lax``); elsewhere members are vmapped and im2col is kept.
-``ESPER_CONV_IMPL`` overrides the choice (read at trace time).
+:func:`default_conv_impl`: ``lax_vjp`` on CPU, where population members run unbatched
+(``model.default_member_execution``): one baseline-CNN env's training step with a live
+conv_light seed, batch 64, 8 members mapped: 17.0 ms per member vs 23.3 ms with im2col and
+139 ms with ``lax``. Elsewhere im2col, as measured before lax_vjp existed (no accelerator has
+been measured since). ``ESPER_CONV_IMPL`` overrides the choice (read at trace time).
 """
-
 from __future__ import annotations
 
 import math
@@ -61,13 +61,51 @@ def _conv_lax(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@jax.custom_vjp
-def _conv_lax_vjp(x: jax.Array, w: jax.Array) -> jax.Array:
+def _batched_as_im2col(im2col_form):
+    """Decorator: the function as written, except under ``vmap``, where every argument is
+    batched and ``im2col_form`` runs instead. Why: vmapped over kernels, each lax convolution
+    would become a grouped convolution, about 3x slower per member on XLA:CPU than im2col's
+    batched matmuls (``python -m experiments.bench --only population``)."""
+    def decorate(lax_form):
+        function = jax.custom_batching.custom_vmap(lax_form)
+
+        @function.def_vmap
+        def rule(axis_size, in_batched, *args):
+            args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, batched in zip(args, in_batched)]
+            return jax.vmap(im2col_form)(*args), True
+
+        return function
+    return decorate
+
+
+@_batched_as_im2col(_conv_im2col)
+def _forward_lax(x, w):
     return _conv_lax(x, w)
 
 
+@_batched_as_im2col(lambda x, w, g: jax.vjp(lambda x: _conv_im2col(x, w), x)[1](g)[0])
+def _input_gradient_lax(x, w, g):
+    return _conv_lax(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+
+
+@_batched_as_im2col(lambda x, w, g: jax.vjp(lambda w: _conv_im2col(x, w), w)[1](g)[0])
+def _kernel_gradient_lax(x, w, g):
+    # dw[i, j, c, o] = sum_{b,h,v} x_pad[b, h+i, v+j, c] g[b, h, v, o]: a convolution whose batch
+    # is the input channels, whose features are the images and whose window is the whole map.
+    kh, kw = w.shape[0], w.shape[1]
+    dw = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dw.transpose(1, 2, 0, 3)
+
+
+@jax.custom_vjp
+def _conv_lax_vjp(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _forward_lax(x, w)
+
+
 def _conv_lax_vjp_forward(x, w):
-    return _conv_lax(x, w), (x, w)
+    return _forward_lax(x, w), (x, w)
 
 
 def _conv_lax_vjp_backward(residuals, g):
@@ -75,14 +113,7 @@ def _conv_lax_vjp_backward(residuals, g):
     # kernel gradient (dimension labels f01b_i01o->01bf) is rewritten into that form only in the
     # entry computation: inside a lax.cond branch it falls to a naive loop, 10-40x slower.
     x, w = residuals
-    kh, kw, _, _ = w.shape
-    dx = _conv_lax(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-    # dw[i, j, c, o] = sum_{b,h,v} x_pad[b, h+i, v+j, c] g[b, h, v, o]: a convolution whose batch
-    # is the input channels, whose features are the images and whose window is the whole map.
-    dw = jax.lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return dx, dw.transpose(1, 2, 0, 3)
+    return _input_gradient_lax(x, w, g), _kernel_gradient_lax(x, w, g)
 
 
 _conv_lax_vjp.defvjp(_conv_lax_vjp_forward, _conv_lax_vjp_backward)

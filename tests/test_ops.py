@@ -83,6 +83,23 @@ def test_every_conv_formulation_under_vmap_over_kernels():
         np.testing.assert_allclose(np.asarray(grads[impl]), np.asarray(grads["lax"]), rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
+def test_lax_vjp_batches_as_im2col_under_vmap():
+    """Vmapped over kernels, lax_vjp's convolutions (forward and both gradients) run as im2col
+    matmuls rather than grouped convolutions; unbatched, they stay lax convolutions."""
+    x, w = normal(3, (2, 2, 6, 6, 4)), normal(4, (2, 3, 3, 4, 8), scale=0.3)
+    value_and_grad = jax.value_and_grad(lambda w, x: conv_loss("lax_vjp", w, x), argnums=(0, 1))
+    assert "convolution" not in jax.jit(jax.vmap(value_and_grad)).lower(w, x).as_text()
+    assert "convolution" in jax.jit(value_and_grad).lower(w[0], x[0]).as_text()
+    # Unbatched arguments are broadcast: images shared by every kernel, and nested vmaps.
+    shared = jax.jit(jax.vmap(value_and_grad, in_axes=(0, None)))(w, x[0])
+    for member in range(2):
+        expected = value_and_grad(w[member], x[0])
+        for got, want in zip(jax.tree.leaves(shared), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(np.asarray(got[member]), np.asarray(want), rtol=1e-4, atol=1e-5)
+    nested = jax.jit(jax.vmap(jax.vmap(value_and_grad)))(w[None], x[None])
+    assert nested[1][0].shape == (1,) + w.shape
+
+
 def test_conv_impl_default_and_override(monkeypatch):
     monkeypatch.delenv("ESPER_CONV_IMPL", raising=False)
     assert ops.conv_impl() == ops.default_conv_impl() == ("lax_vjp" if jax.default_backend() == "cpu" else "im2col")
