@@ -171,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "in interleaved rounds.",
         epilog="Full run on this CPU: python -m experiments.bench --json benchmarks/results/bench_cpu.json")
     parser.add_argument("--quick", action="store_true",
-                        help=f"the headline figures in under 90 s on a 2-core CPU: sections {', '.join(QUICK_SECTIONS)}; "
+                        help=f"the headline figures (about 2 minutes on a 2-core CPU, some 60 s of it XLA compiling; "
+                             f"the target is 90 s): sections {', '.join(QUICK_SECTIONS)}; "
                              f"blueprints {', '.join(QUICK_BLUEPRINTS)} only (fewer branches to compile), N = 1 and 8, "
                              "the smoke PPO preset, fewer rounds")
     parser.add_argument("--json", default="benchmarks/results/bench.json", help="where to write the JSON results")
