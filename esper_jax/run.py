@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esper_jax import ops
 from esper_jax import ppo as ppo_lib
 from esper_jax.blueprints.registry import blueprint_names
 from esper_jax.checkpoint import Checkpointer, CheckpointError, has_checkpoint, incomplete_checkpoints
@@ -230,6 +231,10 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
     mistake costs no data loading and no compilation. Language-model hosts get their vocabulary
     from the dataset later (:func:`build`)."""
     s = dict(settings)
+    try:
+        ops.conv_impl()  # ESPER_CONV_IMPL, read when programs are traced: check it before any is
+    except ValueError as error:
+        raise RunConfigError(str(error)) from None
     if s["task"] is None:
         raise RunConfigError(f"--task is required; valid tasks are: {', '.join(TASK_NAMES)}")
     for name in POSITIVE_SETTINGS:

@@ -26,6 +26,13 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_unknown_conv_formulation_exits_2_before_any_section(monkeypatch, capsys):
+    monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
+    assert cli.main(["--only", "lattice", "--json", "/nonexistent/never-written.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ESPER_CONV_IMPL='winograd' is not one of" in err and len(err.splitlines()) == 1
+
+
 def test_quick_defaults_are_the_small_configuration():
     args = cli.resolve(cli.parse_args(["--quick"]))
     assert args.sections == list(cli.QUICK_SECTIONS)

@@ -102,6 +102,13 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_unknown_conv_formulation_is_a_config_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
+    line = error_line(capsys, ["--task=cifar10", "--data=synthetic", f"--run-dir={tmp_path / 'r'}"])
+    assert "ESPER_CONV_IMPL='winograd' is not one of ('im2col', 'lax', 'lax_vjp')" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_run_directories(capsys, tmp_path):
     assert "no run there" in error_line(capsys, [f"--resume={tmp_path}"])
     # a run whose first checkpoint never completed (only Orbax's temporary directory)

@@ -212,6 +212,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if unknown or not sections:
         raise UsageError(f"unknown section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}")
     args.sections = sections
+    try:
+        ops.conv_impl()  # ESPER_CONV_IMPL, read when programs are traced: check it before any is
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     for name in ("batch", "env_steps_per_epoch", "env_batch", "env_val_size", "reference_envs", "reference_batches",
                  "reference_batch"):
         if getattr(args, name) <= 0:
