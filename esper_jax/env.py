@@ -39,6 +39,8 @@ from esper_jax.lifecycle import GateConfig, Stage
 from esper_jax.model import MorphogeneticModel
 from esper_jax.rewards import RewardConfig, RewardSignals, compute_reward
 from esper_jax.tasks import TaskConfig
+from esper_jax.lattice import seed_optimizer
+from esper_jax.optim import LRSchedule, sgd_optimizer
 from esper_jax.training import TrainState, default_host_optimizer, make_train_step
 
 
@@ -108,14 +110,21 @@ class EnvConfig:
 
 
 def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
-                    seed_dispatch: str | None = None, member_execution: str | None = None, **kwargs) -> EnvConfig:
+                    seed_dispatch: str | None = None, member_execution: str | None = None, host_lr: float = 0.01,
+                    host_lr_schedule: LRSchedule = "constant", seed_lr: float = 0.01, **kwargs) -> EnvConfig:
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
     ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
+    ``host_lr``/``host_lr_schedule``: the host's SGD rate, constant or cosine-decayed to 0 over the
+    episode; ``seed_lr``: every seed's SGD rate (Esper: 0.01 for both, constant);
     ``member_execution``: how a population of environments runs, "vmap" or "map" (default:
     :func:`esper_jax.model.default_member_execution`); ``seed_dispatch``: under "vmap", how a
     population computes its seeds (default: :func:`esper_jax.model.default_seed_dispatch`)."""
     model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
-                                     seed_dispatch=seed_dispatch, member_execution=member_execution)
+                                     seed_optimizer=seed_optimizer(seed_lr), seed_dispatch=seed_dispatch,
+                                     member_execution=member_execution)
+    episode_steps = (kwargs.get("episode_epochs", EnvConfig.episode_epochs)
+                     * kwargs.get("steps_per_epoch", EnvConfig.steps_per_epoch))
+    kwargs.setdefault("host_optimizer", sgd_optimizer(host_lr, host_lr_schedule, episode_steps))
     reward = kwargs.pop("reward", None) or RewardConfig()
     reward = dataclasses.replace(reward, baseline_loss=task.baseline_loss, target_loss=task.target_loss,
                                  typical_loss_delta_std=task.typical_loss_delta_std)
@@ -166,10 +175,10 @@ class MorphogeneticEnv:
 
     @property
     def observation_size(self) -> int:
-        return observations.observation_size(self.lattice, self.config.task.has_accuracy)
+        return observations.observation_size(self.lattice)
 
     def feature_names(self) -> list[str]:
-        return observations.feature_names(self.lattice, self.config.task.has_accuracy)
+        return observations.feature_names(self.lattice)
 
     # ------------------------------------------------------------------ data
 
@@ -179,8 +188,8 @@ class MorphogeneticEnv:
             k_idx, k_aug = jax.random.split(key)
             idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, data.train_x.shape[0])
             images = data.train_x[idx]
-            if cfg.augment:
-                images = random_crop_flip(k_aug, images)
+            if cfg.augment:  # CIFAR's 4-pixel shifts at 32x32, scaled with the resolution
+                images = random_crop_flip(k_aug, images, pad=max(1, images.shape[1] // 8))
             return normalize_images(images, *cifar_channel_stats(cfg.task.name)), data.train_y[idx]
         block = cfg.task.block_size
         starts = jax.random.randint(key, (cfg.batch_size,), 0, data.train_x.shape[0] - block - 1)
@@ -351,6 +360,5 @@ class MorphogeneticEnv:
             self.lattice, state.train.lattice.status, epoch=state.epoch, episode_epochs=cfg.episode_epochs,
             train_loss=state.train_loss, val_loss=state.val_loss, prev_val_loss=state.prev_val_loss,
             best_val_loss=state.best_val_loss, initial_val_loss=state.initial_val_loss,
-            loss_history=state.loss_history, val_accuracy=state.val_accuracy, last_op=state.last_op,
-            has_accuracy=cfg.task.has_accuracy,
+            loss_history=state.loss_history, last_op=state.last_op,
         )

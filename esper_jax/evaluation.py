@@ -26,11 +26,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import struct
 
 from esper_jax.actions import FactoredAction, Op
@@ -119,11 +120,13 @@ class Evaluator:
     """Runs any of its controllers over ``num_envs`` held-out envs with one compiled episode.
 
     ``controllers``: rule-based controller names (:data:`esper_jax.controllers.CONTROLLERS`);
-    ``policy``: an optional :func:`policy_driver`, evaluated under the name ``"policy"``.
+    ``policy``: an optional :func:`policy_driver`, evaluated under the name ``"policy"``;
+    ``scripted``: more ``(key, EnvState) -> FactoredAction`` controllers by name (e.g. the fixed
+    growth schedules of :func:`esper_jax.controllers.make_scripted_controller`).
     """
 
     def __init__(self, env: MorphogeneticEnv, num_envs: int, controllers: Sequence[str] = CONTROLLERS,
-                 policy: Driver | None = None):
+                 policy: Driver | None = None, scripted: Mapping[str, Callable] | None = None):
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
         self.env = env
@@ -131,6 +134,10 @@ class Evaluator:
         drivers = {POLICY: policy} if policy is not None else {}
         for name in controllers:
             drivers[name] = controller_driver(make_controller(name, env))
+        for name, controller in (scripted or {}).items():
+            if name in drivers:
+                raise ValueError(f"controller name {name!r} is used twice")
+            drivers[name] = controller_driver(controller)
         if not drivers:
             raise ValueError("nothing to evaluate: give a policy or at least one controller")
         self.names = tuple(drivers)
@@ -268,54 +275,127 @@ def markdown_table(payload: dict[str, Any]) -> str:
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
     lines += [
         "",
-        f"| controller | final val loss | vs static (better in) | val accuracy | params added | return | germinated "
-        "| fossilized | pruned |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| controller | final val loss | vs static, mean [95% CI] (better in) | vs heuristic, mean [95% CI] (better in) "
+        "| val accuracy | params added | return | germinated | fossilized | pruned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     envs = held["num_envs"]
+
+    def versus(r, base):
+        ci = r.get(f"final_val_loss_minus_{base}_ci")
+        if not ci or ci["mean"] is None:
+            return "-"
+        interval = "" if ci["half_width"] is None else f" [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        return f"{ci['mean']:+.4f}{interval} ({ci['better']}/{envs})"
+
     for name, r in payload["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
-        delta = r.get("final_val_loss_minus_static")
-        vs_static = "-" if delta is None else f"{delta:+.4f} ({r['envs_better_than_static']}/{envs})"
         lines.append(
-            f"| {name} | {loss} | {vs_static} | {_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
+            f"| {name} | {loss} | {versus(r, 'static')} | {versus(r, 'heuristic')} | "
+            f"{_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
             f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
         )
-    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static: mean over "
-              "envs of the final loss minus static's on the same env (negative = better), and in how many envs it was "
-              "lower; params added: mean per env of parameters in computed seeds; seed counts: totals over all envs, "
-              "per blueprint."]
+    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static / vs "
+              "heuristic: mean over envs of the final loss minus that baseline's on the same env (negative = better), "
+              "its 95% Student-t confidence interval, and in how many envs it was lower; params added: mean per env of "
+              "parameters in computed seeds; seed counts: totals over all envs, per blueprint."]
+    align = payload.get("return_alignment")
+    if align:
+        lines += ["", f"Return vs goal over all {align['episodes']} episodes: Pearson correlation of the episode return "
+                  f"with the final val loss net of parameter rent {_fmt(align['pearson_return_vs_final_loss_net_of_rent'], '+.3f')} "
+                  f"(within env {_fmt(align['pearson_return_vs_final_loss_net_of_rent_within_env'], '+.3f')}; "
+                  "strongly negative = a higher return means a better network)."]
     return "\n".join(lines) + "\n"
+
+
+def write_json_and_markdown(json_path: str | os.PathLike, payload: dict[str, Any], markdown: str) -> None:
+    """``payload`` as JSON at ``json_path`` (atomically: a reader never sees half a file) and
+    ``markdown`` beside it, with the suffix ``.md``."""
+    json_path = os.fspath(json_path)
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, json_path)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
+        f.write(markdown)
 
 
 def write_evaluation(run_dir: str, payload: dict[str, Any]) -> tuple[str, str]:
     """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``; returns their paths."""
     json_path = os.path.join(run_dir, "evaluation.json")
-    md_path = os.path.join(run_dir, "evaluation.md")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, json_path)  # a reader never sees half a file
-    with open(md_path, "w") as f:
-        f.write(markdown_table(payload))
-    return json_path, md_path
+    write_json_and_markdown(json_path, payload, markdown_table(payload))
+    return json_path, os.path.join(run_dir, "evaluation.md")
 
 
 BASELINES = ("static", "heuristic")
 
 
+def paired_ci(differences: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+    """Mean of paired differences with a Student-t confidence interval (``half_width``: the mean
+    ± this is the interval), their standard deviation, and in how many pairs the difference is
+    negative (lower loss = better)."""
+    d = np.asarray(differences, np.float64)
+    n = d.size
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+    mean = float(d.mean()) if n else float("nan")
+    return {"mean": _finite_or_none(mean), "half_width": _finite_or_none(half), "sd": _finite_or_none(sd),
+            "low": _finite_or_none(mean - half), "high": _finite_or_none(mean + half), "level": level,
+            "better": int(np.sum(d < 0)), "n": int(n)}
+
+
 def paired_differences(out: EpisodeOutput, results: dict[str, EpisodeOutput]) -> dict[str, Any]:
-    """Final validation loss minus each baseline's on the same held-out env (mean over envs, and
-    in how many envs it is lower). The envs and their seeds are shared, so this paired difference
-    is what the actions changed, without the env-to-env spread of the plain means."""
+    """Final validation loss minus each baseline's on the same held-out env (mean over envs, its
+    95% confidence interval, and in how many envs it is lower). The envs and their seeds are
+    shared, so this paired difference is what the actions changed, without the env-to-env spread
+    of the plain means."""
     diffs = {}
     for base in BASELINES:
         if base not in results:
             continue
         d = np.asarray(out.final_val_loss, np.float64) - np.asarray(results[base].final_val_loss, np.float64)
-        diffs[f"final_val_loss_minus_{base}"] = _finite_or_none(d.mean())
-        diffs[f"envs_better_than_{base}"] = int(np.sum(d < 0))
+        stats = paired_ci(d)
+        diffs[f"final_val_loss_minus_{base}"] = stats["mean"]
+        diffs[f"final_val_loss_minus_{base}_ci"] = stats
+        diffs[f"envs_better_than_{base}"] = stats["better"]
     return diffs
+
+
+def rent(env: MorphogeneticEnv, params_added: np.ndarray) -> np.ndarray:
+    """The reward's parameter rent for an episode's final size, in loss units: what the goal
+    charges for the parameters a controller added (``rent_weight * log1p(added / host)`` per
+    epoch, over the episode, divided by the loss term's scale)."""
+    r = env.config.reward
+    per_epoch = r.rent_weight * np.log1p(np.asarray(params_added, np.float64) / env.host_param_count)
+    return per_epoch * env.config.episode_epochs * r.typical_loss_delta_std / r.loss_delta_weight
+
+
+def return_alignment(env: MorphogeneticEnv, results: dict[str, EpisodeOutput]) -> dict[str, Any]:
+    """Does a higher episode return mean a better outcome? Over every evaluated episode (all
+    controllers, all envs): the correlation of the return with the final validation loss net of
+    parameter rent (the goal; lower is better, so aligned means strongly negative), pooled and
+    within env (each env's mean over controllers removed, so that easy and hard envs do not
+    decide it)."""
+    returns = np.stack([np.asarray(o.episode_return, np.float64) for o in results.values()])      # [C, N]
+    goal = np.stack([np.asarray(o.final_val_loss, np.float64) + rent(env, o.params_added) for o in results.values()])
+    loss = np.stack([np.asarray(o.final_val_loss, np.float64) for o in results.values()])
+
+    def corr(a, b):
+        a, b = a.ravel(), b.ravel()
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3 or a[ok].std() == 0 or b[ok].std() == 0:
+            return None
+        return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+    within = lambda x: x - x.mean(axis=0, keepdims=True)
+    return {
+        "episodes": int(returns.size),
+        "pearson_return_vs_final_loss_net_of_rent": corr(returns, goal),
+        "pearson_return_vs_final_loss_net_of_rent_within_env": corr(within(returns), within(goal)),
+        "pearson_return_vs_final_loss": corr(returns, loss),
+        "spearman_return_vs_final_loss_net_of_rent": (
+            None if returns.size < 3 else _finite_or_none(scipy.stats.spearmanr(returns.ravel(), goal.ravel())[0])),
+    }
 
 
 def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput], *, run_seed: int, task: str,
@@ -339,6 +419,7 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
         "policy": policy,
         "controllers": {name: {**summarize(env, out), **paired_differences(out, results)}
                         for name, out in results.items()},
+        "return_alignment": return_alignment(env, results),
         "timelines": {name: timeline(env, out) for name, out in results.items()},
     }
 

@@ -4,6 +4,9 @@ derived from the same code path as the vector, so the two cannot drift apart.
 
 Losses and gradient norms are ``symlog``-scaled so one feature scale fits every task; the
 learner normalizes online on top of this.
+
+Validation accuracy is telemetry, not an input (as the loss-primary design has it): the
+controller sees losses, which every task has, and is judged on the loss.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ def symlog(x: jax.Array) -> jax.Array:
     return jnp.sign(x) * jnp.log1p(jnp.abs(x))
 
 
-def global_feature_names(has_accuracy: bool) -> list[str]:
+def global_feature_names() -> list[str]:
     names = ["epoch_fraction", "train_loss", "val_loss", "val_loss_delta", "best_val_loss", "val_loss_vs_initial"]
     names += [f"val_loss_history_{i}" for i in range(LOSS_HISTORY)]
-    names += ["val_accuracy"] if has_accuracy else []
     names += [f"slots_{s.name.lower()}" for s in Stage]
     names += [f"last_op_{o.name.lower()}" for o in Op]
     return names
@@ -43,15 +45,15 @@ def slot_feature_names(lattice: Lattice, slot_id: str) -> list[str]:
     return [f"{slot_id}.{n}" for n in names]
 
 
-def feature_names(lattice: Lattice, has_accuracy: bool) -> list[str]:
-    names = global_feature_names(has_accuracy)
+def feature_names(lattice: Lattice) -> list[str]:
+    names = global_feature_names()
     for slot_id in lattice.slots.slot_ids:
         names += slot_feature_names(lattice, slot_id)
     return names
 
 
-def observation_size(lattice: Lattice, has_accuracy: bool) -> int:
-    return len(feature_names(lattice, has_accuracy))
+def observation_size(lattice: Lattice) -> int:
+    return len(feature_names(lattice))
 
 
 def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax.Array:
@@ -72,7 +74,7 @@ def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax
 
 
 def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int, train_loss, val_loss, prev_val_loss,
-            best_val_loss, initial_val_loss, loss_history, val_accuracy, last_op, has_accuracy: bool) -> jax.Array:
+            best_val_loss, initial_val_loss, loss_history, last_op) -> jax.Array:
     """The observation vector; every input is a jnp scalar (``loss_history`` is ``[LOSS_HISTORY]``)."""
     stage_counts = jnp.sum(jax.nn.one_hot(status.stage, NUM_STAGES), axis=0) / status.num_slots
     parts = [
@@ -80,8 +82,6 @@ def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int,
                                                                 val_loss - initial_val_loss])),
         symlog(loss_history),
     ]
-    if has_accuracy:
-        parts.append(jnp.asarray([val_accuracy]))
     parts += [stage_counts, jax.nn.one_hot(last_op, NUM_OPS)]
     parts.append(_slot_features(lattice, status, episode_epochs).reshape(-1))
     return jnp.concatenate([jnp.asarray(p, jnp.float32).reshape(-1) for p in parts])

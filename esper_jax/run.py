@@ -46,7 +46,10 @@ from esper_jax import ppo as ppo_lib
 from esper_jax.blueprints.registry import blueprint_names
 from esper_jax.checkpoint import Checkpointer, CheckpointError, has_checkpoint, incomplete_checkpoints
 from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
-from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError
+from esper_jax.actions import ActionConfig
+from esper_jax.data.datasets import (CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError,
+                                     downsample_images)
+from esper_jax.optim import LR_SCHEDULES
 from esper_jax.env import EnvData, MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.lifecycle import GateConfig
 from esper_jax.hosts import CNNHost, TransformerHost
@@ -94,6 +97,11 @@ DEFAULTS: dict[str, Any] = {
     "slots": None,
     "blueprints": None,
     "reward": "loss",
+    "image_size": None,          # CNN tasks: input resolution, a divisor of 32 (None: the host's own, 32)
+    "host_lr": 0.01,             # host SGD learning rate (Esper's)
+    "host_lr_schedule": "constant",  # or "cosine": decayed to 0 over each episode
+    "seed_lr": 0.01,             # every seed's SGD learning rate (Esper's)
+    "max_concurrent_training": 1,  # seeds that may be GERMINATED/TRAINING at once (Esper: 1)
     # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
     # blend, hold and be fossilized within one, and every controller would end with the same host.
     "min_training_epochs": 2,
@@ -138,6 +146,20 @@ PRESETS: dict[str, Preset] = {
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light", "transformer": "norm,lora,attention,mlp_small"},
         },
     ),
+    "proof": Preset(
+        "the learning proof (does a learned controller beat static and the heuristic?), sized for a 2-core CPU: "
+        "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
+        "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
+        "of 64, seed lr 0.05, G2 after 1 epoch; 8 envs, 112 updates (about 45 minutes on a 2-core CPU)",
+        {
+            "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
+            "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
+            "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
+            "envs": 8, "updates": 112, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
+            "min_training_epochs": 1, "host_lr": 0.1, "host_lr_schedule": "cosine", "seed_lr": 0.05,
+            "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64, "learning_rate": 1e-3, "ent_coef": 0.01,
+        },
+    ),
     "full": Preset(
         "Esper's scale, for a GPU: every blueprint, 16 envs x 25-epoch episodes of 50 batches of 128, "
         "1000-image validation, 200 updates",
@@ -152,6 +174,7 @@ DEFAULT_PRESET = "default"
 # Settings that may differ when resuming (they do not change what is computed).
 RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
 POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size", "min_training_epochs",
+                     "max_concurrent_training",
                      "checkpoint_every", "keep_checkpoints", "population", "block_size", "synthetic_train",
                      "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
 
@@ -242,9 +265,25 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     try:
-        task = get_task(s["task"], s["host_variant"], block_size=s["block_size"])
-        topology = task.topology
-        host = _build_host(task, _per_topology(s["host"], topology) or {})
+        topology = get_task(s["task"]).topology
+        task = get_task(s["task"], _per_topology(s["host_variant"], topology), block_size=s["block_size"])
+        image_size = _per_topology(s["image_size"], topology)
+        host_overrides = dict(_per_topology(s["host"], topology) or {})
+        if image_size is not None:
+            if topology != "cnn":
+                raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100)")
+            size = image_size
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or 32 % size:
+                raise RunConfigError(f"--image-size must divide 32 (32, 16, 8, ...), got {size!r}")
+            host_overrides["image_size"] = size
+        host = _build_host(task, host_overrides)
+        for name in ("host_lr", "seed_lr"):
+            value = s[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise RunConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+        if s["host_lr_schedule"] not in LR_SCHEDULES:
+            raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                                 f"got {s['host_lr_schedule']!r}")
         slots_value = _per_topology(s["slots"], topology)
         slots = parse_slot_list(slots_value) if slots_value else host.default_slots
         slot_config_for(host, slots)  # a slot the host lacks: the message lists the host's slots
@@ -293,6 +332,8 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             "episode_epochs": s["episode_epochs"], "steps_per_epoch": s["steps_per_epoch"],
             "batch_size": s["batch_size"], "val_size": s["val_size"], "slots": list(slots),
             "blueprints": list(blueprints), "reward": s["reward"], "min_training_epochs": s["min_training_epochs"],
+            "max_concurrent_training": s["max_concurrent_training"], "host_lr": float(s["host_lr"]),
+            "host_lr_schedule": s["host_lr_schedule"], "seed_lr": float(s["seed_lr"]),
             "block_size": s["block_size"] if task.kind == "language_model" else None,
         },
         "ppo": dataclasses.asdict(ppo_config),
@@ -304,7 +345,7 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         "seed": s["seed"],
         # the flat settings as resolved for this topology, to compare with the options given on --resume
         "settings": {k: _canonical(k, v) for k, v in sorted(
-            {**s, "slots": list(slots), "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
+            {**s, "image_size": host.image_size if topology == "cnn" else None, "slots": list(slots), "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
              "host_variant": task.host_variant, "population": len(members), "seeds": [m["seed"] for m in members]}
             .items())},
     }
@@ -371,7 +412,8 @@ def _load_dataset(config: dict[str, Any], data: str | None, data_dir: str | None
     if config["host"]["topology"] == "cnn":
         sizes = {"n_train": d["synthetic_train"] or 10_000, "n_test": max(d["synthetic_test"] or 1_000,
                                                                           config["env"]["val_size"])} if synthetic else {}
-        return load_image_dataset(config["task"], source, data_dir=directory, **sizes)
+        dataset = load_image_dataset(config["task"], source, data_dir=directory, **sizes)
+        return downsample_images(dataset, config["host"].get("image_size", 32))  # the data follows the host's input
     sizes = {"n_train_tokens": 100 * (d["synthetic_train"] or 10_000),
              "n_val_tokens": 100 * (d["synthetic_test"] or 1_000)} if synthetic else {}
     return load_token_dataset("tinystories", source, tokenizer=d["tokenizer"] or "gpt2", data_dir=directory, **sizes)
@@ -402,7 +444,9 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
             episode_epochs=env_cfg["episode_epochs"], steps_per_epoch=env_cfg["steps_per_epoch"],
             batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"]),
             gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs)),
-            data_label=label)
+            actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1)),
+            host_lr=env_cfg.get("host_lr", 0.01), host_lr_schedule=env_cfg.get("host_lr_schedule", "constant"),
+            seed_lr=env_cfg.get("seed_lr", 0.01), data_label=label)
         ppo_config = ppo_lib.PPOConfig(**config["ppo"])
         env = MorphogeneticEnv(env_config)
         trainer = ppo_lib.make_train(ppo_config, env, config["checkpoint_every"])

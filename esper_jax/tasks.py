@@ -8,7 +8,8 @@ import math
 
 from esper_jax.hosts import CNNHost, TransformerHost
 
-HOST_VARIANTS = {"cifar10": ("baseline", "impaired"), "cifar100": ("baseline", "impaired"), "tinystories": ("base", "tiny")}
+HOST_VARIANTS = {"cifar10": ("baseline", "impaired", "pointwise"), "cifar100": ("baseline", "impaired", "pointwise"),
+                 "tinystories": ("base", "tiny")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,8 @@ class TaskConfig:
 
     def make_host(self):
         if self.topology == "cnn":
-            factory = CNNHost.impaired if self.host_variant == "impaired" else CNNHost.baseline
+            factory = {"impaired": CNNHost.impaired, "pointwise": CNNHost.pointwise}.get(self.host_variant,
+                                                                                         CNNHost.baseline)
             return factory(num_classes=self.num_classes)
         if self.host_variant == "tiny":
             return TransformerHost(vocab_size=self.num_classes, d_model=64, num_heads=2, num_layers=2, block_size=self.block_size)

@@ -15,12 +15,13 @@ from flax import struct
 
 from esper_jax.hosts.base import Host, host_forward
 from esper_jax.lattice import LatticeState
+from esper_jax.optim import sgd_optimizer
 from esper_jax.model import MorphogeneticModel, over_members
 
 
 def default_host_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
     """Esper's host optimizer: SGD, momentum 0.9, weight decay 5e-4, gradients clipped at 1.0."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(5e-4), optax.sgd(learning_rate, momentum=0.9))
+    return sgd_optimizer(learning_rate)
 
 
 @struct.dataclass

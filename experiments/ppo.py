@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 from esper_jax import run
+from esper_jax.optim import LR_SCHEDULES
 from esper_jax.population import SWEEP_HELP
 from esper_jax.ppo import PPOConfig
 from esper_jax.rewards import REWARD_KINDS
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default $ESPER_JAX_COMPILE_CACHE or {DEFAULT_CACHE})")
 
     g = parser.add_argument_group("task and data")
-    g.add_argument("--host-variant", help="cifar: baseline|impaired; tinystories: base|tiny")
+    g.add_argument("--host-variant", help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
     g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
                    "(default auto; the smoke preset uses synthetic)")
     g.add_argument("--data-dir", help="where datasets live (default $ESPER_DATA or ./data)")
@@ -123,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blueprints", help="comma-separated blueprints the run may grow, e.g. norm,conv_light "
                    "(default: the preset's subset)")
     g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
+    g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of 32; the data is "
+                   "downsampled to it (default 32; the proof preset uses 16)")
+    g.add_argument("--host-lr", type=float, help=f"host SGD learning rate (default {d['host_lr']}, Esper's)")
+    g.add_argument("--host-lr-schedule", choices=LR_SCHEDULES,
+                   help=f"host learning rate over an episode: constant, or cosine decay to 0 (default {d['host_lr_schedule']})")
+    g.add_argument("--seed-lr", type=float, help=f"seed SGD learning rate (default {d['seed_lr']}, Esper's)")
+    g.add_argument("--max-concurrent-training", type=positive,
+                   help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
+                        "policy learn coordination from outcomes)")
     g.add_argument("--min-training-epochs", type=positive,
                    help=f"G2: epochs a seed trains before it may blend (Esper: 10; default {d['min_training_epochs']}, "
                         "so that a seed can be fossilized within an episode)")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from esper_jax.lifecycle import NUM_STAGES, Stage
 from esper_jax.rewards import (
     DEFAULT_STAGE_POTENTIALS,
+    SEED000_STAGE_BONUS,
     REWARD_KINDS,
     RewardConfig,
     RewardSignals,
@@ -140,15 +141,26 @@ def test_stage_potentials_are_esper_values():
     assert float(potential_fn(stages, RewardConfig())) == pytest.approx(2 + 5.5 + 0 + 6)
 
 
+def test_default_reward_has_no_stage_bonus_and_telescopes():
+    # Bonuses out-earned small real improvements, and a half-forgiven regression pays for noise.
+    config = RewardConfig()
+    assert all(b == 0.0 for b in config.stage_bonus) and config.regression_penalty_scale == 1.0
+    losses = [2.0, 1.9, 1.95, 1.7, 1.8, 1.6]
+    total = sum(reward(signals(val_loss=b, prev_val_loss=a), CONFIGS["loss", "default"])
+                for a, b in zip(losses, losses[1:]))
+    expected = (losses[0] - losses[-1]) / config.typical_loss_delta_std * config.loss_delta_weight
+    assert total == pytest.approx(expected, rel=1e-4)
+
+
 def test_stage_bonus_is_small_and_only_for_seeds_on_the_happy_path():
-    bonus = RewardConfig().stage_bonus
+    bonus = SEED000_STAGE_BONUS
     assert len(bonus) == NUM_STAGES and all(0.0 <= b < 0.1 for b in bonus)
     for stage in (Stage.DORMANT, Stage.PRUNED, Stage.EMBARGOED, Stage.RESETTING):
         assert bonus[stage] == 0.0
     path = [bonus[s] for s in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)]
     assert all(b > 0 for b in path) and path == sorted(path)  # never lose bonus by advancing
     # The loss-primary reward adds the bonuses of every slot's stage after the step.
-    config = CONFIGS["loss", "default"]
+    config = dataclasses.replace(CONFIGS["loss", "default"], stage_bonus=bonus)
     after = [Stage.TRAINING, Stage.HOLDING, Stage.DORMANT, Stage.TRAINING]
     base = reward(signals(val_loss=1.0, prev_val_loss=1.0), config)
     assert base == 0.0
@@ -245,8 +257,8 @@ def test_contribution_counts_measured_blended_seeds_only():
 
 
 @pytest.mark.parametrize("d", [0.01, 0.1, 0.3, 0.49])
-def test_regression_costs_half_what_an_equal_improvement_earns(d):
-    config = CONFIGS["loss", "default"]
+def test_regression_costs_the_configured_fraction_of_an_equal_improvement(d):
+    config = dataclasses.replace(CONFIGS["loss", "default"], regression_penalty_scale=0.5)
     improve = reward(signals(val_loss=1.0 - d, prev_val_loss=1.0), config)
     regress = reward(signals(val_loss=1.0 + d, prev_val_loss=1.0), config)
     assert improve == pytest.approx(d / config.typical_loss_delta_std * config.loss_delta_weight, rel=1e-4)

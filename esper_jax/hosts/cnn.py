@@ -49,6 +49,14 @@ class CNNHost:
         """Esper's impaired host: base width 1 and 1×1 kernels, so growth has a lot to add."""
         return cls(num_classes=num_classes, base_width=1, kernel_size=1, **overrides)
 
+    @classmethod
+    def pointwise(cls, num_classes: int = 10, **overrides) -> "CNNHost":
+        """The baseline's widths with 1×1 kernels: the host sees no spatial pattern of its own, so
+        a seed that brings a spatial kernel has something real to add, and where it is grown
+        (which resolution, how many channels) changes how much. Impaired in kind rather than in
+        width, unlike :meth:`impaired`, whose single channel leaves a seed nothing to work with."""
+        return cls(num_classes=num_classes, kernel_size=1, **overrides)
+
     def width(self, block: int) -> int:
         return self.base_width * 2 ** block
 

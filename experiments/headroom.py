@@ -1,0 +1,121 @@
+"""How much can a controller gain? Fixed growth schedules against static, on held-out envs.
+
+    python -m experiments.headroom --run-dir DIR [--envs 16] [--schedules conv_heavy@r1c0@e0,...]
+    python -m experiments.headroom --task cifar10 --preset proof [--envs 16] [--json PATH]
+
+Each schedule germinates one seed (``blueprint@slot@eEPOCH``), advances it whenever the gates
+allow and fossilizes it as soon as G5 passes (:class:`esper_jax.controllers.Schedule`). Every
+schedule, static and the heuristic run one episode on the same held-out envs as
+``experiments.evaluate`` uses (same reset keys, same batches: the run seed's held-out stream, which
+training never draws from), so the paired difference to static is what the growth decision
+changed. The default schedules are every enabled blueprint in every slot, germinated at epoch 0.
+
+Prints the table (paired mean difference to static with its 95% confidence interval) and writes
+``headroom.json`` and ``headroom.md`` into the run directory (or to ``--json``/its ``.md`` twin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from esper_jax import evaluation as ev
+from esper_jax import run
+from esper_jax.controllers import Schedule, make_scripted_controller
+from experiments.cli import positive
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.headroom",
+                                     description="Fixed growth schedules against static on held-out envs.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", help="use this run's configuration (written by experiments.ppo)")
+    where.add_argument("--task", help="resolve a configuration from --preset instead of a run")
+    parser.add_argument("--preset", default=None, help=f"with --task: one of {', '.join(run.PRESETS)}")
+    parser.add_argument("--data", default=None, help="with --task: synthetic, auto or a data directory")
+    parser.add_argument("--seed", type=int, default=0, help="with --task: the run seed whose held-out stream is used")
+    parser.add_argument("--envs", type=positive, default=16, help="held-out envs (default 16)")
+    parser.add_argument("--schedules", default=None,
+                        help="comma-separated blueprint@slot[@eEPOCH] (default: every blueprint in every slot at epoch 0)")
+    parser.add_argument("--tempo", type=positive, default=3, help="blend tempo of the schedules, epochs (default 3)")
+    parser.add_argument("--json", default=None, help="where to write the results (default RUN_DIR/headroom.json)")
+    return parser
+
+
+def default_schedules(env) -> list[Schedule]:
+    return [Schedule(b.name, slot) for slot in env.lattice.slots.slot_ids for b in env.lattice.blueprints if not b.is_noop]
+
+
+def headroom_table(payload: dict) -> str:
+    lines = []
+    if payload["synthetic"]:
+        lines += ["**SYNTHETIC data**: these results are on the synthetic stand-in, not the real dataset.", ""]
+    held = payload["held_out"]
+    lines += [f"Headroom on task {payload['task']} ({payload['data']}): {held['num_envs']} held-out envs x "
+              f"{held['episode_epochs']} epochs (stream {held['derivation']}); host {payload['host_params']} parameters; "
+              f"static ends at val loss {payload['static_final_val_loss']:.4f}.", "",
+              "| controller | final val loss | minus static, mean [95% CI] | better in | fossilized | params added |",
+              "|---|---|---|---|---|---|"]
+    for name, r in payload["controllers"].items():
+        ci = r["final_val_loss_minus_static_ci"]
+        interval = "-" if ci["half_width"] is None else f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        lines.append(f"| {name} | {r['final_val_loss']:.4f} | {interval} | {ci['better']}/{ci['n']} | "
+                     f"{sum(r['fossilized'].values())} | {r['params_added']:.0f} |")
+    lines += ["", "Schedules are blueprint@slot@eEPOCH: germinate then, advance whenever the gates allow, fossilize "
+              "when G5 passes. minus static: final loss minus static's on the same env (negative = better), "
+              "Student-t interval over envs."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.run_dir:
+            config = run.read_json(Path(args.run_dir) / run.CONFIG_FILE) if (Path(args.run_dir) / run.CONFIG_FILE).exists() \
+                else None
+            if config is None:
+                raise run.RunConfigError(f"{args.run_dir} is not a run directory ({run.CONFIG_FILE} is missing)")
+            built = run.build(config)
+        else:
+            explicit = {"task": args.task, "data": args.data, "seed": args.seed}
+            config = run.resolve_config(run.resolve_settings(explicit, args.preset))
+            built = run.build(config)
+        env = built.env
+        texts = args.schedules.split(",") if args.schedules else None
+        schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
+                     else [Schedule(s.blueprint, s.slot, tempo_epochs=args.tempo) for s in default_schedules(env)])
+        scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
+        json_path = Path(args.json) if args.json else (Path(args.run_dir) / "headroom.json" if args.run_dir else None)
+        if json_path is not None and not json_path.parent.is_dir():
+            raise run.RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    except (run.RunConfigError, ValueError) + run.USER_ERRORS as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    evaluator = ev.Evaluator(env, args.envs, ("static", "heuristic"), scripted=scripted)
+    key = ev.held_out_key(config["seed"])
+    print(f"{len(evaluator.names)} controllers x {args.envs} held-out envs on {built.data_label}")
+    results, started = {}, time.perf_counter()
+    for name in evaluator.names:
+        t = time.perf_counter()
+        results[name] = evaluator.run(name, built.env_data, key)
+        print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    payload = ev.evaluation_payload(env, results, run_seed=config["seed"], task=config["task"],
+                                    data_label=built.data_label, synthetic=built.synthetic, run_dir=args.run_dir)
+    payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
+    payload["schedules"] = [s.name for s in schedules]
+    payload["wall_seconds"] = time.perf_counter() - started
+    table = headroom_table(payload)
+    print(table)
+    if json_path is not None:
+        ev.write_json_and_markdown(json_path, payload, table)
+        print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
