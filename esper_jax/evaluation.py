@@ -54,6 +54,14 @@ def held_out_key(run_seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(run_seed), EVAL_STREAM)
 
 
+def episode_keys(key: jax.Array, num_envs: int, epochs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys of one evaluation episode: reset keys ``[N]`` (initial weights), environment step
+    keys ``[E, N]`` (batches, augmentation, seed initialization) and controller keys ``[E]``."""
+    reset_key, env_key, act_key = jax.random.split(key, 3)
+    step_keys = jax.vmap(lambda k: jax.random.split(k, num_envs))(jax.random.split(env_key, epochs))
+    return jax.random.split(reset_key, num_envs), step_keys, jax.random.split(act_key, epochs)
+
+
 class Driver(NamedTuple):
     """How a controller acts on a population of envs.
 
@@ -149,8 +157,8 @@ class Evaluator:
     def _episode_impl(self, index, inputs, key, data: EnvData) -> EpisodeOutput:
         env, n = self.env, self.num_envs
         epochs = env.config.episode_epochs
-        reset_key, env_key, act_key = jax.random.split(key, 3)
-        obs, state = env.population_reset(jax.random.split(reset_key, n), data)
+        reset_keys, step_keys, act_keys = episode_keys(key, n, epochs)
+        obs, state = env.population_reset(reset_keys, data)
 
         def branch(driver):
             def run(operands):
@@ -165,12 +173,12 @@ class Evaluator:
             obs, state, carry, ret = loop
             k_act, k_env = keys
             action, carry = jax.lax.switch(index, branches, (carry, k_act, obs, state))
-            obs, state, reward, done, info = env.population_step(jax.random.split(k_env, n), state, action, data)
+            obs, state, reward, done, info = env.population_step(k_env, state, action, data)
             status = state.train.lattice.status
             record = (status.stage, status.blueprint, state.val_loss, state.val_accuracy, action.op, info["applied"])
             return (obs, state, carry, ret + reward), record
 
-        keys = (jax.random.split(act_key, epochs), jax.random.split(env_key, epochs))
+        keys = (act_keys, step_keys)
         carry0 = self._carry_driver.init_carry(n)
         (obs, state, carry, ret), record = jax.lax.scan(epoch, (obs, state, carry0, jnp.zeros((n,), jnp.float32)), keys)
         stage, blueprint, val_loss, val_accuracy, op, applied = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), record)

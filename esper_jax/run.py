@@ -105,6 +105,10 @@ DEFAULTS: dict[str, Any] = {
     # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
     # blend, hold and be fossilized within one, and every controller would end with the same host.
     "min_training_epochs": 2,
+    # The lifecycle's mechanical gates (G1-G3) pass by themselves at the end of an epoch, so the
+    # controller decides where, what and when to grow and whether to prune or fossilize, but does
+    # not have to learn to request each stage change (Esper's controller does not either).
+    "auto_advance": False,
     "seed": 0,
     "checkpoint_every": 4,
     "keep_checkpoints": 3,
@@ -128,14 +132,14 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "a check that everything runs (under 2 minutes on a 2-core CPU including compilation): a one-block "
         "CNN host of width 4 (or a one-layer transformer of width 32 on bytes), one slot, two blueprints, synthetic data, "
-        "2 envs x 3-epoch episodes of 2 batches of 16, 4 updates",
+        "2 envs x 7-epoch episodes (the shortest in which a seed can be fossilized) of 2 batches of 16, 4 updates",
         {
             "data": SYNTHETIC, "synthetic_train": 512, "synthetic_test": 64, "block_size": 16, "tokenizer": "byte",
             "host": {"cnn": {"base_width": 4, "num_blocks": 1, "pool_blocks": 1},
                      "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
             "slots": {"cnn": "r0c0", "transformer": "r0c0"},
             "blueprints": {"cnn": "conv_small,norm", "transformer": "norm,lora"},
-            "envs": 2, "updates": 4, "episode_epochs": 3, "min_training_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
+            "envs": 2, "updates": 4, "episode_epochs": 7, "min_training_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
             "checkpoint_every": 2, "num_minibatches": 2, "update_epochs": 2, "hidden_size": 32,
         },
     ),
@@ -150,14 +154,16 @@ PRESETS: dict[str, Preset] = {
         "the learning proof (does a learned controller beat static and the heuristic?), sized for a 2-core CPU: "
         "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
         "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
-        "of 64, seed lr 0.05, G2 after 1 epoch; 8 envs, 112 updates (about 45 minutes on a 2-core CPU)",
+        "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves; 8 envs, 96 updates (about 45 minutes on a "
+        "2-core CPU)",
         {
             "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
             "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
-            "envs": 8, "updates": 112, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
-            "min_training_epochs": 1, "host_lr": 0.1, "host_lr_schedule": "cosine", "seed_lr": 0.05,
-            "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64, "learning_rate": 1e-3, "ent_coef": 0.01,
+            "envs": 8, "updates": 96, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
+            "min_training_epochs": 1, "auto_advance": True, "host_lr": 0.1, "host_lr_schedule": "cosine",
+            "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64, "learning_rate": 3e-3,
+            "ent_coef": 0.01,
         },
     ),
     "full": Preset(
@@ -332,7 +338,8 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             "episode_epochs": s["episode_epochs"], "steps_per_epoch": s["steps_per_epoch"],
             "batch_size": s["batch_size"], "val_size": s["val_size"], "slots": list(slots),
             "blueprints": list(blueprints), "reward": s["reward"], "min_training_epochs": s["min_training_epochs"],
-            "max_concurrent_training": s["max_concurrent_training"], "host_lr": float(s["host_lr"]),
+            "max_concurrent_training": s["max_concurrent_training"], "auto_advance": bool(s["auto_advance"]),
+            "host_lr": float(s["host_lr"]),
             "host_lr_schedule": s["host_lr_schedule"], "seed_lr": float(s["seed_lr"]),
             "block_size": s["block_size"] if task.kind == "language_model" else None,
         },
@@ -443,7 +450,8 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
             task, tuple(env_cfg["slots"]), blueprints=tuple(env_cfg["blueprints"]), host=host,
             episode_epochs=env_cfg["episode_epochs"], steps_per_epoch=env_cfg["steps_per_epoch"],
             batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"]),
-            gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs)),
+            gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs),
+                             auto_advance=env_cfg.get("auto_advance", False)),
             actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1)),
             host_lr=env_cfg.get("host_lr", 0.01), host_lr_schedule=env_cfg.get("host_lr_schedule", "constant"),
             seed_lr=env_cfg.get("seed_lr", 0.01), data_label=label)

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent-training", type=positive,
                    help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
                         "policy learn coordination from outcomes)")
+    g.add_argument("--auto-advance", action=argparse.BooleanOptionalAction,
+                   help="gates G1-G3 pass by themselves at the end of an epoch (default off; the proof preset: on)")
     g.add_argument("--min-training-epochs", type=positive,
                    help=f"G2: epochs a seed trains before it may blend (Esper: 10; default {d['min_training_epochs']}, "
                         "so that a seed can be fossilized within an episode)")

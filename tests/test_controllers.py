@@ -165,7 +165,7 @@ def _decide(heuristic, masks_one, state):
 
 
 def test_heuristic_germinates_after_warmup_on_a_plateau(tiny, fresh, heuristic, masks_one):
-    config = HeuristicConfig()
+    config = HeuristicConfig.scaled(tiny.env.lattice.gates)  # the timing the heuristic fixture runs with
     lattice = tiny.env.lattice
     flat = np.full(LOSS_HISTORY, 2.0)
     falling = 2.5 - 0.1 * np.arange(LOSS_HISTORY)
@@ -195,9 +195,10 @@ def test_heuristic_fossilizes_a_holding_seed_with_positive_contribution(tiny, fr
     act = _decide(heuristic, masks_one, _construct(tiny, fresh, contribution=0.05, **{**holding, "contribution_measured": False}))
     assert act.op == Op.WAIT
     # a seed that hurts is pruned once it is old enough, and left alone before
-    hurts = dict(holding, contribution=-0.05, epochs_in_stage=HeuristicConfig().min_epochs_before_prune)
+    age = HeuristicConfig.scaled(tiny.env.lattice.gates).min_epochs_before_prune
+    hurts = dict(holding, contribution=-0.05, epochs_in_stage=age)
     assert _decide(heuristic, masks_one, _construct(tiny, fresh, **hurts)).op == Op.PRUNE
-    assert _decide(heuristic, masks_one, _construct(tiny, fresh, **{**hurts, "epochs_in_stage": 1})).op == Op.WAIT
+    assert _decide(heuristic, masks_one, _construct(tiny, fresh, **{**hurts, "epochs_in_stage": age - 1})).op == Op.WAIT
 
 
 def test_heuristic_advances_through_passing_gates(tiny, fresh, heuristic, masks_one):
@@ -212,7 +213,8 @@ def test_heuristic_advances_through_passing_gates(tiny, fresh, heuristic, masks_
     dead = dict(training, seed_grad_norm=0.0)
     assert _decide(heuristic, masks_one, _construct(tiny, fresh, epochs_in_stage=gates.min_training_epochs, **dead)).op == Op.WAIT
     # a training seed far behind since germination is pruned
-    lagging = dict(training, improvement=-5.0, epochs_in_stage=HeuristicConfig().min_epochs_before_prune)
+    age = HeuristicConfig.scaled(tiny.env.lattice.gates).min_epochs_before_prune
+    lagging = dict(training, improvement=-5.0, epochs_in_stage=age)
     assert _decide(heuristic, masks_one, _construct(tiny, fresh, **lagging)).op == Op.PRUNE
 
 

@@ -443,3 +443,45 @@ def test_real_env_recurrent_policy_runs():
     for name, value in metrics.items():
         assert np.all(np.isfinite(np.asarray(value))), name
     assert jax.tree.structure(runner.policy_carry) == jax.tree.structure(trainer.init_carry(2))
+
+
+class KeyRecordingBandit(BanditEnv):
+    """The bandit, recording every reset and step key it is given (as key data rows)."""
+
+    def __init__(self, log: list, **kwargs):
+        super().__init__(**kwargs)
+        self.log = log
+
+    def _record(self, keys):
+        jax.debug.callback(lambda data: self.log.extend(map(tuple, np.asarray(data).reshape(-1, 2))),
+                           jax.random.key_data(keys))
+
+    def population_reset(self, keys, data):
+        self._record(keys)
+        return super().population_reset(keys, data)
+
+    def population_step(self, keys, state, action, data):
+        self._record(keys)
+        return super().population_step(keys, state, action, data)
+
+
+def test_held_out_stream_never_replays_a_training_environment():
+    """Every reset and step key training draws (two run seeds, three updates of four envs) is
+    disjoint from the held-out episode keys of either run seed."""
+    from esper_jax.evaluation import episode_keys, held_out_key
+
+    log: list = []
+    env = KeyRecordingBandit(log, episode_epochs=4)
+    config = bandit_config()
+    trainer = make_train(config, env, 3)
+    for seed in (0, 1):
+        runner = trainer.init(jax.random.key(seed), Hyperparams.default(config), DATA)
+        jax.block_until_ready(trainer.train_chunk(runner, DATA))
+    training = set(log)
+    assert len(training) >= 2 * 4 * (1 + 3 * 4)  # resets and steps of every update were seen
+    first_resets = jax.random.split(jax.random.split(jax.random.key(0), 3)[1], 4)  # what init draws
+    assert {tuple(row) for row in np.asarray(jax.random.key_data(first_resets))} <= training  # the log sees them
+    for seed in (0, 1):
+        resets, steps, _ = episode_keys(held_out_key(seed), 16, 4)
+        held_out = {tuple(row) for k in (resets, steps) for row in np.asarray(jax.random.key_data(k)).reshape(-1, 2)}
+        assert len(held_out) == 16 * 5 and not held_out & training

@@ -2,7 +2,7 @@
 
 Bad input is tested in-process (it fails before anything compiles). The end-to-end runs are
 subprocesses on the smoke preset (a one-block width-4 CNN, one slot, two blueprints, 2 envs x
-3-epoch episodes), sharing one persistent compilation cache: the first run compiles the learner
+7-epoch episodes), sharing one persistent compilation cache: the first run compiles the learner
 (~40 s on an idle 2-core CPU), the others load it from the cache.
 
 The resume test: run R trains 4 updates with a checkpoint every 2 without stopping. Run I is the
@@ -133,7 +133,7 @@ def test_settings_layering():
     """Explicit options override the preset, the preset overrides the defaults; canonical forms
     make ``--lr 3e-4`` equal the stored ``0.0003`` on resume."""
     config = run.resolve_config(run.resolve_settings({"task": "cifar10", "envs": 3, "learning_rate": "1e-3"}, "smoke"))
-    assert config["ppo"]["num_envs"] == 3 and config["env"]["episode_epochs"] == 3
+    assert config["ppo"]["num_envs"] == 3 and config["env"]["episode_epochs"] == 7
     assert config["members"] == [{"learning_rate": 1e-3, "ent_coef": 0.05, "seed": 0}]
     assert config["host"]["base_width"] == 4 and config["env"]["blueprints"] == ["conv_small", "norm"]
     assert config["data"]["synthetic"] and config["data"]["label"] == "SYNTHETIC data"
@@ -170,7 +170,7 @@ def test_run_directory(reference):
     assert config["ppo"]["num_envs"] == 2 and config["population"] == 1 and config["updates"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [1, 2, 3, 4]
-    assert [r["env_steps"] for r in rows] == [6, 12, 18, 24]  # 2 envs x 3-epoch episodes per update
+    assert [r["env_steps"] for r in rows] == [14, 28, 42, 56]  # 2 envs x 7-epoch episodes per update
     assert all(set(SPEC_METRICS) <= set(r) for r in rows) and "members" not in rows[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["synthetic"] and summary["best_member"] == 0
