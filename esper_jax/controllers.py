@@ -153,7 +153,8 @@ class Schedule:
         epoch = defaults.pop("epoch", 0)
         if len(parts) == 3:
             if not parts[2].startswith("e") or not parts[2][1:].isdigit():
-                raise ValueError(f"schedule {text!r}: the epoch is written e<number>, e.g. conv_heavy@r0c0@e1")
+                raise ValueError(f"schedule {text!r} is not blueprint@slot[@eEPOCH]: the epoch is written e<number>, "
+                                 "e.g. conv_heavy@r0c0@e1")
             epoch = int(parts[2][1:])
         return cls(parts[0], parts[1], epoch, **defaults)
 

@@ -102,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
     "host_lr_schedule": "constant",  # or "cosine": decayed to 0 over each episode
     "seed_lr": 0.01,             # every seed's SGD learning rate (Esper's)
     "max_concurrent_training": 1,  # seeds that may be GERMINATED/TRAINING at once (Esper: 1)
+    "min_prune_age": 1,          # epochs a seed lives before it may be pruned (a fair trial)
     # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
     # blend, hold and be fossilized within one, and every controller would end with the same host.
     "min_training_epochs": 2,
@@ -154,16 +155,17 @@ PRESETS: dict[str, Preset] = {
         "the learning proof (does a learned controller beat static and the heuristic?), sized for a 2-core CPU: "
         "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
         "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
-        "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves; 8 envs, 96 updates (about 45 minutes on a "
+        "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves, a seed lives 4 epochs before it may be "
+        "pruned; 8 envs, 96 updates (about 45 minutes on a "
         "2-core CPU)",
         {
             "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
             "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
             "envs": 8, "updates": 96, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
-            "min_training_epochs": 1, "auto_advance": True, "host_lr": 0.1, "host_lr_schedule": "cosine",
-            "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64, "learning_rate": 3e-3,
-            "ent_coef": 0.01,
+            "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4, "host_lr": 0.1,
+            "host_lr_schedule": "cosine", "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64,
+            "learning_rate": 3e-3, "ent_coef": 0.05,
         },
     ),
     "full": Preset(
@@ -180,7 +182,7 @@ DEFAULT_PRESET = "default"
 # Settings that may differ when resuming (they do not change what is computed).
 RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
 POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size", "min_training_epochs",
-                     "max_concurrent_training",
+                     "max_concurrent_training", "min_prune_age",
                      "checkpoint_every", "keep_checkpoints", "population", "block_size", "synthetic_train",
                      "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
 
@@ -338,7 +340,8 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             "episode_epochs": s["episode_epochs"], "steps_per_epoch": s["steps_per_epoch"],
             "batch_size": s["batch_size"], "val_size": s["val_size"], "slots": list(slots),
             "blueprints": list(blueprints), "reward": s["reward"], "min_training_epochs": s["min_training_epochs"],
-            "max_concurrent_training": s["max_concurrent_training"], "auto_advance": bool(s["auto_advance"]),
+            "max_concurrent_training": s["max_concurrent_training"], "min_prune_age": s["min_prune_age"],
+            "auto_advance": bool(s["auto_advance"]),
             "host_lr": float(s["host_lr"]),
             "host_lr_schedule": s["host_lr_schedule"], "seed_lr": float(s["seed_lr"]),
             "block_size": s["block_size"] if task.kind == "language_model" else None,
@@ -452,7 +455,8 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
             batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"]),
             gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs),
                              auto_advance=env_cfg.get("auto_advance", False)),
-            actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1)),
+            actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1),
+                                 min_prune_age=env_cfg.get("min_prune_age", 1)),
             host_lr=env_cfg.get("host_lr", 0.01), host_lr_schedule=env_cfg.get("host_lr_schedule", "constant"),
             seed_lr=env_cfg.get("seed_lr", 0.01), data_label=label)
         ppo_config = ppo_lib.PPOConfig(**config["ppo"])

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent-training", type=positive,
                    help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
                         "policy learn coordination from outcomes)")
+    g.add_argument("--min-prune-age", type=positive,
+                   help="epochs a seed lives before it may be pruned (default 1; the proof preset: 4, so a seed is "
+                        "blended in before it is judged)")
     g.add_argument("--auto-advance", action=argparse.BooleanOptionalAction,
                    help="gates G1-G3 pass by themselves at the end of an epoch (default off; the proof preset: on)")
     g.add_argument("--min-training-epochs", type=positive,

@@ -45,7 +45,7 @@ def epochs_to_fossilize(gates: GateConfig, tempo_epochs: int, germinate_at: int 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_a_seed_germinated_in_the_first_third_can_be_fossilized_within_every_presets_episode(preset):
     settings = resolve_settings({"task": "cifar10"}, preset)
-    gates = GateConfig(min_training_epochs=settings["min_training_epochs"])
+    gates = GateConfig(min_training_epochs=settings["min_training_epochs"], auto_advance=settings["auto_advance"])
     episode = settings["episode_epochs"]
     tempo = min(blending.TEMPOS)
     assert epochs_to_fossilize(gates, tempo) <= episode
@@ -60,6 +60,8 @@ def test_fastest_lifecycle_matches_the_gates():
     # of blending; G3 opens one epoch of holding; G5 fossilizes
     for g2, tempo in ((1, 3), (2, 3), (1, 5), (10, 5)):
         assert epochs_to_fossilize(GateConfig(min_training_epochs=g2), tempo) == 1 + g2 + tempo + 1 + 1
+        # gates passing by themselves at an epoch's end is as fast as asking at the next one's start
+        assert epochs_to_fossilize(GateConfig(min_training_epochs=g2, auto_advance=True), tempo) == 1 + g2 + tempo + 1 + 1
 
 
 def test_heuristic_timing_scales_with_the_gates():

@@ -78,7 +78,16 @@ def error_line(capsys, argv) -> str:
 
 def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert "valid tasks are: cifar10, cifar100, tinystories" in error_line(capsys, ["--task=cifar11"])
-    assert "valid presets are: smoke, default, full" in error_line(capsys, ["--task=cifar10", "--preset=huge"])
+    assert "valid presets are: smoke, default, proof, full" in error_line(capsys, ["--task=cifar10", "--preset=huge"])
+    for flag, expected in (("--image-size=3", "must divide 32"), ("--image-size=64", "must divide 32"),
+                           ("--host-lr=0", "--host-lr must be a positive number"),
+                           ("--host-lr=nan", "--host-lr must be a positive number"),
+                           ("--seed-lr=-1", "--seed-lr must be a positive number"),
+                           ("--host-lr-schedule=linear", "invalid choice"),
+                           ("--max-concurrent-training=0", "--max-concurrent-training"),
+                           ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
+        assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
+    assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
     assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=early"])
     assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=slot1"])
     line = error_line(capsys, ["--task=cifar10", "--slots=r0c0,r7c0"])
@@ -127,6 +136,20 @@ def test_bad_run_directories(capsys, tmp_path):
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--lr=1e-3"])
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--preset=default"])
     assert "another --run-dir" in error_line(capsys, [f"--resume={tmp_path}", f"--run-dir={tmp_path / 'x'}"])
+
+
+def test_proof_preset_resolves_the_calibrated_problem():
+    config = run.resolve_config(run.resolve_settings({"task": "cifar10"}, "proof"))
+    assert config["host_variant"] == "pointwise" and config["host"]["kernel_size"] == 1
+    assert config["host"]["image_size"] == 16 and config["data"]["synthetic"]
+    env = config["env"]
+    assert (env["host_lr"], env["host_lr_schedule"], env["seed_lr"], env["auto_advance"]) == (0.1, "cosine", 0.05, True)
+    assert env["max_concurrent_training"] == 1 and env["min_training_epochs"] == 1
+    # explicit options still win, and the per-topology preset values do not leak into other tasks
+    config = run.resolve_config(run.resolve_settings({"task": "cifar10", "image_size": 32, "host_variant": "baseline"}, "proof"))
+    assert config["host"]["image_size"] == 32 and config["host"]["kernel_size"] == 3
+    config = run.resolve_config(run.resolve_settings({"task": "tinystories"}, "proof"))
+    assert config["host_variant"] == "base" and config["settings"]["image_size"] is None
 
 
 def test_settings_layering():
