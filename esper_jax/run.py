@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "slots": None,
     "blueprints": None,
     "reward": "loss",
+    "rent_weight": 0.05,         # parameter rent per epoch: rent_weight * log1p(added / host parameters)
     "image_size": None,          # CNN tasks: input resolution, a divisor of 32 (None: the host's own, 32)
     "host_lr": 0.01,             # host SGD learning rate (Esper's)
     "host_lr_schedule": "constant",  # or "cosine": decayed to 0 over each episode
@@ -151,19 +152,32 @@ PRESETS: dict[str, Preset] = {
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light", "transformer": "norm,lora,attention,mlp_small"},
         },
     ),
+    # Why the proof preset's inner problem looks like this (synthetic CIFAR-10, 8 paired envs from a
+    # calibration key that is not the held-out stream, final val loss minus static's, mean and 95% CI):
+    # * The baseline host (3x3 kernels) at 16x16, 10 epochs x 60 batches of 64, lr 0.2 cosine, ends at
+    #   2.075 (accuracy 0.26) and no seed moves it by more than 0.008: it is not short of what seeds add.
+    # * The pointwise host (same widths, 1x1 kernels) at lr 0.1 cosine ends at 2.193 (accuracy 0.19,
+    #   from 2.30 and 0.10 untrained): conv_heavy at r2c0 -0.104 +- 0.016 (8/8 envs), at r1c0 -0.036 +-
+    #   0.006 (8/8), at r0c0 -0.006 +- 0.008; norm at r2c0 +0.003 +- 0.002 (worse in 7/8); conv_light,
+    #   depthwise, attention within +-0.001. Where and what to grow decides the outcome.
+    # * lr 0.3 ends worse (2.200); 32x32 images with batches of 32 end the same (2.196) at 1.8x the time.
+    # * A cosine-decayed host rate: the paired differences' spread fell from about 0.45 (constant 0.05 at
+    #   32x32) to 0.01-0.02, so 16 envs can tell a schedule from static.
+    # * G2 after 1 epoch and blend tempo 3: the fastest lifecycle takes 7 of the 10 epochs, so a seed
+    #   germinated in the first third (epochs 0-3) can be fossilized before the end.
     "proof": Preset(
         "the learning proof (does a learned controller beat static and the heuristic?), sized for a 2-core CPU: "
         "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
         "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
         "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves, a seed lives 4 epochs before it may be "
-        "pruned; 8 envs, 96 updates (about 45 minutes on a "
+        "pruned, parameter rent 0.01; 8 envs, 96 updates (about 45 minutes on a "
         "2-core CPU)",
         {
             "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
             "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
             "envs": 8, "updates": 96, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
-            "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4, "host_lr": 0.1,
+            "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4, "rent_weight": 0.01, "host_lr": 0.1,
             "host_lr_schedule": "cosine", "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64,
             "learning_rate": 3e-3, "ent_coef": 0.05,
         },
@@ -289,6 +303,9 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             value = s[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise RunConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+        rent = s["rent_weight"]
+        if isinstance(rent, bool) or not isinstance(rent, (int, float)) or not math.isfinite(rent) or rent < 0:
+            raise RunConfigError(f"--rent-weight must be a non-negative number, got {rent!r}")
         if s["host_lr_schedule"] not in LR_SCHEDULES:
             raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                                  f"got {s['host_lr_schedule']!r}")
@@ -340,6 +357,7 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             "episode_epochs": s["episode_epochs"], "steps_per_epoch": s["steps_per_epoch"],
             "batch_size": s["batch_size"], "val_size": s["val_size"], "slots": list(slots),
             "blueprints": list(blueprints), "reward": s["reward"], "min_training_epochs": s["min_training_epochs"],
+            "rent_weight": float(s["rent_weight"]),
             "max_concurrent_training": s["max_concurrent_training"], "min_prune_age": s["min_prune_age"],
             "auto_advance": bool(s["auto_advance"]),
             "host_lr": float(s["host_lr"]),
@@ -452,7 +470,7 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
         env_config = make_env_config(
             task, tuple(env_cfg["slots"]), blueprints=tuple(env_cfg["blueprints"]), host=host,
             episode_epochs=env_cfg["episode_epochs"], steps_per_epoch=env_cfg["steps_per_epoch"],
-            batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"]),
+            batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"], rent_weight=env_cfg.get("rent_weight", 0.05)),
             gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs),
                              auto_advance=env_cfg.get("auto_advance", False)),
             actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1),

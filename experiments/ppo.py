@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent-training", type=positive,
                    help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
                         "policy learn coordination from outcomes)")
+    g.add_argument("--rent-weight", type=float,
+                   help=f"parameter rent per epoch, rent_weight * log1p(added / host parameters) (default {d['rent_weight']}; "
+                        "the proof preset: 0.01)")
     g.add_argument("--min-prune-age", type=positive,
                    help="epochs a seed lives before it may be pruned (default 1; the proof preset: 4, so a seed is "
                         "blended in before it is judged)")

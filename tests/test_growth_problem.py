@@ -50,7 +50,7 @@ def test_a_seed_germinated_in_the_first_third_can_be_fossilized_within_every_pre
     tempo = min(blending.TEMPOS)
     assert epochs_to_fossilize(gates, tempo) <= episode
     if episode >= 9:  # long enough to have a first third to speak of
-        assert epochs_to_fossilize(gates, tempo, germinate_at=episode // 3 - 1) <= episode
+        assert epochs_to_fossilize(gates, tempo, germinate_at=episode // 3) <= episode
     # the heuristic's own tempo, scaled like the gates, fits too
     assert epochs_to_fossilize(gates, HeuristicConfig.scaled(gates).tempo_epochs) <= episode
 
