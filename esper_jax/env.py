@@ -35,12 +35,12 @@ from flax import struct
 from esper_jax import lifecycle, observations
 from esper_jax.actions import ActionConfig, FactoredAction, Op, apply_action
 from esper_jax.data.augment import cifar_channel_stats, normalize_images, random_crop_flip
+from esper_jax.lattice import seed_optimizer
 from esper_jax.lifecycle import GateConfig, Stage
 from esper_jax.model import MorphogeneticModel
+from esper_jax.optim import LRSchedule, sgd_optimizer
 from esper_jax.rewards import RewardConfig, RewardSignals, compute_reward
 from esper_jax.tasks import TaskConfig
-from esper_jax.lattice import seed_optimizer
-from esper_jax.optim import LRSchedule, sgd_optimizer
 from esper_jax.training import TrainState, default_host_optimizer, make_train_step
 
 

@@ -170,13 +170,13 @@ PRESETS: dict[str, Preset] = {
         "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
         "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
         "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves, a seed lives 4 epochs before it may be "
-        "pruned, parameter rent 0.01; 8 envs, 96 updates (about 45 minutes on a "
+        "pruned, parameter rent 0.01; 8 envs, 64 updates (about 47 minutes on a "
         "2-core CPU)",
         {
             "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
             "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
-            "envs": 8, "updates": 96, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
+            "envs": 8, "updates": 64, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
             "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4, "rent_weight": 0.01, "host_lr": 0.1,
             "host_lr_schedule": "cosine", "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64,
             "learning_rate": 3e-3, "ent_coef": 0.05,
