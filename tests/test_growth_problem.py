@@ -42,15 +42,21 @@ def epochs_to_fossilize(gates: GateConfig, tempo_epochs: int, germinate_at: int 
     return None
 
 
+# The presets whose problem is calibrated for learning: a seed planted anywhere in the first third
+# of an episode can still be fossilized. The smoke and default presets are short looks at the
+# pipeline; in them only a seed planted at epoch 0 can finish its lifecycle.
+LEARNING_PRESETS = ("proof", "full")
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_a_seed_germinated_in_the_first_third_can_be_fossilized_within_every_presets_episode(preset):
+def test_a_seed_can_be_fossilized_within_every_presets_episode(preset):
     settings = resolve_settings({"task": "cifar10"}, preset)
     gates = GateConfig(min_training_epochs=settings["min_training_epochs"], auto_advance=settings["auto_advance"])
     episode = settings["episode_epochs"]
     tempo = min(blending.TEMPOS)
     assert epochs_to_fossilize(gates, tempo) <= episode
-    if episode >= 9:  # long enough to have a first third to speak of
-        assert epochs_to_fossilize(gates, tempo, germinate_at=episode // 3) <= episode
+    late = epochs_to_fossilize(gates, tempo, germinate_at=episode // 3)
+    assert (late <= episode) == (preset in LEARNING_PRESETS)
     # the heuristic's own tempo, scaled like the gates, fits too
     assert epochs_to_fossilize(gates, HeuristicConfig.scaled(gates).tempo_epochs) <= episode
 
