@@ -109,7 +109,9 @@ def test_population_sharded_over_four_devices_matches_one_device(tmp_path):
             assert_rows_close(m1, m4)
         # the top-level values are the member means
         assert r1["mean_return"] == pytest.approx(np.mean([m["mean_return"] for m in r1["members"]]))
-        assert r1["env_steps"] == r1["members"][0]["env_steps"] == 6 * r1["update"]
+        # 2 envs x one smoke episode per update
+        per_update = 2 * run.resolve_settings({"task": "cifar10"}, "smoke")["episode_epochs"]
+        assert r1["env_steps"] == r1["members"][0]["env_steps"] == per_update * r1["update"]
     # the members really differ: their own hyperparameters and seeds
     assert rows["one"][-1]["members"][0]["mean_return"] != rows["one"][-1]["members"][1]["mean_return"]
 
