@@ -75,15 +75,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.run_dir:
-            config = run.read_json(Path(args.run_dir) / run.CONFIG_FILE) if (Path(args.run_dir) / run.CONFIG_FILE).exists() \
-                else None
-            if config is None:
+            config_path = Path(args.run_dir) / run.CONFIG_FILE
+            if not config_path.exists():
                 raise run.RunConfigError(f"{args.run_dir} is not a run directory ({run.CONFIG_FILE} is missing)")
-            built = run.build(config)
+            config = run.read_json(config_path)
         else:
             explicit = {"task": args.task, "data": args.data, "seed": args.seed}
             config = run.resolve_config(run.resolve_settings(explicit, args.preset))
-            built = run.build(config)
+        built = run.build(config)
         env = built.env
         texts = args.schedules.split(",") if args.schedules else None
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
         json_path = Path(args.json) if args.json else (Path(args.run_dir) / "headroom.json" if args.run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
             raise run.RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
-    except (run.RunConfigError, ValueError) + run.USER_ERRORS as error:
+    except (ValueError,) + run.USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     evaluator = ev.Evaluator(env, args.envs, ("static", "heuristic"), scripted=scripted)
