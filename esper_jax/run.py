@@ -60,6 +60,7 @@ from esper_jax.slots import parse_slot_list
 from esper_jax.tasks import TASK_NAMES, TaskConfig, get_task
 
 CONFIG_VERSION = 1
+MAX_SEED = 2**32 - 1
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR = "config.json", "metrics.jsonl", "summary.json", "checkpoints"
 
 
@@ -310,6 +311,10 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
             raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                                  f"got {s['host_lr_schedule']!r}")
         slots_value = _per_topology(s["slots"], topology)
+        for name, value in (("slots", slots_value), ("blueprints", _per_topology(s["blueprints"], topology))):
+            if isinstance(value, str) and not value.strip():  # given, but empty: not "the default"
+                raise RunConfigError(f"--{name} is empty; list at least one (e.g. --{name} "
+                                     f"{'r0c0' if name == 'slots' else 'norm,conv_small'}) or leave it out")
         slots = parse_slot_list(slots_value) if slots_value else host.default_slots
         slot_config_for(host, slots)  # a slot the host lacks: the message lists the host's slots
         bp_value = _per_topology(s["blueprints"], topology)
@@ -326,7 +331,14 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         lr = parse_sweep("lr", s["learning_rate"])
         ent = parse_sweep("ent-coef", s["ent_coef"], positive=False)
         seeds = parse_seeds(s["seeds"]) if s["seeds"] is not None else None
+        if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or not 0 <= s["seed"] <= MAX_SEED:
+            raise RunConfigError(f"--seed must be an integer in 0..{MAX_SEED} (seeds are 32-bit), got {s['seed']!r}")
         members = resolve_members(s["population"], lr, ent, s["seed"], seeds)
+        for member in members:  # a run's key is jax.random.key(seed): a 32-bit unsigned seed
+            if not 0 <= member["seed"] <= MAX_SEED:
+                flag = "--seeds" if seeds is not None else "--seed"
+                raise RunConfigError(f"{flag}: member seed {member['seed']} is outside 0..{MAX_SEED} "
+                                     f"(seeds are 32-bit; --seed S gives members S, S+1, ...)")
         ppo_fields = {name: s[name] for name in PPO_SETTINGS}
         ppo_fields.update(num_envs=s["envs"], learning_rate=members[0]["learning_rate"],
                           ent_coef=members[0]["ent_coef"])

@@ -88,6 +88,14 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                            ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
         assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
     assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
+    for flag in ("--seed=99999999999", "--seed=-1"):
+        assert "--seed must be an integer in 0..4294967295" in error_line(capsys, ["--task=cifar10", flag]), flag
+    assert "--seeds: member seed 4294967296 is outside" in error_line(capsys, ["--task=cifar10", "--seeds=0,4294967296"])
+    assert "--seed: member seed 4294967296 is outside" in error_line(
+        capsys, ["--task=cifar10", "--seed=4294967295", "--population=2"])
+    # an empty list is not the default list
+    assert "--blueprints is empty" in error_line(capsys, ["--task=cifar10", "--blueprints="])
+    assert "--slots is empty" in error_line(capsys, ["--task=cifar10", "--slots= "])
     assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=early"])
     assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=slot1"])
     line = error_line(capsys, ["--task=cifar10", "--slots=r0c0,r7c0"])
