@@ -220,14 +220,19 @@ def main(argv=None) -> int:
     if summary["synthetic"]:
         print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
     if result.interrupted:
-        if result.checkpoint is None:
-            print(f"interrupted before the first checkpoint was saved; delete {result.run_dir} and start again",
-                  file=sys.stderr)
-        else:
-            print(f"interrupted: updates 1..{result.checkpoint} are saved; resume with: "
-                  f"python -m experiments.ppo --resume {result.run_dir}", file=sys.stderr)
+        print(interrupted_message(result.run_dir, result.checkpoint), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted_message(run_dir: Path, checkpoint: int | None) -> str:
+    """What an interrupted run has kept, and how to go on."""
+    if checkpoint is None:
+        return f"interrupted before the first checkpoint was saved; delete {run_dir} and start again"
+    resume = f"python -m experiments.ppo --resume {run_dir}"
+    if checkpoint == 0:  # only the initial state was saved (e.g. interrupted while compiling)
+        return f"interrupted before the first update finished; nothing trained was lost; start it with: {resume}"
+    return f"interrupted: updates 1..{checkpoint} are saved; resume with: {resume}"
 
 
 if __name__ == "__main__":

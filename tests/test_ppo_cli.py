@@ -250,3 +250,10 @@ def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
     last = damaged.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint at update 4") and "to resume from update 2" in last
     assert "Traceback" not in damaged.stderr
+
+
+def test_interrupted_message_names_what_is_saved():
+    assert "delete runs/x" in cli.interrupted_message(Path("runs/x"), None)
+    message = cli.interrupted_message(Path("runs/x"), 0)
+    assert "1..0" not in message and "before the first update finished" in message and "--resume runs/x" in message
+    assert "updates 1..8 are saved" in cli.interrupted_message(Path("runs/x"), 8)
