@@ -5,7 +5,7 @@ lattice states and inputs all lead with it); :meth:`MorphogeneticModel.apply` is
 code with ``P = 1``. Why: under ``vmap``, ``lax.cond``/``switch`` turn into ``select`` and
 every blueprint of every slot is computed for every member. With the population axis
 explicit, each blueprint's branch is a real ``lax.cond`` on *whether any member uses it*,
-decided once per population step (DESIGN.md §2), and a slot nobody uses costs nothing; while
+decided once per population step (a scalar predicate keeps the conditional real under ``vmap``), and a slot nobody uses costs nothing; while
 no member computes any slot the lattice is skipped altogether. On CPU the members are not
 batched at all (``member_execution="map"``, see :func:`default_member_execution`): each runs
 the one-member program in turn inside the same compiled step, where every branch is real.

@@ -8,7 +8,8 @@ Three formulations of a stride-1 'same' convolution, measured by
   convolution into its fast layout only in the entry computation; inside a ``lax.cond`` branch
   (the lattice's dispatch, the dormant-lattice skip) it runs as a naive loop, 6-40x slower.
   Under ``vmap`` over kernels it becomes grouped convolutions, about 3x slower per member
-  than a loop on XLA:CPU (DESIGN.md section 2).
+  than a loop on XLA:CPU (measured: a 3-block CNN, population of 4, 683-700 ms per member against
+  226-278 ms for one).
 * ``im2col``: shifted slices concatenated on channels, then one matmul; batches under ``vmap``
   into a plain batched matmul.
 * ``lax_vjp``: ``lax.conv`` forward with a hand-written VJP whose two gradient convolutions

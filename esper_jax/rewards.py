@@ -3,7 +3,7 @@
 This module owns :class:`RewardConfig` (all reward weights, one static, hashable config),
 :class:`RewardSignals` (what the environment measured this step) and three reward kinds:
 
-* ``"loss"`` — seed 000's loss-primary reward: a normalized, clipped loss delta (asymmetric
+* ``"loss"`` — the loss-primary reward (Esper's Phase 2 design): a normalized, clipped loss delta (asymmetric
   if ``regression_penalty_scale`` < 1; symmetric by default, so that it telescopes), per-slot
   stage bonuses (zero by default), a terminal bonus for the improvement normalized by the task's
   achievable range, and parameter rent;
@@ -36,13 +36,13 @@ def _per_stage(values: dict[Stage, float]) -> tuple[float, ...]:
     return tuple(float(values.get(stage, 0.0)) for stage in Stage)
 
 
-# Seed 000 keeps Phase 1's stage bonuses but gives no values; these were ours. They rise along
+# The loss-primary design keeps Phase 1's stage bonuses but gives no values; these were ours. They rise along
 # the happy path (no stage on it is a trap) and FOSSILIZED keeps HOLDING's bonus (so a policy does
 # not learn to hold seeds forever). They are not the default: measured on the proof preset's
 # held-out envs, the heuristic earned 0.6 more return than static from them while ending with a
 # worse network (+0.001 val loss), so a policy maximizing return would learn to farm them. Kept
 # for ablations.
-SEED000_STAGE_BONUS = _per_stage({
+HAPPY_PATH_STAGE_BONUS = _per_stage({
     Stage.GERMINATED: 0.01,
     Stage.TRAINING: 0.02,
     Stage.BLENDING: 0.03,
@@ -52,7 +52,7 @@ SEED000_STAGE_BONUS = _per_stage({
 # The default: no stage bonus. A seed's value shows in the loss it improves.
 DEFAULT_STAGE_BONUS = _per_stage({})
 
-# Esper's PBRS potentials (DESIGN.md section 3); stages off the happy path have potential 0.
+# Esper's PBRS potentials; stages off the happy path have potential 0.
 DEFAULT_STAGE_POTENTIALS = _per_stage({
     Stage.GERMINATED: 1.0,
     Stage.TRAINING: 2.0,
@@ -71,10 +71,10 @@ class RewardConfig:
     """
 
     kind: str = "loss"  # one of REWARD_KINDS
-    # loss-primary (seed 000)
+    # loss-primary
     loss_delta_weight: float = 5.0
     max_loss_delta: float = 5.0             # clip of the normalized delta
-    # Regressions cost this fraction of an equal improvement. Seed 000 forgives half of a
+    # Regressions cost this fraction of an equal improvement. The loss-primary design forgives half of a
     # regression (e.g. right after grafting); 1.0 makes the loss terms telescope, so the return
     # rises exactly as the final loss falls. With 0.5 an oscillating loss earns reward while
     # ending where it started, which pays a controller for making training noisy.
@@ -171,7 +171,7 @@ def _stage_bonus(stages: jax.Array, config: RewardConfig) -> jax.Array:
 
 
 def _loss_delta_term(signals: RewardSignals, config: RewardConfig) -> jax.Array:
-    """Seed 000: ``-clip((val - prev)/std) * weight``, regressions scaled by regression_penalty_scale."""
+    """``-clip((val - prev)/std) * weight``, regressions scaled by regression_penalty_scale."""
     val, prev = _f32(signals.val_loss), _f32(signals.prev_val_loss)
     normalized = (val - prev) / config.typical_loss_delta_std
     # A non-finite loss after the step is the worst case: a full clipped regression. A
@@ -222,7 +222,7 @@ def _contribution_term(signals: RewardSignals, config: RewardConfig) -> jax.Arra
 
 
 def loss_primary_reward(signals: RewardSignals, config: RewardConfig) -> jax.Array:
-    """Seed 000's loss-primary reward (without the governor penalty)."""
+    """The loss-primary reward (without the governor penalty)."""
     return (
         _loss_delta_term(signals, config)
         + _stage_bonus(signals.stage_after, config)
@@ -263,7 +263,7 @@ __all__ = [
     "REWARD_KINDS",
     "DEFAULT_STAGE_BONUS",
     "DEFAULT_STAGE_POTENTIALS",
-    "SEED000_STAGE_BONUS",
+    "HAPPY_PATH_STAGE_BONUS",
     "RewardConfig",
     "RewardSignals",
     "stage_potential",

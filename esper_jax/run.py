@@ -7,7 +7,7 @@ reports, notebooks) can do the same without the command line:
   (:data:`PRESETS`) replaces some of them, explicit options replace the preset's. The resolved
   configuration (:func:`resolve_config`) is written to ``config.json`` with everything needed to
   rebuild the run: the host actually used, slots, blueprints, data source, PPO config, members.
-* **The run directory** (see /tmp/plan/SPEC.md): ``config.json``, ``metrics.jsonl`` (one row per
+* **The run directory**: ``config.json``, ``metrics.jsonl`` (one row per
   update; for a population the member mean on top and one entry per member), ``checkpoints/``
   (Orbax, :mod:`esper_jax.checkpoint`), ``summary.json``.
 * **The training loop** (:func:`train`): the learner's ``train_chunk`` (``checkpoint_every``

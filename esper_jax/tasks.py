@@ -1,5 +1,5 @@
 """The task registry: which host a task trains, on what data, and the loss scales rewards need
-(seed 000's TaskConfig: baseline loss, achievable target loss, typical loss-delta scale)."""
+(the loss-primary design's TaskConfig: baseline loss, achievable target loss, typical loss-delta scale)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def get_task(name: str, host_variant: str | None = None, vocab_size: int = 50257
         return TaskConfig("cifar10", "cnn", "classification", 10, math.log(10), 0.3, 0.1, variant)
     if name == "cifar100":
         return TaskConfig("cifar100", "cnn", "classification", 100, math.log(100), 1.5, 0.1, variant)
-    # Seed 000: ~33 perplexity is achievable with GPT-2's vocabulary; bytes are far easier to predict.
+    # The loss-primary design: ~33 perplexity is achievable with GPT-2's vocabulary; bytes are far easier to predict.
     target = 3.5 if vocab_size > 1000 else 1.2
     return TaskConfig("tinystories", "transformer", "language_model", vocab_size, math.log(vocab_size), target, 0.15,
                       variant, block_size)

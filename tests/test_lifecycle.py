@@ -2,7 +2,7 @@
 
 The property tests drive random request sequences (out-of-range and non-finite arguments
 included) through :mod:`esper_jax.lifecycle` and check, after every request, invariants that
-are derived from ``lifecycle.TRANSITIONS`` and the gate semantics of DESIGN.md section 1.
+are derived from ``lifecycle.TRANSITIONS`` and Esper's gate semantics (G1-G5).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def apply_plain(status: SlotStatus, req: Request, gates: GateConfig):
 
 
 # ------------------------------------------------------------------------------ gate oracle
-# The gate semantics of DESIGN.md, written independently of lifecycle.py. Thresholds are
+# Esper's gate semantics, written independently of lifecycle.py. Thresholds are
 # compared in float32, the precision of the state.
 
 

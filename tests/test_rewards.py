@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from esper_jax.lifecycle import NUM_STAGES, Stage
 from esper_jax.rewards import (
     DEFAULT_STAGE_POTENTIALS,
-    SEED000_STAGE_BONUS,
+    HAPPY_PATH_STAGE_BONUS,
     REWARD_KINDS,
     RewardConfig,
     RewardSignals,
@@ -153,7 +153,7 @@ def test_default_reward_has_no_stage_bonus_and_telescopes():
 
 
 def test_stage_bonus_is_small_and_only_for_seeds_on_the_happy_path():
-    bonus = SEED000_STAGE_BONUS
+    bonus = HAPPY_PATH_STAGE_BONUS
     assert len(bonus) == NUM_STAGES and all(0.0 <= b < 0.1 for b in bonus)
     for stage in (Stage.DORMANT, Stage.PRUNED, Stage.EMBARGOED, Stage.RESETTING):
         assert bonus[stage] == 0.0

@@ -33,7 +33,7 @@ class TransformerHost:
 
     @classmethod
     def tinystories(cls, vocab_size: int = 50257, **overrides) -> "TransformerHost":
-        """The TinyStories base host of seed 001: 4 layers, 4 heads, width 256."""
+        """The TinyStories base host of the TinyStories design: 4 layers, 4 heads, width 256."""
         return cls(vocab_size=vocab_size, **overrides)
 
     @property
