@@ -35,7 +35,6 @@ from flax import struct
 from esper_jax import lifecycle, observations
 from esper_jax.actions import ActionConfig, FactoredAction, Op, apply_action
 from esper_jax.data.augment import cifar_channel_stats, normalize_images, random_crop_flip
-from esper_jax.lattice import seed_optimizer
 from esper_jax.lifecycle import GateConfig, Stage
 from esper_jax.model import MorphogeneticModel
 from esper_jax.optim import LRSchedule, sgd_optimizer
@@ -115,12 +114,13 @@ def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateCon
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
     ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
     ``host_lr``/``host_lr_schedule``: the host's SGD rate, constant or cosine-decayed to 0 over the
-    episode; ``seed_lr``: every seed's SGD rate (Esper: 0.01 for both, constant);
+    episode; ``seed_lr``: every seed's SGD rate, constant (a seed lives for part of an episode, so a
+    per-episode decay does not fit it; Esper: 0.01 for host and seeds);
     ``member_execution``: how a population of environments runs, "vmap" or "map" (default:
     :func:`esper_jax.model.default_member_execution`); ``seed_dispatch``: under "vmap", how a
     population computes its seeds (default: :func:`esper_jax.model.default_seed_dispatch`)."""
     model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
-                                     seed_optimizer=seed_optimizer(seed_lr), seed_dispatch=seed_dispatch,
+                                     seed_optimizer=sgd_optimizer(seed_lr), seed_dispatch=seed_dispatch,
                                      member_execution=member_execution)
     episode_steps = (kwargs.get("episode_epochs", EnvConfig.episode_epochs)
                      * kwargs.get("steps_per_epoch", EnvConfig.steps_per_epoch))

@@ -38,6 +38,7 @@ from esper_jax.actions import FactoredAction, Op
 from esper_jax.controllers import CONTROLLERS, make_controller
 from esper_jax.env import EnvData, EnvState, MorphogeneticEnv
 from esper_jax.lifecycle import Stage
+from esper_jax.rewards import parameter_rent
 
 POLICY = "policy"
 EVALUATION_VERSION = 1
@@ -374,7 +375,7 @@ def rent(env: MorphogeneticEnv, params_added: np.ndarray) -> np.ndarray:
     charges for the parameters a controller added (``rent_weight * log1p(added / host)`` per
     epoch, over the episode, divided by the loss term's scale)."""
     r = env.config.reward
-    per_epoch = r.rent_weight * np.log1p(np.asarray(params_added, np.float64) / env.host_param_count)
+    per_epoch = np.asarray(parameter_rent(params_added, float(env.host_param_count), r.rent_weight), np.float64)
     return per_epoch * env.config.episode_epochs * r.typical_loss_delta_std / r.loss_delta_weight
 
 

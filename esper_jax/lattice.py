@@ -29,9 +29,9 @@ import optax
 from flax import struct
 
 from esper_jax import blending, lifecycle, ops
-from esper_jax.optim import sgd_optimizer
 from esper_jax.blueprints import blueprint_index, blueprints_for
 from esper_jax.lifecycle import GateConfig, SlotStatus, Stage
+from esper_jax.optim import sgd_optimizer
 from esper_jax.slots import SlotConfig
 
 GATE = "gate"
@@ -44,15 +44,9 @@ class LatticeState:
     opt_state: tuple[Any, ...]     # per slot: seed optimizer state of that vector
 
 
-def seed_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
-    """The per-seed optimizer: Esper's SGD (momentum 0.9, weight decay 5e-4, clip at 1.0), at a
-    constant rate (a seed lives for part of an episode, so a per-episode decay does not fit it)."""
-    return sgd_optimizer(learning_rate)
-
-
 def default_seed_optimizer() -> optax.GradientTransformation:
-    """Esper's per-seed optimizer: lr 0.01."""
-    return seed_optimizer(0.01)
+    """Esper's per-seed optimizer: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, clip at 1.0."""
+    return sgd_optimizer(0.01)
 
 
 def _fresh_units(blueprints: tuple, key: jax.Array, dim: int) -> dict[str, Any]:

@@ -194,14 +194,20 @@ def _terminal_improvement(signals: RewardSignals, config: RewardConfig) -> jax.A
     return jnp.where(jnp.asarray(signals.is_terminal, bool), normalized * config.terminal_loss_weight, 0.0)
 
 
-def _rent(signals: RewardSignals, config: RewardConfig) -> jax.Array:
+def parameter_rent(added, host, rent_weight: float):
     """``rent_weight * log1p(added / host)``, per step. log1p keeps small seeds cheap and the
-    cost of large ones growing slowly (Esper's scaling); it is 0 with no added parameters."""
+    cost of large ones growing slowly (Esper's scaling); it is 0 with no added parameters.
+    The reward charges it each step; evaluation charges the same rent to a finished episode."""
+    return rent_weight * jnp.log1p(jnp.asarray(added) / host)
+
+
+def _rent(signals: RewardSignals, config: RewardConfig) -> jax.Array:
+    """:func:`parameter_rent` of the step's signals, robust to non-finite counts."""
     added = jnp.sum(jnp.nan_to_num(_f32(signals.added_params), nan=0.0, posinf=_F32_MAX, neginf=0.0))
     added = jnp.clip(added, 0.0, _F32_MAX)
     # A host count below one parameter (or non-finite) would blow the ratio up: floor it at 1.
     host = jnp.maximum(jnp.nan_to_num(_f32(signals.host_params), nan=1.0, posinf=_F32_MAX, neginf=1.0), 1.0)
-    return config.rent_weight * jnp.log1p(added / host)
+    return parameter_rent(added, host, config.rent_weight)
 
 
 def _contribution_term(signals: RewardSignals, config: RewardConfig) -> jax.Array:
@@ -268,6 +274,7 @@ __all__ = [
     "RewardSignals",
     "stage_potential",
     "pbrs_shaping",
+    "parameter_rent",
     "loss_primary_reward",
     "contribution_reward",
     "sparse_reward",

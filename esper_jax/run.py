@@ -269,6 +269,14 @@ def _host_from_fields(topology: str, fields: dict[str, Any]):
     return (CNNHost if topology == "cnn" else TransformerHost)(**fields)
 
 
+def _check_number(name: str, value: Any, allow_zero: bool) -> None:
+    """A real-valued setting: a finite number, positive (or non-negative with ``allow_zero``)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise RunConfigError(f"--{name.replace('_', '-')} must be a {kind} number, got {value!r}")
+
+
 def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
     """Validate ``settings`` and build the JSON-able configuration of ``config.json``.
 
@@ -295,18 +303,13 @@ def resolve_config(settings: dict[str, Any]) -> dict[str, Any]:
         if image_size is not None:
             if topology != "cnn":
                 raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100)")
-            size = image_size
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or 32 % size:
-                raise RunConfigError(f"--image-size must divide 32 (32, 16, 8, ...), got {size!r}")
-            host_overrides["image_size"] = size
+            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or 32 % image_size:
+                raise RunConfigError(f"--image-size must divide 32 (32, 16, 8, ...), got {image_size!r}")
+            host_overrides["image_size"] = image_size
         host = _build_host(task, host_overrides)
-        for name in ("host_lr", "seed_lr"):
-            value = s[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise RunConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
-        rent = s["rent_weight"]
-        if isinstance(rent, bool) or not isinstance(rent, (int, float)) or not math.isfinite(rent) or rent < 0:
-            raise RunConfigError(f"--rent-weight must be a non-negative number, got {rent!r}")
+        _check_number("host_lr", s["host_lr"], allow_zero=False)
+        _check_number("seed_lr", s["seed_lr"], allow_zero=False)
+        _check_number("rent_weight", s["rent_weight"], allow_zero=True)
         if s["host_lr_schedule"] not in LR_SCHEDULES:
             raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                                  f"got {s['host_lr_schedule']!r}")
@@ -468,6 +471,9 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
     """Load the data and build env, learner and placement for a resolved configuration."""
     dataset = load_dataset(config, data, data_dir)
     env_cfg = config["env"]
+
+    def setting(name: str):  # configurations written before a setting existed ran at its default
+        return env_cfg.get(name, DEFAULTS[name])
     try:
         if config["host"]["topology"] == "cnn":
             task = get_task(config["task"], config["host_variant"])
@@ -482,13 +488,15 @@ def build(config: dict[str, Any], *, data: str | None = None, data_dir: str | No
         env_config = make_env_config(
             task, tuple(env_cfg["slots"]), blueprints=tuple(env_cfg["blueprints"]), host=host,
             episode_epochs=env_cfg["episode_epochs"], steps_per_epoch=env_cfg["steps_per_epoch"],
-            batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"], reward=RewardConfig(kind=env_cfg["reward"], rent_weight=env_cfg.get("rent_weight", 0.05)),
+            batch_size=env_cfg["batch_size"], val_size=env_cfg["val_size"],
+            reward=RewardConfig(kind=env_cfg["reward"], rent_weight=setting("rent_weight")),
+            # configurations older than the G2 setting ran at Esper's G2, the GateConfig default
             gates=GateConfig(min_training_epochs=env_cfg.get("min_training_epochs", GateConfig().min_training_epochs),
-                             auto_advance=env_cfg.get("auto_advance", False)),
-            actions=ActionConfig(max_concurrent_training=env_cfg.get("max_concurrent_training", 1),
-                                 min_prune_age=env_cfg.get("min_prune_age", 1)),
-            host_lr=env_cfg.get("host_lr", 0.01), host_lr_schedule=env_cfg.get("host_lr_schedule", "constant"),
-            seed_lr=env_cfg.get("seed_lr", 0.01), data_label=label)
+                             auto_advance=setting("auto_advance")),
+            actions=ActionConfig(max_concurrent_training=setting("max_concurrent_training"),
+                                 min_prune_age=setting("min_prune_age")),
+            host_lr=setting("host_lr"), host_lr_schedule=setting("host_lr_schedule"), seed_lr=setting("seed_lr"),
+            data_label=label)
         ppo_config = ppo_lib.PPOConfig(**config["ppo"])
         env = MorphogeneticEnv(env_config)
         trainer = ppo_lib.make_train(ppo_config, env, config["checkpoint_every"])

@@ -1,8 +1,16 @@
-"""Argument types shared by the command-line entry points."""
+"""Argument parsing shared by the command-line entry points."""
 
 from __future__ import annotations
 
 import argparse
+import typing
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad options end with one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}\n")
 
 
 def positive(text: str) -> int:

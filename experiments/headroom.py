@@ -26,11 +26,11 @@ import numpy as np
 from esper_jax import evaluation as ev
 from esper_jax import run
 from esper_jax.controllers import Schedule, make_scripted_controller
-from experiments.cli import positive
+from experiments.cli import Parser, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.headroom",
+    parser = Parser(prog="python -m experiments.headroom",
                                      description="Fixed growth schedules against static on held-out envs.")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--run-dir", help="use this run's configuration (written by experiments.ppo)")

@@ -26,7 +26,7 @@ from esper_jax.population import SWEEP_HELP
 from esper_jax.ppo import PPOConfig
 from esper_jax.rewards import REWARD_KINDS
 from esper_jax.tasks import TASK_NAMES
-from experiments.cli import positive
+from experiments.cli import Parser, positive
 
 DEFAULT_CACHE = os.environ.get("ESPER_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "esper-jax" / "xla"))
 
@@ -42,13 +42,6 @@ PPO_HELP = {
     "hidden_size": "policy torso width", "recurrent": "none (MLP) | lstm | gru",
     "normalize_obs": "running mean/variance observation normalization",
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """Bad options end with one line on stderr and exit code 2 (no usage dump)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message}\n")
 
 
 def non_negative(text: str) -> int:

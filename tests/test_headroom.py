@@ -33,6 +33,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert headroom.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_:  # an option argparse refuses: the same one line
+        headroom.main(["--task=cifar10", "--envs=0"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == "error: argument --envs: must be positive, got 0"
 
 
 def test_headroom_runs_schedules_against_static_on_the_held_out_envs(tmp_path, capsys):
