@@ -7,7 +7,7 @@
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
 heuristic, random and static controllers for one episode each on the same ``N`` held-out
 environments (seeds derived from the run seed through a stream training never uses; see
-:func:`esper_jax.evaluation.held_out_key`). Writes ``evaluation.json`` (results and per-env
+:func:`esper_jax.runs.evaluation.held_out_key`). Writes ``evaluation.json`` (results and per-env
 seed timelines) and ``evaluation.md`` (the comparison table) into the run directory and prints
 the table.
 
@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from esper_jax import evaluation as ev
-from esper_jax.controllers import CONTROLLERS
+from esper_jax.runs import evaluation as ev
+from esper_jax.env.controllers import CONTROLLERS
 from experiments.cli import positive
 
 
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     # Orbax logs a warning for every read-only checkpoint directory it opens; it is not news here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
-    from esper_jax.checkpoint import CheckpointError
-    from esper_jax.run import CONFIG_FILE, USER_ERRORS, RunConfigError, load_run
+    from esper_jax.runs.checkpoint import CheckpointError
+    from esper_jax.runs.run import CONFIG_FILE, USER_ERRORS, RunConfigError, load_run
 
     try:
         controllers = parse_controllers(args.controllers)

@@ -4,7 +4,7 @@
     python -m experiments.headroom --task cifar10 --preset proof [--envs 16] [--json PATH]
 
 Each schedule germinates one seed (``blueprint@slot@eEPOCH``), advances it whenever the gates
-allow and fossilizes it as soon as G5 passes (:class:`esper_jax.controllers.Schedule`). Every
+allow and fossilizes it as soon as G5 passes (:class:`esper_jax.env.controllers.Schedule`). Every
 schedule, static and the heuristic run one episode on the same held-out envs as
 ``experiments.evaluate`` uses (same reset keys, same batches: the run seed's held-out stream, which
 training never draws from), so the paired difference to static is what the growth decision
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from esper_jax import evaluation as ev
-from esper_jax import run
-from esper_jax.controllers import Schedule, make_scripted_controller
+from esper_jax.runs import evaluation as ev
+from esper_jax.runs import run
+from esper_jax.env.controllers import Schedule, make_scripted_controller
 from experiments.cli import Parser, positive
 
 

@@ -14,12 +14,12 @@ import time
 import jax
 import numpy as np
 
-from esper_jax.controllers import CONTROLLERS, make_controller
+from esper_jax.env.controllers import CONTROLLERS, make_controller
 from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
-from esper_jax.env import MorphogeneticEnv, make_env_config, make_env_data
-from esper_jax.hosts.base import slot_config_for
-from esper_jax.slots import parse_slot_list
-from esper_jax.tasks import TASK_NAMES, get_task
+from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.lattice.hosts.base import slot_config_for
+from esper_jax.lattice.slots import parse_slot_list
+from esper_jax.env.tasks import TASK_NAMES, get_task
 from experiments.cli import positive
 
 

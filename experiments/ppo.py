@@ -6,7 +6,7 @@
     python -m experiments.ppo --resume DIR [--updates U]
 
 A preset sets a whole configuration; explicit options override it. Everything is resolved,
-written to DIR/config.json and trained by :mod:`esper_jax.run` (this file only parses flags).
+written to DIR/config.json and trained by :mod:`esper_jax.runs.run` (this file only parses flags).
 Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C; resume with --resume).
 """
 
@@ -20,12 +20,12 @@ import types
 import typing
 from pathlib import Path
 
-from esper_jax import run
-from esper_jax.optim import LR_SCHEDULES
-from esper_jax.population import SWEEP_HELP
-from esper_jax.ppo import PPOConfig
-from esper_jax.rewards import REWARD_KINDS
-from esper_jax.tasks import TASK_NAMES
+from esper_jax.runs import run
+from esper_jax.lattice.optim import LR_SCHEDULES
+from esper_jax.runs.population import SWEEP_HELP
+from esper_jax.rl.ppo import PPOConfig
+from esper_jax.env.rewards import REWARD_KINDS
+from esper_jax.env.tasks import TASK_NAMES
 from experiments.cli import Parser, positive
 
 DEFAULT_CACHE = os.environ.get("ESPER_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "esper-jax" / "xla"))

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from esper_jax import plots
+from esper_jax.runs import plots
 from experiments.cli import positive
 
 

@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esper_jax import blending, lifecycle
-from esper_jax.blueprints import get_blueprint
-from esper_jax.hosts import CNNHost, TransformerHost, host_forward
-from esper_jax.lifecycle import Stage
-from esper_jax.model import MorphogeneticModel
+from esper_jax.lattice import blending, lifecycle
+from esper_jax.lattice.blueprints import get_blueprint
+from esper_jax.lattice.hosts import CNNHost, TransformerHost, host_forward
+from esper_jax.lattice.lifecycle import Stage
+from esper_jax.lattice.model import MorphogeneticModel
 
 
 def key(seed: int) -> jax.Array:
@@ -221,7 +221,7 @@ class Rig:
 
     def manual(self, slot_id: str, blueprint: str) -> Callable:
         """A hand-written forward with one seed of ``blueprint`` at ``slot_id``, independent of
-        :mod:`esper_jax.model` and :mod:`esper_jax.blending`, and its gradients:
+        :mod:`esper_jax.lattice.model` and :mod:`esper_jax.lattice.blending`, and its gradients:
         ``f(host_params, units, x, y, alpha, multiply, isolate) -> ((loss, out), (g_host, g_units))``
         with ``out = h + alpha*r`` (or ``h*(1 + alpha*tanh(r))`` when ``multiply``) and the seed
         reading ``stop_gradient(h)`` when ``isolate``."""

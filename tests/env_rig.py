@@ -23,10 +23,10 @@ import jax
 import numpy as np
 
 from esper_jax.data import load_image_dataset
-from esper_jax.env import EnvData, MorphogeneticEnv, make_env_config, make_env_data
-from esper_jax.hosts import CNNHost
-from esper_jax.lifecycle import GateConfig
-from esper_jax.tasks import get_task
+from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.lifecycle import GateConfig
+from esper_jax.env.tasks import get_task
 
 POPULATION = 2
 EPISODE_EPOCHS = 3

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from esper_jax import blending
-from esper_jax.lifecycle import GateConfig
-from esper_jax.slots import format_slot_id
+from esper_jax.lattice import blending
+from esper_jax.lattice.lifecycle import GateConfig
+from esper_jax.lattice.slots import format_slot_id
 
 # ------------------------------------------------------------------------------ slots
 
@@ -175,7 +175,7 @@ def _healthy_record(num_slots: int):
 
 
 def _guided(slot: int, state: dict, gates: GateConfig, num_blueprints: int, intent: str):
-    from esper_jax.lifecycle import Stage  # local: keep this module light to import
+    from esper_jax.lattice.lifecycle import Stage  # local: keep this module light to import
 
     num_slots = len(state["stage"])
     view = {name: values[slot] for name, values in state.items()}

@@ -12,8 +12,8 @@ import time
 
 import jax
 
-from esper_jax import ops
-from esper_jax.blueprints import blueprint_index
+from esper_jax.lattice import ops
+from esper_jax.lattice.blueprints import blueprint_index
 from experiments.bench.env import SCENARIOS, bench_env, print_env_table
 from experiments.bench.flops import bench_flops
 from experiments.bench.host import bench_conv, bench_lattice, bench_population
@@ -190,10 +190,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--env-rounds", type=int, default=None, help="env section: interleaved timing rounds (default 3; --quick 2)")
     parser.add_argument("--env-seed-dispatch", default=None, choices=("shared", "per_member"),
                         help="env section: under vmap, how the population computes its seeds (default: "
-                             "esper_jax.model.default_seed_dispatch)")
+                             "esper_jax.lattice.model.default_seed_dispatch)")
     parser.add_argument("--env-member-execution", default=None, choices=("vmap", "map"),
                         help="env section: how a population of environments runs (default: "
-                             "esper_jax.model.default_member_execution)")
+                             "esper_jax.lattice.model.default_member_execution)")
     parser.add_argument("--ppo-presets", default=None, help="ppo section: run presets (default smoke,default; --quick smoke)")
     parser.add_argument("--reference-envs", type=int, default=8, help="reference section: environments (population size)")
     parser.add_argument("--reference-batches", type=int, default=4, help="reference section: training batches per env")

@@ -23,10 +23,10 @@ SCENARIOS = ("dormant", "live")
 
 
 def bench_env(args) -> dict:
-    from esper_jax.actions import FactoredAction, Op
+    from esper_jax.env.actions import FactoredAction, Op
     from esper_jax.data import load_image_dataset
-    from esper_jax.env import MorphogeneticEnv, make_env_config, make_env_data
-    from esper_jax.tasks import get_task
+    from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
+    from esper_jax.env.tasks import get_task
 
     task = get_task("cifar10")
     config = make_env_config(task, blueprints=args.blueprints, seed_dispatch=args.env_seed_dispatch,

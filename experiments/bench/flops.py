@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from esper_jax.hosts import CNNHost
-from esper_jax.model import MorphogeneticModel
-from esper_jax.training import make_host_train_step, make_train_step
+from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.model import MorphogeneticModel
+from esper_jax.lattice.training import make_host_train_step, make_train_step
 from experiments.bench.host import LIVE_BLUEPRINT, LIVE_SLOT, seed_alone_step, with_live_seed
 from experiments.bench.timing import Timer, compile_timed, flops_of, image_batch, stack
 

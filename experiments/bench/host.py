@@ -1,6 +1,6 @@
 """Benchmark sections on one training step of the baseline CNN host (batch 128).
 
-* ``conv``: the convolution formulations (:mod:`esper_jax.ops`: im2col, lax, lax_vjp), for one host
+* ``conv``: the convolution formulations (:mod:`esper_jax.lattice.ops`: im2col, lax, lax_vjp), for one host
   training step, for a vmapped population of 8 host steps, and for the training steps of
   three convolutional seeds alone (conv_light, conv_heavy, bottleneck).
 * ``lattice``: ``dormant_overhead`` (all 3 slots DORMANT ÷ the plain host with no lattice) and
@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esper_jax import ops
-from esper_jax.blueprints import get_blueprint
-from esper_jax.hosts import CNNHost
-from esper_jax.lifecycle import Stage
-from esper_jax.model import MEMBER_EXECUTION, MorphogeneticModel
-from esper_jax.training import make_host_train_step, make_train_step
+from esper_jax.lattice import ops
+from esper_jax.lattice.blueprints import get_blueprint
+from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.lifecycle import Stage
+from esper_jax.lattice.model import MEMBER_EXECUTION, MorphogeneticModel
+from esper_jax.lattice.training import make_host_train_step, make_train_step
 from experiments.bench.timing import Timer, image_batch, stack
 
 LIVE_BLUEPRINT = "conv_light"

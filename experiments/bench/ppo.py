@@ -1,5 +1,5 @@
 """Benchmark section ``ppo``: end-to-end PPO (rollout + update) environment steps per second and
-the first-call compile time of one PPO update, for the run presets of :mod:`esper_jax.run`.
+the first-call compile time of one PPO update, for the run presets of :mod:`esper_jax.runs.run`.
 
 One "update" is one call of the learner's ``train_chunk`` with one update per chunk: a rollout
 of ``rollout_steps`` steps of every env, GAE, and the minibatch epochs. Env steps per second
@@ -14,8 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from esper_jax import ppo as ppo_lib
-from esper_jax import run as run_lib
+from esper_jax.rl import ppo as ppo_lib
+from esper_jax.runs import run as run_lib
 from esper_jax.data import SYNTHETIC
 from experiments.bench.timing import Timer, compile_timed
 

@@ -22,10 +22,10 @@ import functools
 import jax
 import numpy as np
 
-from esper_jax.hosts import CNNHost
-from esper_jax.model import MorphogeneticModel
-from esper_jax.slots import format_slot_id
-from esper_jax.training import make_train_step
+from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.model import MorphogeneticModel
+from esper_jax.lattice.slots import format_slot_id
+from esper_jax.lattice.training import make_train_step
 from experiments.bench.host import LIVE_BLUEPRINT, LIVE_SLOT, with_live_seed
 from experiments.bench.timing import Timer, image_batch, stack
 

@@ -1,7 +1,0 @@
-"""Host networks that seeds grow on."""
-
-from esper_jax.hosts.base import Host, host_forward, slot_config_for
-from esper_jax.hosts.cnn import CNNHost
-from esper_jax.hosts.transformer import TransformerHost
-
-__all__ = ["CNNHost", "Host", "TransformerHost", "host_forward", "slot_config_for"]

@@ -1,0 +1,7 @@
+"""Host networks that seeds grow on."""
+
+from esper_jax.lattice.hosts.base import Host, host_forward, slot_config_for
+from esper_jax.lattice.hosts.cnn import CNNHost
+from esper_jax.lattice.hosts.transformer import TransformerHost
+
+__all__ = ["CNNHost", "Host", "TransformerHost", "host_forward", "slot_config_for"]

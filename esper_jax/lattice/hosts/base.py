@@ -1,0 +1,62 @@
+"""What the morphogenetic forward needs from a host: injection points and segment forwards.
+
+A host's forward is ``head(segment_{n-1}(... segment_0(x)))``; injection point ``k`` sits
+right after ``segment_k``. Hosts are frozen (hashable) configuration objects whose methods
+are pure functions of explicit parameters, so they can be closed over by ``jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from esper_jax.lattice.slots import SlotConfig, SlotSpec, sort_slot_ids, validate_slot_id
+
+Params = Any
+
+
+class Host(Protocol):
+    topology: str
+
+    def init(self, key: jax.Array) -> Params: ...
+
+    @property
+    def injection_points(self) -> tuple[SlotSpec, ...]:
+        """Every injection point of this host, in forward execution order."""
+        ...
+
+    def segment(self, params: Params, index: int, h: jax.Array) -> jax.Array: ...
+
+    def head(self, params: Params, h: jax.Array) -> jax.Array: ...
+
+    def loss(self, output: jax.Array, targets: jax.Array) -> jax.Array:
+        """Mean training loss of one member's batch (a scalar)."""
+        ...
+
+
+def host_forward(host: Host, params: Params, x: jax.Array) -> jax.Array:
+    """The host alone, without any slot."""
+    h = x
+    for index in range(len(host.injection_points)):
+        h = host.segment(params, index, h)
+    return host.head(params, h)
+
+
+def slot_config_for(host: Host, slot_ids) -> SlotConfig:
+    """Validate ``slot_ids`` against the host's injection points and build the slot configuration."""
+    points = {p.slot_id: p for p in host.injection_points}
+    chosen = []
+    for slot_id in slot_ids:
+        validate_slot_id(slot_id)
+        if slot_id not in points:
+            raise ValueError(
+                f"slot {slot_id} does not exist on this {host.topology} host; "
+                f"its injection points are: {', '.join(points)}"
+            )
+        chosen.append(slot_id)
+    ordered = sort_slot_ids(chosen)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"duplicate slot ids in {list(slot_ids)}")
+    execution = tuple(p.slot_id for p in host.injection_points if p.slot_id in ordered)
+    return SlotConfig(slots=tuple(points[s] for s in ordered), execution_order=execution)

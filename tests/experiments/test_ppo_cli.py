@@ -1,0 +1,259 @@
+"""``python -m experiments.ppo``: bad input, the run directory, Ctrl-C, and exact resume.
+
+Bad input is tested in-process (it fails before anything compiles). The end-to-end runs are
+subprocesses on the smoke preset (a one-block width-4 CNN, one slot, two blueprints, 2 envs x
+7-epoch episodes), sharing one persistent compilation cache: the first run compiles the learner
+(~40 s on an idle 2-core CPU), the others load it from the cache.
+
+The resume test: run R trains 4 updates with a checkpoint every 2 without stopping. Run I is the
+same command, interrupted by a KeyboardInterrupt while it writes the rows of updates 3-4 (what
+Ctrl-C does); it must exit 130 with the resume command, keep rows 1-2 and the checkpoint at
+update 2. Then, as if a later process had been killed, a stray row for update 3 and a temporary
+Orbax directory for update 4 are added; ``--resume`` must drop the row, ignore the temporary
+directory, continue from update 2, and end with a metrics.jsonl byte-for-byte equal to R's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esper_jax.runs import run
+from experiments import ppo as cli
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--task=cifar10", "--preset=smoke", "--updates=4", "--checkpoint-every=2", "--keep-checkpoints=2",
+        "--no-progress"]
+SPEC_METRICS = ("update", "env_steps", "mean_return", "mean_final_val_loss", "mean_final_val_accuracy", "policy_loss",
+                "value_loss", "approx_kl", "clip_fraction", "explained_variance", "entropy_op", "entropy_slot",
+                "entropy_blueprint", "entropy_blend", "entropy_tempo", "entropy_alpha_target", "germinated",
+                "fossilized", "pruned", "rollbacks")
+
+# Ctrl-C while the second chunk's rows are being written: one row is on disk, then the interrupt.
+INTERRUPT = """
+import sys
+from esper_jax.runs import run
+calls = []
+append = run.append_rows
+def interrupted(path, rows):
+    calls.append(len(rows))
+    if len(calls) == 2:
+        append(path, rows[:1])
+        raise KeyboardInterrupt
+    append(path, rows)
+run.append_rows = interrupted
+from experiments.ppo import main
+sys.exit(main(sys.argv[1:]))
+"""
+PLAIN = "import sys\nfrom experiments.ppo import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def cli_run(args, cache: Path, code: str = PLAIN, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args, f"--compile-cache={cache}"], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=900)
+
+
+def error_line(capsys, argv) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one line on stderr."""
+    try:
+        code = cli.main([*argv, "--compile-cache=off"])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- bad input (no compilation)
+
+
+def test_bad_input_one_line_exit_2(capsys, tmp_path):
+    assert "valid tasks are: cifar10, cifar100, tinystories" in error_line(capsys, ["--task=cifar11"])
+    assert "valid presets are: smoke, default, proof, full" in error_line(capsys, ["--task=cifar10", "--preset=huge"])
+    for flag, expected in (("--image-size=3", "must divide 32"), ("--image-size=64", "must divide 32"),
+                           ("--host-lr=0", "--host-lr must be a positive number"),
+                           ("--host-lr=nan", "--host-lr must be a positive number"),
+                           ("--seed-lr=-1", "--seed-lr must be a positive number"),
+                           ("--host-lr-schedule=linear", "invalid choice"),
+                           ("--max-concurrent-training=0", "--max-concurrent-training"),
+                           ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
+        assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
+    assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
+    for flag in ("--seed=99999999999", "--seed=-1"):
+        assert "--seed must be an integer in 0..4294967295" in error_line(capsys, ["--task=cifar10", flag]), flag
+    assert "--seeds: member seed 4294967296 is outside" in error_line(capsys, ["--task=cifar10", "--seeds=0,4294967296"])
+    assert "--seed: member seed 4294967296 is outside" in error_line(
+        capsys, ["--task=cifar10", "--seed=4294967295", "--population=2"])
+    # an empty list is not the default list
+    assert "--blueprints is empty" in error_line(capsys, ["--task=cifar10", "--blueprints="])
+    assert "--slots is empty" in error_line(capsys, ["--task=cifar10", "--slots= "])
+    assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=early"])
+    assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=slot1"])
+    line = error_line(capsys, ["--task=cifar10", "--slots=r0c0,r7c0"])
+    assert "r7c0 does not exist" in line and "r0c0, r0c1, r1c0" in line
+    for flag in ("--envs=0", "--updates=-2", "--episode-epochs=0", "--batch-size=0", "--population=0",
+                 "--checkpoint-every=0", "--keep-checkpoints=0", "--envs=two"):
+        assert "--" + flag.split("=")[0].lstrip("-") in error_line(capsys, ["--task=cifar10", flag])
+    assert "cnn blueprints are:" in error_line(capsys, ["--task=cifar10", "--blueprints=norm,lora"])
+    assert "transformer blueprints are:" in error_line(capsys, ["--task=tinystories", "--blueprints=conv_small"])
+    assert "invalid choice" in error_line(capsys, ["--task=cifar10", "--reward=shaped"])
+    assert "lists 2 values but the population has 3" in error_line(
+        capsys, ["--task=cifar10", "--population=3", "--lr=1e-3,3e-4"])
+    assert "LO < HI" in error_line(capsys, ["--task=cifar10", "--lr=log:1e-3:1e-4"])
+    assert "recurrent" in error_line(capsys, ["--task=cifar10", "--recurrent=transformer"])
+    assert "--task is required" in error_line(capsys, [])
+    # a missing dataset: the data layer's advice, on one line, and nothing is created
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    line = error_line(capsys, ["--task=cifar10", f"--data-dir={empty}", f"--run-dir={tmp_path / 'r'}"])
+    assert "CIFAR-10 was not found" in line and "--data=synthetic" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_conv_formulation_is_a_config_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
+    line = error_line(capsys, ["--task=cifar10", "--data=synthetic", f"--run-dir={tmp_path / 'r'}"])
+    assert "ESPER_CONV_IMPL='winograd' is not one of ('im2col', 'lax', 'lax_vjp')" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_run_directories(capsys, tmp_path):
+    assert "no run there" in error_line(capsys, [f"--resume={tmp_path}"])
+    # a run whose first checkpoint never completed (only Orbax's temporary directory)
+    settings = run.resolve_settings({"task": "cifar10"}, "smoke")
+    config = run.resolve_config(settings)
+    (tmp_path / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    run.write_json(tmp_path / "config.json", config)
+    line = error_line(capsys, [f"--resume={tmp_path}"])
+    assert "no complete checkpoint" in line and "interrupted" in line
+    # a fresh run into a directory that holds one
+    assert "--resume" in error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={tmp_path}"])
+    # options that contradict the run being resumed
+    (tmp_path / "checkpoints" / "2").mkdir()
+    line = error_line(capsys, [f"--resume={tmp_path}", "--envs=3"])
+    assert "--envs=3 does not match the run's --envs=2" in line
+    assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--lr=1e-3"])
+    assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--preset=default"])
+    assert "another --run-dir" in error_line(capsys, [f"--resume={tmp_path}", f"--run-dir={tmp_path / 'x'}"])
+
+
+def test_proof_preset_resolves_the_calibrated_problem():
+    config = run.resolve_config(run.resolve_settings({"task": "cifar10"}, "proof"))
+    assert config["host_variant"] == "pointwise" and config["host"]["kernel_size"] == 1
+    assert config["host"]["image_size"] == 16 and config["data"]["synthetic"]
+    env = config["env"]
+    assert (env["host_lr"], env["host_lr_schedule"], env["seed_lr"], env["auto_advance"]) == (0.1, "cosine", 0.05, True)
+    assert env["max_concurrent_training"] == 1 and env["min_training_epochs"] == 1
+    # explicit options still win, and the per-topology preset values do not leak into other tasks
+    config = run.resolve_config(run.resolve_settings({"task": "cifar10", "image_size": 32, "host_variant": "baseline"}, "proof"))
+    assert config["host"]["image_size"] == 32 and config["host"]["kernel_size"] == 3
+    config = run.resolve_config(run.resolve_settings({"task": "tinystories"}, "proof"))
+    assert config["host_variant"] == "base" and config["settings"]["image_size"] is None
+
+
+def test_settings_layering():
+    """Explicit options override the preset, the preset overrides the defaults; canonical forms
+    make ``--lr 3e-4`` equal the stored ``0.0003`` on resume."""
+    config = run.resolve_config(run.resolve_settings({"task": "cifar10", "envs": 3, "learning_rate": "1e-3"}, "smoke"))
+    assert config["ppo"]["num_envs"] == 3 and config["env"]["episode_epochs"] == 7
+    assert config["members"] == [{"learning_rate": 1e-3, "ent_coef": 0.05, "seed": 0}]
+    assert config["host"]["base_width"] == 4 and config["env"]["blueprints"] == ["conv_small", "norm"]
+    assert config["data"]["synthetic"] and config["data"]["label"] == "SYNTHETIC data"
+    run.check_resume_settings(config, {"learning_rate": "0.001", "envs": 3, "slots": "r0c0", "updates": 99})
+    default = run.resolve_config(run.resolve_settings({"task": "cifar10"}))
+    assert default["preset"] == "default" and default["env"]["slots"] == ["r0c0", "r1c0", "r2c0"]
+    assert default["data"]["source"] == "auto" and not default["data"]["synthetic"]
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """4 updates, a checkpoint every 2, never stopped."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    result = cli_run([*TINY, f"--run-dir={run_dir}"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_directory(reference):
+    run_dir, result = reference
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["task"] == "cifar10" and config["preset"] == "smoke" and config["version"] == 1
+    assert config["data"] == {**config["data"], "source": "synthetic", "synthetic": True, "label": "SYNTHETIC data"}
+    assert config["env"]["slots"] == ["r0c0"] and config["env"]["blueprints"] == ["conv_small", "norm"]
+    assert config["host"]["base_width"] == 4 and config["host"]["num_blocks"] == 1
+    assert config["ppo"]["num_envs"] == 2 and config["population"] == 1 and config["updates"] == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4]
+    assert [r["env_steps"] for r in rows] == [14, 28, 42, 56]  # 2 envs x 7-epoch episodes per update
+    assert all(set(SPEC_METRICS) <= set(r) for r in rows) and "members" not in rows[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["synthetic"] and summary["best_member"] == 0
+    assert summary["updates_done"] == 4 and summary["checkpoint"] == 4 and summary["members"][0]["final"] == rows[-1]
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2, 4]  # --keep-checkpoints=2
+    assert "SYNTHETIC" in result.stdout and "best member: 0" in result.stdout
+    assert "preset smoke:" in result.stdout and "update 4/4" in result.stdout
+
+
+def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "interrupted"
+    stopped = cli_run([*TINY, f"--run-dir={run_dir}"], cache, code=INTERRUPT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert f"resume with: python -m experiments.ppo --resume {run_dir}" in stopped.stderr.strip().splitlines()[-1]
+    reference_lines = (ref_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert (run_dir / "metrics.jsonl").read_text() == "".join(reference_lines[:2])  # the half-written chunk is gone
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["complete"] and summary["checkpoint"] == 2 and summary["updates_done"] == 2
+
+    # as if a later process was killed: a row past the checkpoint and a save that never finished
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"update": 3, "mean_return": 123.0}) + "\n")
+    shutil.copytree(run_dir / "checkpoints" / "2", run_dir / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000")
+
+    resumed = cli_run([f"--resume={run_dir}", "--no-progress"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at update 2 of 4" in resumed.stdout
+    assert (run_dir / "metrics.jsonl").read_text() == "".join(reference_lines)
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+
+    # load_run restores the newest checkpoint with its population axis, for evaluation
+    handle = run.load_run(run_dir)
+    assert handle.step == 4 and handle.population == 1 and handle.synthetic and handle.best_member == 0
+    assert handle.state.update.shape == (1,) and int(handle.state.update[0]) == 4
+    member = handle.member_state(0)
+    assert member.obs.shape == (2, handle.env.observation_size)
+
+    # a damaged newest checkpoint: a clear error naming it and the fallback
+    for path in (run_dir / "checkpoints" / "4").rglob("*"):
+        if path.is_file() and path.stat().st_size:
+            path.write_bytes(b"garbage")
+    damaged = cli_run([f"--resume={run_dir}", "--updates=6", "--no-progress"], cache)
+    assert damaged.returncode == 2
+    last = damaged.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint at update 4") and "to resume from update 2" in last
+    assert "Traceback" not in damaged.stderr
+
+
+def test_interrupted_message_names_what_is_saved():
+    assert "delete runs/x" in cli.interrupted_message(Path("runs/x"), None)
+    message = cli.interrupted_message(Path("runs/x"), 0)
+    assert "1..0" not in message and "before the first update finished" in message and "--resume runs/x" in message
+    assert "updates 1..8 are saved" in cli.interrupted_message(Path("runs/x"), 8)

@@ -1,0 +1,230 @@
+"""Held-out evaluation (esper_jax.runs.evaluation): every controller, including an (untrained)
+policy, over the same held-out envs with one compiled episode shared by the whole module.
+
+The TINY config (one slot, two blueprints, 3 envs x 4 epochs: N != E so that a transposed
+timeline cannot pass) keeps the single compile at ~15-30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from esper_jax.rl import normalize
+from esper_jax.data import load_image_dataset
+from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.runs.evaluation import (
+    CONTROLLERS,
+    POLICY,
+    Evaluator,
+    evaluation_payload,
+    held_out_key,
+    markdown_table,
+    policy_driver,
+    select_member,
+    write_evaluation,
+)
+from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.lifecycle import LIVE_STAGES, Stage
+from esper_jax.rl.ppo import PPOConfig, make_train
+from esper_jax.env.tasks import get_task
+
+NUM_ENVS, EPOCHS = 3, 4
+
+
+@pytest.fixture(scope="module")
+def rig():
+    task = get_task("cifar10")
+    config = make_env_config(task, ("r0c0",), blueprints=("conv_small", "norm"),
+                             host=CNNHost(base_width=4, num_blocks=1, pool_blocks=1), episode_epochs=EPOCHS,
+                             steps_per_epoch=2, batch_size=16, val_size=32, data_label="SYNTHETIC data")
+    env = MorphogeneticEnv(config)
+    data = make_env_data(config, load_image_dataset("cifar10", "synthetic", n_train=256, n_test=64))
+    trainer = make_train(PPOConfig(num_envs=NUM_ENVS, num_minibatches=1, hidden_size=16), env, 1)
+    # A population of two untrained learners, as a restored checkpoint would hold them.
+    members = [jax.jit(trainer.policy.init, static_argnums=1)(jax.random.key(m), env.observation_size) for m in (7, 8)]
+    params = jax.tree.map(lambda *a: np.stack(a), *members)
+    stats = jax.tree.map(lambda a: np.stack([a, a]), normalize.init(env.observation_size))
+    evaluator = Evaluator(env, NUM_ENVS, CONTROLLERS, policy=policy_driver(trainer, deterministic=True))
+    inputs = (select_member(params, 1), select_member(stats, 1))
+    key = held_out_key(0)
+    results = {name: evaluator.run(name, data, key, inputs) for name in evaluator.names}
+    return env, data, evaluator, inputs, key, results
+
+
+def test_controller_names(rig):
+    env, data, evaluator, inputs, key, results = rig
+    assert evaluator.names == (POLICY,) + CONTROLLERS
+    with pytest.raises(ValueError, match="unknown controller"):
+        evaluator.run("oracle", data, key, inputs)
+
+
+def test_static_adds_nothing(rig):
+    out = rig[-1]["static"]
+    assert np.all(out.params_added == 0)
+    assert np.all(out.germinated == 0) and np.all(out.fossilized == 0) and np.all(out.pruned == 0)
+    assert np.all(out.stage == Stage.DORMANT) and np.all(out.blueprint == -1)
+    assert np.all(out.op == 0)  # WAIT
+
+
+def test_timeline_shapes_and_final_state(rig):
+    env, *_, results = rig
+    slots = env.lattice.slots.num_slots
+    for name, out in results.items():
+        assert out.stage.shape == (NUM_ENVS, EPOCHS, slots), name
+        assert out.blueprint.shape == (NUM_ENVS, EPOCHS, slots), name
+        assert out.val_loss.shape == out.op.shape == out.applied.shape == (NUM_ENVS, EPOCHS), name
+        np.testing.assert_array_equal(out.stage[:, -1], out.final_stage, err_msg=name)
+        np.testing.assert_array_equal(out.blueprint[:, -1], out.final_blueprint, err_msg=name)
+        np.testing.assert_array_equal(out.val_loss[:, -1], out.final_val_loss, err_msg=name)
+        assert np.all((out.blueprint == -1) == (out.stage == Stage.DORMANT)), name
+
+
+def _transitions(out, into):
+    """Per env and blueprint: epochs where a slot entered one of ``into`` from a live stage (or,
+    for germination, from DORMANT), read off the timeline alone."""
+    nb = out.germinated.shape[1]
+    counts = np.zeros((out.stage.shape[0], nb), int)
+    dormant = np.full(out.stage[:, :1].shape, int(Stage.DORMANT))
+    before = np.concatenate([dormant, out.stage[:, :-1]], axis=1)
+    before_bp = np.concatenate([np.full_like(dormant, -1), out.blueprint[:, :-1]], axis=1)
+    for e, t, s in zip(*np.nonzero(np.isin(out.stage, into))):
+        if into == [Stage.GERMINATED] and before[e, t, s] == Stage.DORMANT:
+            counts[e, out.blueprint[e, t, s]] += 1
+        elif into != [Stage.GERMINATED] and before[e, t, s] in [int(x) for x in LIVE_STAGES]:
+            counts[e, before_bp[e, t, s]] += 1
+    return counts
+
+
+def test_seed_counts_match_the_timeline(rig):
+    """Germinated and pruned counts per blueprint agree with the stage changes in the timeline
+    (the random controller germinates and prunes within a few epochs)."""
+    for name, out in rig[-1].items():
+        np.testing.assert_array_equal(out.germinated, _transitions(out, [Stage.GERMINATED]), err_msg=name)
+        np.testing.assert_array_equal(out.pruned, _transitions(out, [Stage.PRUNED, Stage.EMBARGOED]), err_msg=name)
+    assert rig[-1]["random"].germinated.sum() > 0
+
+
+def test_same_seeds_same_results(rig):
+    env, data, evaluator, inputs, key, results = rig
+    for name in ("heuristic", POLICY):
+        again = evaluator.run(name, data, key, inputs)
+        for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(results[name])):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    other = evaluator.run("static", data, held_out_key(1), inputs)
+    assert not np.allclose(other.final_val_loss, results["static"].final_val_loss)
+
+
+def test_controllers_share_the_held_out_envs(rig):
+    """In epoch 1 only WAIT or GERMINATE is possible and a germinated seed is not computed yet,
+    so every controller sees exactly the same first epoch."""
+    results = rig[-1]
+    first = results["static"].val_loss[:, 0]
+    for name, out in results.items():
+        np.testing.assert_array_equal(out.val_loss[:, 0], first, err_msg=name)
+
+
+def test_payload_json_and_table(rig, tmp_path):
+    env, *_, results = rig
+    policy = {"member": 1, "population": 2, "selection": "best", "checkpoint_update": 0, "deterministic": True}
+    payload = evaluation_payload(env, results, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
+                                 synthetic=True, run_dir=str(tmp_path), policy=policy)
+    json_path, md_path = write_evaluation(str(tmp_path), payload)
+    loaded = json.loads(open(json_path).read())
+    assert list(loaded["controllers"]) == list(results)
+    assert loaded["held_out"]["num_envs"] == NUM_ENVS and loaded["synthetic"] is True
+    static = loaded["controllers"]["static"]
+    assert static["params_added"] == 0 and set(static["germinated"]) == {"conv_small", "norm"}
+    assert sum(loaded["controllers"]["random"]["germinated"].values()) == int(results["random"].germinated.sum())
+    tl = loaded["timelines"]["random"]
+    assert tl["slots"] == ["r0c0"] and tl["blueprints"] == ["conv_small", "norm"]
+    assert np.asarray(tl["stage"]).shape == (NUM_ENVS, EPOCHS, 1)
+    np.testing.assert_array_equal(np.asarray(tl["stage"])[:, -1], results["random"].final_stage)
+    table = open(md_path).read()
+    assert table == markdown_table(loaded)
+    assert "SYNTHETIC" in table and "member 1 of 2" in table
+    for name in results:
+        assert f"| {name} |" in table
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def _fails(capsys, argv, *fragments):
+    from experiments import evaluate
+
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _smoke_config(**explicit):
+    from esper_jax.runs import run
+
+    return run.resolve_config(run.resolve_settings({"task": "cifar10", **explicit}, "smoke"))
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+    from esper_jax.runs import run
+
+    _fails(capsys, ["--run-dir", str(tmp_path / "nowhere")], "config.json is missing", "python -m experiments.ppo")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--controllers", "policy,oracle"], "unknown controller 'oracle'")
+    run.write_json(tmp_path / run.CONFIG_FILE, _smoke_config())
+    _fails(capsys, ["--run-dir", str(tmp_path)], "checkpoint", "python -m experiments.ppo")
+
+
+def test_member_option():
+    from experiments.evaluate import parse_controllers, parse_member
+
+    assert parse_member("best", 3, 2) == (2, False)
+    assert parse_member("all", 3, 2) == (2, True)
+    assert parse_member("1", 3, 2) == (1, False)
+    for bad in ("3", "-1", "first"):
+        with pytest.raises(ValueError, match="--member"):
+            parse_member(bad, 3, 2)
+    assert parse_controllers("static, policy,static") == ("static", "policy")
+    with pytest.raises(ValueError, match="empty"):
+        parse_controllers(" , ")
+
+
+@pytest.mark.slow
+def test_train_evaluate_report(tmp_path, capsys):
+    """End to end: a smoke population of two trains, is evaluated (best member and all members)
+    and reported."""
+    from esper_jax.runs import run
+    from experiments import evaluate, report
+
+    run_dir = tmp_path / "run"
+    config = _smoke_config(population=2, seeds="0,1", updates=2, checkpoint_every=2)
+    result = run.train(config, run_dir, progress=False, log=lambda line: None)
+    assert result.checkpoint == 2
+    best = result.summary["best_member"]
+    capsys.readouterr()
+    assert evaluate.main(["--run-dir", str(run_dir), "--envs", "3", "--member", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "| policy_m" in out
+    loaded = json.loads((run_dir / "evaluation.json").read_text())
+    assert loaded["policy"]["member"] == best and loaded["policy"]["checkpoint_update"] == 2
+    assert list(loaded["controllers"]) == ["policy", "heuristic", "random", "static", f"policy_m{1 - best}"]
+    assert loaded["controllers"]["static"]["params_added"] == 0
+    assert np.asarray(loaded["timelines"]["policy"]["stage"]).shape == (3, config["env"]["episode_epochs"], 1)
+    assert report.main(["--run-dir", str(run_dir)]) == 0
+    plots = sorted(p.name for p in (run_dir / "plots").iterdir())
+    assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 9
+
+
+def test_paired_differences(rig):
+    env, *_, results = rig
+    payload = evaluation_payload(env, results, run_seed=0, task="cifar10", data_label="SYNTHETIC data", synthetic=True)
+    for name, r in payload["controllers"].items():
+        expected = np.mean(results[name].final_val_loss.astype(np.float64) - results["static"].final_val_loss)
+        assert r["final_val_loss_minus_static"] == pytest.approx(expected, abs=1e-9)
+        assert 0 <= r["envs_better_than_heuristic"] <= NUM_ENVS
+    assert payload["controllers"]["static"]["final_val_loss_minus_static"] == 0.0
+    assert payload["controllers"]["static"]["envs_better_than_static"] == 0
