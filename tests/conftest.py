@@ -36,6 +36,7 @@ from esper_jax.lattice import blending, lifecycle
 from esper_jax.lattice.blueprints import get_blueprint
 from esper_jax.lattice.hosts import CNNHost, TransformerHost, host_forward
 from esper_jax.lattice.lifecycle import Stage
+from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.model import MorphogeneticModel
 
 
@@ -304,7 +305,8 @@ def _build_rig(name: str, host, x: jax.Array, y: jax.Array, slot_ids=None, seed:
     # The lattice program even when every slot is dormant, so that "a live seed leaves the host
     # exactly as it was" can be checked bit for bit against the same program.
     # test_model.py::test_skipping_the_dormant_lattice_is_the_plain_host checks the default.
-    model = MorphogeneticModel.build(host, slot_ids=slot_ids, skip_dormant_lattice=False)
+    model = MorphogeneticModel.build(host, slot_ids=slot_ids,
+                                     strategy=dataclasses.replace(PopulationStrategy.for_backend(), skip_dormant=False))
     host_params = strong(jax.jit(host.init)(key(seed)))
     state = fresh_lattice_state(model)
 

@@ -25,7 +25,7 @@ still work under ``jax.vmap`` (just without that saving).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,25 +35,17 @@ from flax import struct
 from esper_jax.lattice import lifecycle
 
 from esper_jax.env import observations
-from esper_jax.env.actions import ActionConfig, FactoredAction, Op, apply_action
+from esper_jax.env.governor import GovernorConfig, Verdict, judge
+from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, FactoredAction, Op, action_masks, apply_action
 from esper_jax.data.augment import cifar_channel_stats, normalize_images, random_crop_flip
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.lattice.optim import LRSchedule, sgd_optimizer
 from esper_jax.env.rewards import RewardConfig, RewardSignals, compute_reward
 from esper_jax.env.tasks import TaskConfig
-from esper_jax.lattice.training import TrainState, default_host_optimizer, make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class GovernorConfig:
-    """Esper's divergence rule: above ``absolute_loss_bound`` and ``relative_factor`` × the
-    recent mean for ``patience`` consecutive epochs (or any non-finite loss) → roll back."""
-
-    absolute_loss_bound: float = 10.0
-    relative_factor: float = 3.0
-    patience: int = 2
-    history: int = 5
+from esper_jax.lattice.strategy import PopulationStrategy
+from esper_jax.lattice.training import StepMetrics, TrainState, default_host_optimizer, make_train_step
+from esper_jax.trees import add_axis, drop_axis, select
 
 
 @struct.dataclass
@@ -111,19 +103,17 @@ class EnvConfig:
 
 
 def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
-                    seed_dispatch: str | None = None, member_execution: str | None = None, host_lr: float = 0.01,
+                    strategy: PopulationStrategy | None = None, host_lr: float = 0.01,
                     host_lr_schedule: LRSchedule = "constant", seed_lr: float = 0.01, **kwargs) -> EnvConfig:
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
     ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
     ``host_lr``/``host_lr_schedule``: the host's SGD rate, constant or cosine-decayed to 0 over the
     episode; ``seed_lr``: every seed's SGD rate, constant (a seed lives for part of an episode, so a
     per-episode decay does not fit it; Esper: 0.01 for host and seeds);
-    ``member_execution``: how a population of environments runs, "vmap" or "map" (default:
-    :func:`esper_jax.lattice.model.default_member_execution`); ``seed_dispatch``: under "vmap", how a
-    population computes its seeds (default: :func:`esper_jax.lattice.model.default_seed_dispatch`)."""
+    ``strategy``: how a population of environments runs (default: the backend's,
+    :meth:`~esper_jax.lattice.strategy.PopulationStrategy.for_backend`)."""
     model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
-                                     seed_optimizer=sgd_optimizer(seed_lr), seed_dispatch=seed_dispatch,
-                                     member_execution=member_execution)
+                                     seed_optimizer=sgd_optimizer(seed_lr), strategy=strategy)
     episode_steps = (kwargs.get("episode_epochs", EnvConfig.episode_epochs)
                      * kwargs.get("steps_per_epoch", EnvConfig.steps_per_epoch))
     kwargs.setdefault("host_optimizer", sgd_optimizer(host_lr, host_lr_schedule, episode_steps))
@@ -149,17 +139,12 @@ def make_env_data(config: EnvConfig, dataset) -> EnvData:
                    jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:]))
 
 
-def _add(tree):
-    return jax.tree.map(lambda a: a[None], tree)
+class Validation(NamedTuple):
+    """What one epoch's validation measured, per member."""
 
-
-def _drop(tree):
-    return jax.tree.map(lambda a: a[0], tree)
-
-
-def _select(pred, new, old):
-    """Per-member select; ``pred`` is ``[P]``."""
-    return jax.tree.map(lambda n, o: jnp.where(pred.reshape(pred.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+    val_loss: jax.Array          # [P]
+    val_accuracy: jax.Array      # [P] (0 for language models)
+    contribution: jax.Array      # [P, S]: loss with slot s forced to identity, minus the loss with it
 
 
 class MorphogeneticEnv:
@@ -234,83 +219,118 @@ class MorphogeneticEnv:
 
     def reset(self, key: jax.Array, data: EnvData):
         obs, state = self.population_reset(key[None], data)
-        return obs[0], _drop(state)
+        return obs[0], drop_axis(state)
 
     def step(self, key: jax.Array, state: EnvState, action: FactoredAction, data: EnvData):
-        out = self.population_step(key[None], _add(state), _add(action), data)
-        return tuple(_drop(o) for o in out)
+        return drop_axis(self.population_step(key[None], add_axis(state), add_axis(action), data))
 
     def population_step(self, keys: jax.Array, state: EnvState, action: FactoredAction, data: EnvData):
-        if self.model.member_execution == "map" and keys.shape[0] > 1:
-            # Each environment's one-env program in turn (see model.default_member_execution).
-            return jax.lax.map(lambda member: self.step(*member, data), (keys, state, action))
-        cfg = self.config
+        """One epoch of every member; ``keys``, ``state`` and ``action`` lead with the member axis."""
+        return self.model.strategy.run(self._batched_step, (keys, state, action), (data,))
+
+    def population_masks(self, state: EnvState) -> ActionMasks:
+        """The legal actions of every member (leaves ``[P, ...]``)."""
+        return jax.vmap(lambda l: action_masks(self.lattice, l, self.config.actions))(state.train.lattice)
+
+    @property
+    def action_space(self) -> ActionSpace:
+        return ActionSpace.for_lattice(self.lattice)
+
+    @property
+    def episode_epochs(self) -> int:
+        return self.config.episode_epochs
+
+    # ------------------------------------------------------------------ one epoch, in stages
+
+    def _batched_step(self, keys: jax.Array, state: EnvState, action: FactoredAction, data: EnvData):
         split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
         act_keys, train_keys = split[:, 0], split[:, 1]
         before = state.train.lattice.status
+        lattice, applied, metric_at_germination = self._act(state, action, act_keys)
+        train, fit = self._train_epoch(state.train.replace(lattice=lattice), train_keys, data)
+        validation = self._validate(train, data)
+        verdict = judge(self.config.governor, validation.val_loss, fit.loss, state.recent_val_losses,
+                        state.divergent_epochs)
+        train, snapshot, validation, train_loss = self._apply_verdict(verdict, state, train, validation, fit.loss)
+        lattice = self._measure_and_tick(train.lattice, validation, metric_at_germination, fit)
+        new_state = self._record(state, train.replace(lattice=lattice), snapshot, validation, train_loss, verdict,
+                                 metric_at_germination, action, applied, before)
+        done = new_state.epoch >= self.config.episode_epochs
+        added = jax.vmap(self.lattice.live_param_count)(lattice)
+        reward = self._reward(state, new_state, before, added, done, verdict)
+        info = {
+            "val_loss": new_state.val_loss, "val_accuracy": new_state.val_accuracy, "train_loss": train_loss,
+            "applied": applied, "rolled_back": verdict.rolled_back, "added_params": added,
+            "contribution": validation.contribution,
+            # the episode's counts so far, for learners that report them when an episode ends
+            "germinated": new_state.germinated.sum(-1), "fossilized": new_state.fossilized.sum(-1),
+            "pruned": new_state.pruned.sum(-1), "rollbacks": new_state.rollbacks,
+        }
+        return jax.vmap(self._observe)(new_state), new_state, reward, done, info
 
-        # 1. the action
-        lattice, applied = jax.vmap(lambda l, a, k: apply_action(self.lattice, l, a, k, cfg.actions))(
-            state.train.lattice, action, act_keys)
+    def _act(self, state: EnvState, action: FactoredAction, keys: jax.Array):
+        """Apply each member's (masked) action to its lattice; remember the metric at germination."""
+        lattice, applied = jax.vmap(lambda l, a, k: apply_action(self.lattice, l, a, k, self.config.actions))(
+            state.train.lattice, action, keys)
         germinated_now = applied & (action.op == Op.GERMINATE)
-        metric_now = state.val_accuracy if cfg.task.has_accuracy else state.val_loss
+        metric_now = state.val_accuracy if self.config.task.has_accuracy else state.val_loss
         planted = germinated_now[:, None] & (jnp.arange(self.lattice.slots.num_slots) == action.slot[:, None])
-        metric_at_germination = jnp.where(planted, metric_now[:, None], state.metric_at_germination)
-        train = state.train.replace(lattice=lattice)
+        return lattice, applied, jnp.where(planted, metric_now[:, None], state.metric_at_germination)
 
-        # 2. training: K batches, each member from its own key
-        batch_keys = jax.vmap(lambda k: jax.random.split(k, cfg.steps_per_epoch))(train_keys).swapaxes(0, 1)
+    def _train_epoch(self, train: TrainState, keys: jax.Array, data: EnvData) -> tuple[TrainState, StepMetrics]:
+        """``steps_per_epoch`` batches (``lax.scan``), each member drawing its own; returns the
+        epoch's mean step metrics."""
+        batch_keys = jax.vmap(lambda k: jax.random.split(k, self.config.steps_per_epoch))(keys).swapaxes(0, 1)
 
         def train_batch(train, member_keys):
             x, y = jax.vmap(lambda k: self._sample_batch(k, data))(member_keys)
             return self.trainer.population_step(train, x, y)
 
         train, metrics = jax.lax.scan(train_batch, train, batch_keys)
-        train_loss = metrics.loss.mean(axis=0)
-        seed_grad_norm = metrics.seed_grad_norm.mean(axis=0)
-        host_grad_norm = metrics.host_grad_norm.mean(axis=0)
+        return train, jax.tree.map(lambda m: m.mean(axis=0), metrics)
 
-        # 3. validation and per-slot counterfactuals
+    def _validate(self, train: TrainState, data: EnvData) -> Validation:
+        """The validation loss, and each slot's counterfactual contribution. Row 0 of the passes
+        disables nothing, row 1 + s disables slot s; one ``lax.map`` body instead of S + 1 inlined
+        copies of the forward keeps the compile time down."""
         val_x = self._val_inputs(data)
-        num_slots, members = self.lattice.slots.num_slots, keys.shape[0]
-        # Row 0 disables nothing; row 1 + s disables slot s. One lax.map body instead of S + 1
-        # inlined copies of the forward keeps the compile time down.
+        num_slots, members = self.lattice.slots.num_slots, jax.tree.leaves(train)[0].shape[0]
         disabled = jnp.concatenate([jnp.zeros((1, num_slots), bool), jnp.eye(num_slots, dtype=bool)])
         losses, accuracies = jax.lax.map(
             lambda off: self._evaluate(train, val_x, data.val_y, jnp.broadcast_to(off, (members, num_slots))), disabled)
-        val_loss, val_accuracy = losses[0], accuracies[0]
-        contribution = jnp.nan_to_num(losses[1:].T - val_loss[:, None], nan=0.0, posinf=0.0, neginf=0.0)
+        contribution = jnp.nan_to_num(losses[1:].T - losses[0][:, None], nan=0.0, posinf=0.0, neginf=0.0)
+        return Validation(losses[0], accuracies[0], contribution)
 
-        # 4. governor
-        gov = cfg.governor
-        finite = jnp.isfinite(val_loss) & jnp.isfinite(train_loss)
-        recent_mean = state.recent_val_losses.mean(axis=1)
-        divergent = finite & (val_loss > gov.absolute_loss_bound) & (val_loss > gov.relative_factor * recent_mean)
-        divergent_epochs = jnp.where(divergent, state.divergent_epochs + 1, 0)
-        rolled_back = ~finite | (divergent_epochs >= gov.patience)
+    def _apply_verdict(self, verdict: Verdict, state: EnvState, train: TrainState, validation: Validation,
+                       train_loss: jax.Array):
+        """A rolled-back member returns to its snapshot with its live seeds pruned and keeps the
+        previous epoch's losses; a good epoch becomes the new snapshot."""
+        back = verdict.rolled_back
         restored = state.snapshot.replace(lattice=jax.vmap(self._prune_live)(state.snapshot.lattice))
-        train = _select(rolled_back, restored, train)
-        val_loss = jnp.where(rolled_back, state.val_loss, val_loss)
-        val_accuracy = jnp.where(rolled_back, state.val_accuracy, val_accuracy)
-        train_loss = jnp.where(rolled_back, state.train_loss, train_loss)
-        divergent_epochs = jnp.where(rolled_back, 0, divergent_epochs)
-        # Only a good epoch (finite, not divergent) becomes the snapshot: the weights of an epoch
-        # counted toward the divergence patience are not "last good" for the rollback that follows.
-        good = finite & ~divergent
-        snapshot = _select(rolled_back, restored, _select(good, train, state.snapshot))
+        snapshot = select(back, restored, select(verdict.good, train, state.snapshot))
+        validation = validation._replace(val_loss=jnp.where(back, state.val_loss, validation.val_loss),
+                                         val_accuracy=jnp.where(back, state.val_accuracy, validation.val_accuracy))
+        return select(back, restored, train), snapshot, validation, jnp.where(back, state.train_loss, train_loss)
 
-        # 5. measurements, lifecycle tick, bookkeeping
-        metric = val_accuracy if cfg.task.has_accuracy else val_loss
+    def _measure_and_tick(self, lattice, validation: Validation, metric_at_germination: jax.Array,
+                          fit: StepMetrics):
+        """Record each slot's measurements, then advance the lifecycle one epoch."""
+        has_accuracy = self.config.task.has_accuracy
+        metric = validation.val_accuracy if has_accuracy else validation.val_loss
         # Improvement since germination: accuracy points for classification, loss decrease otherwise.
-        improvement = (metric[:, None] - metric_at_germination) * 100.0 if cfg.task.has_accuracy else \
-            metric_at_germination - metric[:, None]
+        improvement = ((metric[:, None] - metric_at_germination) * 100.0 if has_accuracy
+                       else metric_at_germination - metric[:, None])
         measured = jax.vmap(lambda l, c, i, g, h: self.lattice.record_measurements(
             l, contribution=c, improvement=i, seed_grad_norm=g, host_grad_norm=jnp.broadcast_to(h, g.shape)))(
-            train.lattice, contribution, improvement, seed_grad_norm, host_grad_norm)
-        lattice = jax.vmap(self.lattice.tick)(measured)
-        train = train.replace(lattice=lattice)
-        after = lattice.status
+            lattice, validation.contribution, improvement, fit.seed_grad_norm, fit.host_grad_norm)
+        return jax.vmap(self.lattice.tick)(measured)
 
+    def _record(self, state: EnvState, train: TrainState, snapshot: TrainState, validation: Validation,
+                train_loss: jax.Array, verdict: Verdict, metric_at_germination, action: FactoredAction,
+                applied: jax.Array, before) -> EnvState:
+        """The next state: losses, histories, governor counters and per-blueprint counts."""
+        after = train.lattice.status
+        val_loss = validation.val_loss
         counts = lambda stage_mask: jnp.sum(
             jax.nn.one_hot(jnp.where(stage_mask, before.blueprint, -1), self.lattice.num_blueprints), axis=1
         ).astype(jnp.int32)
@@ -319,35 +339,31 @@ class MorphogeneticEnv:
         # step, so count every live seed that left for the pruned path, not only those still PRUNED.
         newly_pruned = lifecycle.in_stages(before.stage, lifecycle.LIVE_STAGES) & lifecycle.in_stages(
             after.stage, (Stage.PRUNED, Stage.EMBARGOED))
-        germinated = state.germinated + jnp.where(
-            germinated_now[:, None], jax.nn.one_hot(action.blueprint, self.lattice.num_blueprints, dtype=jnp.int32), 0)
-
-        epoch = state.epoch + 1
-        new_state = EnvState(
-            train=train, snapshot=snapshot, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+        germinated_now = applied & (action.op == Op.GERMINATE)
+        planted = jax.nn.one_hot(action.blueprint, self.lattice.num_blueprints, dtype=jnp.int32)
+        push = lambda history: jnp.concatenate([history[:, 1:], val_loss[:, None]], axis=1)
+        return state.replace(
+            train=train, snapshot=snapshot, epoch=state.epoch + 1, train_loss=train_loss, val_loss=val_loss,
             prev_val_loss=state.val_loss, best_val_loss=jnp.minimum(state.best_val_loss, val_loss),
-            initial_val_loss=state.initial_val_loss, val_accuracy=val_accuracy,
-            loss_history=jnp.concatenate([state.loss_history[:, 1:], val_loss[:, None]], axis=1),
-            recent_val_losses=jnp.concatenate([state.recent_val_losses[:, 1:], val_loss[:, None]], axis=1),
-            divergent_epochs=divergent_epochs, rollbacks=state.rollbacks + rolled_back.astype(jnp.int32),
+            val_accuracy=validation.val_accuracy, loss_history=push(state.loss_history),
+            recent_val_losses=push(state.recent_val_losses), divergent_epochs=verdict.divergent_epochs,
+            rollbacks=state.rollbacks + verdict.rolled_back.astype(jnp.int32),
             metric_at_germination=metric_at_germination, last_op=jnp.where(applied, action.op, Op.WAIT),
-            germinated=germinated, fossilized=state.fossilized + counts(newly_fossilized),
-            pruned=state.pruned + counts(newly_pruned),
+            germinated=state.germinated + jnp.where(germinated_now[:, None], planted, 0),
+            fossilized=state.fossilized + counts(newly_fossilized), pruned=state.pruned + counts(newly_pruned),
         )
-        done = epoch >= cfg.episode_epochs
-        added = jax.vmap(self.lattice.live_param_count)(lattice)
+
+    def _reward(self, state: EnvState, new_state: EnvState, before, added: jax.Array, done: jax.Array,
+                verdict: Verdict) -> jax.Array:
+        after = new_state.train.lattice.status
         signals = RewardSignals(
-            val_loss=val_loss, prev_val_loss=state.val_loss, stage_before=before.stage, stage_after=after.stage,
-            contribution=after.contribution, contribution_measured=after.contribution_measured,
-            added_params=added.astype(jnp.float32), host_params=jnp.full_like(val_loss, float(self.host_param_count)),
-            is_terminal=done, rolled_back=rolled_back,
+            val_loss=new_state.val_loss, prev_val_loss=state.val_loss, stage_before=before.stage,
+            stage_after=after.stage, contribution=after.contribution, contribution_measured=after.contribution_measured,
+            added_params=added.astype(jnp.float32),
+            host_params=jnp.full_like(new_state.val_loss, float(self.host_param_count)),
+            is_terminal=done, rolled_back=verdict.rolled_back,
         )
-        reward = jax.vmap(lambda sig: compute_reward(sig, cfg.reward))(signals)
-        info = {
-            "val_loss": val_loss, "val_accuracy": val_accuracy, "train_loss": train_loss, "applied": applied,
-            "rolled_back": rolled_back, "added_params": added, "contribution": contribution,
-        }
-        return jax.vmap(self._observe)(new_state), new_state, reward, done, info
+        return jax.vmap(lambda sig: compute_reward(sig, self.config.reward))(signals)
 
     # ------------------------------------------------------------------ helpers
 

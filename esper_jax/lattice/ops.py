@@ -17,7 +17,7 @@ Three formulations of a stride-1 'same' convolution, measured by
   (``jax.custom_batching.custom_vmap``) the forward and both gradients run as im2col instead.
 
 :func:`default_conv_impl`: ``lax_vjp`` on CPU, where population members run unbatched
-(``model.default_member_execution``): one baseline-CNN env's training step with a live
+(``PopulationStrategy.for_backend``): one baseline-CNN env's training step with a live
 conv_light seed, batch 64, 8 members mapped: 17.0 ms per member vs 23.3 ms with im2col and
 139 ms with ``lax``. Elsewhere im2col, as measured before lax_vjp existed (no accelerator has
 been measured since). ``ESPER_CONV_IMPL`` overrides the choice (read at trace time).

@@ -16,7 +16,9 @@ from flax import struct
 from esper_jax.lattice.hosts.base import Host, host_forward
 from esper_jax.lattice.grid import LatticeState
 from esper_jax.lattice.optim import sgd_optimizer
-from esper_jax.lattice.model import MorphogeneticModel, over_members
+from esper_jax.lattice.model import MorphogeneticModel
+from esper_jax.lattice.strategy import over_members
+from esper_jax.trees import add_axis, drop_axis
 
 
 def default_host_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
@@ -53,12 +55,10 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
 
     def population_step(state: TrainState, x: jax.Array, y: jax.Array):
         """All arguments lead with the population axis; members never mix (the summed loss's
-        gradient with respect to one member's parameters is that member's gradient)."""
-        if model.member_execution == "map" and x.shape[0] > 1:
-            # Each member's whole step (forward, backward, update) in turn: mapping inside the
-            # forward instead would stack every member's activations for the backward pass.
-            return jax.lax.map(lambda member: step(*member), (state, x, y))
-        return batched_step(state, x, y)
+        gradient with respect to one member's parameters is that member's gradient). Mapped
+        members run their whole step (forward, backward, update) in turn: mapping inside the
+        forward instead would stack every member's activations for the backward pass."""
+        return model.strategy.run(batched_step, (state, x, y))
 
     def batched_step(state: TrainState, x: jax.Array, y: jax.Array):
 
@@ -73,11 +73,11 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
                 state.host_params, state.lattice.params)
             return losses, grads
 
-        if model.skip_dormant_lattice and lattice.slots.slot_ids:
+        if lattice.slots.slot_ids:
             # The host alone while no member computes a slot (its seed gradients are zeros). The
             # cond wraps forward and backward together: around the forward only, the backward
             # would carry both branches' residuals, zero-filled for the branch not taken.
-            losses, (host_grads, seed_grads) = jax.lax.cond(
+            losses, (host_grads, seed_grads) = model.strategy.unless_dormant(
                 model.computes_any_slot(state.lattice), lambda: gradients(True), lambda: gradients(False))
         else:
             losses, (host_grads, seed_grads) = gradients(True)
@@ -89,10 +89,8 @@ def make_train_step(model: MorphogeneticModel, host_optimizer: optax.GradientTra
         return TrainState(host_params, host_opt_state, new_lattice), metrics
 
     def step(state: TrainState, x: jax.Array, y: jax.Array):
-        add = lambda tree: jax.tree.map(lambda a: a[None], tree)
-        drop = lambda tree: jax.tree.map(lambda a: a[0], tree)
-        new_state, metrics = batched_step(add(state), x[None], y[None])
-        return drop(new_state), drop(metrics)
+        new_state, metrics = batched_step(add_axis(state), x[None], y[None])
+        return drop_axis(new_state), drop_axis(metrics)
 
     return TrainStep(init, step, population_step)
 

@@ -36,7 +36,7 @@ rollout. MLP policies: minibatches are shuffled individual steps.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from esper_jax.rl import normalize
-from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction, action_masks
+from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction
+from esper_jax.trees import select
 from esper_jax.rl.policy import RECURRENT_KINDS, Policy, evaluate_actions, evaluate_actions_raw, sample_action
 
 # A minibatch whose KL before its step exceeds this multiple of target_kl stops the update
@@ -129,6 +130,24 @@ class RunnerState:
     episode_return: jax.Array    # [num_envs] float32: undiscounted return of the running episodes
 
 
+class PopulationEnv(Protocol):
+    """What the learner needs of an environment: an explicit population axis (every leaf leads
+    with ``num_envs``), a fixed episode length, factored actions with masks. ``info`` of a step
+    holds per-env ``val_loss``, ``val_accuracy`` and the episode's counts so far (``germinated``,
+    ``fossilized``, ``pruned``, ``rollbacks``), reported when an episode ends."""
+
+    observation_size: int
+    action_space: ActionSpace
+    episode_epochs: int
+
+    def population_reset(self, keys: jax.Array, data: Any) -> tuple[jax.Array, Any]: ...
+
+    def population_step(self, keys: jax.Array, state: Any, action: FactoredAction,
+                        data: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array, dict[str, jax.Array]]: ...
+
+    def population_masks(self, state: Any) -> ActionMasks: ...
+
+
 class Transition(NamedTuple):
     obs: jax.Array               # normalized, as the policy saw it
     episode_start: jax.Array
@@ -141,9 +160,75 @@ class Transition(NamedTuple):
     final_value: jax.Array       # value of the observation before a reset (used with bootstrap_on_done)
 
 
+class EpisodeStats(NamedTuple):
+    """Per env at every rollout step; averaged over the steps where an episode ended."""
+
+    episode_return: jax.Array
+    val_loss: jax.Array
+    val_accuracy: jax.Array
+    germinated: jax.Array
+    fossilized: jax.Array
+    pruned: jax.Array
+    rollbacks: jax.Array
+
+
+class Batch(NamedTuple):
+    """What the minibatch epochs learn from: the rollout, its advantages and returns, and (for a
+    recurrent policy) the carry the rollout started from, leaves ``[N, ...]``; ``()`` otherwise."""
+
+    transition: Transition
+    advantages: jax.Array
+    returns: jax.Array
+    carry: Any
+
+
+class LossInfo(NamedTuple):
+    """One minibatch step's losses, and the per-head entropy parts ``learn`` combines."""
+
+    policy_loss: jax.Array
+    value_loss: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+    head_entropy_sum: jax.Array   # [H]: entropy summed over the samples where the head mattered
+    head_relevant: jax.Array      # [H]: how many samples that was
+    head_entropy_mean: jax.Array  # [H]: plain mean entropy (for a head that never mattered)
+
+
+class UpdateMetrics(NamedTuple):
+    """One PPO update's metrics (each a scalar; a chunk stacks them ``[updates_per_chunk]``)."""
+
+    update: jax.Array
+    env_steps: jax.Array
+    mean_return: jax.Array              # episode statistics: means over the episodes that ended
+    mean_final_val_loss: jax.Array      # in the update's rollout (NaN if none did)
+    mean_final_val_accuracy: jax.Array
+    germinated: jax.Array
+    fossilized: jax.Array
+    pruned: jax.Array
+    rollbacks: jax.Array
+    episodes: jax.Array
+    policy_loss: jax.Array              # learning: means over the minibatch steps applied
+    value_loss: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+    explained_variance: jax.Array
+    entropy: jax.Array                  # [H]: per head, over the samples where the head mattered
+    minibatch_updates: jax.Array
+    kl_stopped: jax.Array
+
+    def columns(self) -> dict[str, jax.Array]:
+        """Flat named columns, one per metric (``entropy`` becomes ``entropy_<head>``)."""
+        out = {name: value for name, value in zip(self._fields, self) if name != "entropy"}
+        out.update({f"entropy_{h}": self.entropy[..., i] for i, h in enumerate(HEADS)})
+        return out
+
+
+METRIC_NAMES = tuple(name for name in UpdateMetrics._fields if name != "entropy") + tuple(f"entropy_{h}" for h in HEADS)
+
+
 class Trainer(NamedTuple):
     init: Callable                # (key, hyper, data) -> RunnerState
-    train_chunk: Callable         # (runner, data) -> (runner, metrics {name: [updates_per_chunk]})
+    train_chunk: Callable         # (runner, data) -> (runner, UpdateMetrics with leaves [updates_per_chunk])
     act: Callable                 # (params, obs_stats, obs, masks, carry, key, deterministic=False,
                                   #  episode_start=None) -> (FactoredAction, carry)
     init_carry: Callable          # (num_envs) -> carry
@@ -152,32 +237,11 @@ class Trainer(NamedTuple):
     rollout_steps: int
     updates_per_chunk: int
     config: PPOConfig
-    rollout: Callable             # (runner, data, key) -> (runner, Transition [T, N], finished {name: [T, N]},
+    rollout: Callable             # (runner, data, key) -> (runner, Transition [T, N], EpisodeStats [T, N],
                                   #  last_value [N]): one rollout without learning (tests, diagnostics)
 
 
-# Per-env values recorded at every step; averaged over the steps where an episode ended.
-FINISHED_FIELDS = ("return", "val_loss", "val_accuracy", "germinated", "fossilized", "pruned", "rollbacks")
-_LOSS_AUX = ("policy_loss", "value_loss", "approx_kl", "clip_fraction")
-_INT_METRICS = ("update", "env_steps", "episodes", "minibatch_updates", "kl_stopped")
-
-METRIC_NAMES = (
-    "update", "env_steps", "mean_return", "mean_final_val_loss", "mean_final_val_accuracy", "policy_loss",
-    "value_loss", "approx_kl", "clip_fraction", "explained_variance", *(f"entropy_{h}" for h in HEADS),
-    "germinated", "fossilized", "pruned", "rollbacks", "episodes", "minibatch_updates", "kl_stopped",
-)
-
-
 # ---------------------------------------------------------------------------- pure pieces
-
-
-def tree_select(pred: jax.Array, on_true, on_false):
-    """Leafwise ``where``; ``pred`` is a scalar or ``[N]`` matching the leaves' leading axis."""
-    def sel(a, b):
-        p = jnp.reshape(pred, jnp.shape(pred) + (1,) * (jnp.ndim(a) - jnp.ndim(pred)))
-        return jnp.where(p, a, b)
-
-    return jax.tree.map(sel, on_true, on_false)
 
 
 def compute_gae(rewards, values, dones, last_value, gamma: float, gae_lambda: float, final_values=None):
@@ -217,23 +281,9 @@ def make_optimizer(config: PPOConfig, learning_rate) -> optax.GradientTransforma
 
 def set_hyperparams(runner: RunnerState, hyper: Hyperparams) -> RunnerState:
     """Change a learner's hyperparameters (e.g. for population-based training); the learning
-    rate lives in the optimizer state."""
-    clip_state, adam_state = runner.opt_state
-    adam_state = adam_state._replace(hyperparams={**adam_state.hyperparams, "learning_rate": hyper.learning_rate})
-    return runner.replace(opt_state=(clip_state, adam_state), hyper=hyper)
-
-
-def population_masks(env, env_state) -> ActionMasks:
-    """Masks for every member of an environment population (leaves ``[N, ...]``). An env may
-    provide its own ``population_masks(state)``; otherwise they come from its lattice."""
-    own = getattr(env, "population_masks", None)
-    if own is not None:
-        return own(env_state)
-    return jax.vmap(lambda l: action_masks(env.lattice, l, env.config.actions))(env_state.train.lattice)
-
-
-def _action_space(env) -> ActionSpace:
-    return getattr(env, "action_space", None) or ActionSpace.for_lattice(env.lattice)
+    rate lives in the optimizer state, where optax finds it by name."""
+    opt_state = optax.tree_utils.tree_set(runner.opt_state, learning_rate=hyper.learning_rate)
+    return runner.replace(opt_state=opt_state, hyper=hyper)
 
 
 def _masked_mean(x, weight):
@@ -241,20 +291,26 @@ def _masked_mean(x, weight):
     return jnp.where(total > 0, jnp.sum(x * weight) / jnp.maximum(total, 1e-8), jnp.mean(x))
 
 
+def _per_episode(x: jax.Array, done: jax.Array, episodes: jax.Array) -> jax.Array:
+    """The mean of ``x`` over the steps where an episode ended (NaN if none did)."""
+    return jnp.where(episodes > 0, jnp.sum(x.astype(jnp.float32) * done) / episodes, jnp.nan)
+
+
 # ---------------------------------------------------------------------------- the trainer
 
 
-def make_train(config: PPOConfig, env, updates_per_chunk: int) -> Trainer:
+def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) -> Trainer:
     if updates_per_chunk <= 0:
         raise ValueError(f"updates_per_chunk must be positive, got {updates_per_chunk}")
     num_envs = config.num_envs
-    episode = env.config.episode_epochs
+    episode = env.episode_epochs
     steps = config.rollout_steps or episode
     # Envs start together and every episode has the same length, so when a rollout is a whole
     # number of episodes the resets happen at known steps: a condition on the step index is
     # unbatched even under a vmap over learners, so the reset stays a real conditional.
     aligned = steps % episode == 0
-    if config.recurrent != "none":
+    recurrent = config.recurrent != "none"
+    if recurrent:
         if num_envs % config.num_minibatches:
             raise ValueError(f"a recurrent policy splits minibatches by environment: num_envs ({num_envs}) "
                              f"must be a multiple of num_minibatches ({config.num_minibatches})")
@@ -262,11 +318,10 @@ def make_train(config: PPOConfig, env, updates_per_chunk: int) -> Trainer:
         raise ValueError(f"rollout_steps x num_envs ({steps} x {num_envs}) must be a multiple of "
                          f"num_minibatches ({config.num_minibatches})")
 
-    policy = Policy.make(_action_space(env).head_sizes(), config.hidden_size, config.recurrent)
+    policy = Policy.make(env.action_space.head_sizes(), config.hidden_size, config.recurrent)
     # Only `update` is used from this one: it reads the learning rate from the optimizer state.
     tx = make_optimizer(config, config.learning_rate)
     obs_size = env.observation_size
-    recurrent = config.recurrent != "none"
 
     def norm(stats, obs):
         return normalize.apply(stats, obs) if config.normalize_obs else obs
@@ -284,179 +339,164 @@ def make_train(config: PPOConfig, env, updates_per_chunk: int) -> Trainer:
 
     # ------------------------------------------------------------------ rollout
 
+    class RolloutCarry(NamedTuple):
+        obs_stats: normalize.RunningStats
+        env_state: Any
+        obs: jax.Array
+        policy_carry: Any
+        episode_start: jax.Array
+        episode_return: jax.Array
+        key: jax.Array
+
     def rollout(runner: RunnerState, data, key):
         params = runner.params
 
-        def step(carry, t):
-            stats, env_state, obs, pcarry, start, ep_return, key = carry
-            key, k_act, k_env, k_reset = jax.random.split(key, 4)
-            if config.normalize_obs:
-                stats = normalize.update(stats, obs)
-            nobs = norm(stats, obs)
-            masks = population_masks(env, env_state)
-            pcarry, logits, value = policy.apply(params, pcarry, nobs, start)
+        def step(carry: RolloutCarry, t):
+            key, k_act, k_env, k_reset = jax.random.split(carry.key, 4)
+            stats = normalize.update(carry.obs_stats, carry.obs) if config.normalize_obs else carry.obs_stats
+            nobs = norm(stats, carry.obs)
+            masks = env.population_masks(carry.env_state)
+            pcarry, logits, value = policy.apply(params, carry.policy_carry, nobs, carry.episode_start)
             action = sample_action(k_act, logits, masks)
             log_prob, _, _ = evaluate_actions(logits, masks, action)
             next_obs, next_state, reward, done, info = env.population_step(
-                jax.random.split(k_env, num_envs), env_state, action, data)
+                jax.random.split(k_env, num_envs), carry.env_state, action, data)
             reward = reward.astype(jnp.float32)
             if config.bootstrap_on_done:
                 _, _, final_value = policy.apply(params, pcarry, norm(stats, next_obs), jnp.zeros_like(done))
             else:
                 final_value = jnp.zeros_like(value)
-            ep_return = ep_return + reward
-            # One stacked array rather than a dict: one scan output to write instead of seven.
-            finished = jnp.stack([jnp.asarray(v, jnp.float32) for v in (
-                ep_return, info["val_loss"], info["val_accuracy"], next_state.germinated.sum(-1),
-                next_state.fossilized.sum(-1), next_state.pruned.sum(-1), next_state.rollbacks)], axis=-1)
+            episode_return = carry.episode_return + reward
+            stats_now = EpisodeStats(episode_return, info["val_loss"], info["val_accuracy"], info["germinated"],
+                                     info["fossilized"], info["pruned"], info["rollbacks"])
 
             def reset(operand):
                 next_obs, next_state = operand
                 reset_obs, reset_state = env.population_reset(jax.random.split(k_reset, num_envs), data)
-                return tree_select(done, (reset_obs, reset_state), (next_obs, next_state))
+                return select(done, (reset_obs, reset_state), (next_obs, next_state))
 
             any_reset = (t + 1) % episode == 0 if aligned else jnp.any(done)
             next_obs, next_state = jax.lax.cond(any_reset, reset, lambda operand: operand, (next_obs, next_state))
-            transition = Transition(nobs, start, action, masks, log_prob, value, reward, done, final_value)
-            carry = (stats, next_state, next_obs, pcarry, done, jnp.where(done, 0.0, ep_return), key)
-            return carry, (transition, finished)
+            transition = Transition(nobs, carry.episode_start, action, masks, log_prob, value, reward, done, final_value)
+            carry = RolloutCarry(stats, next_state, next_obs, pcarry, done, jnp.where(done, 0.0, episode_return), key)
+            return carry, (transition, stats_now)
 
-        carry = (runner.obs_stats, runner.env_state, runner.obs, runner.policy_carry, runner.episode_start,
-                 runner.episode_return, key)
-        carry, (traj, finished) = jax.lax.scan(step, carry, jnp.arange(steps))
-        stats, env_state, obs, pcarry, start, ep_return, _ = carry
-        _, _, last_value = policy.apply(params, pcarry, norm(stats, obs), start)
-        runner = runner.replace(obs_stats=stats, env_state=env_state, obs=obs, policy_carry=pcarry,
-                                episode_start=start, episode_return=ep_return)
-        return runner, traj, {name: finished[..., i] for i, name in enumerate(FINISHED_FIELDS)}, last_value
+        carry = RolloutCarry(runner.obs_stats, runner.env_state, runner.obs, runner.policy_carry,
+                             runner.episode_start, runner.episode_return, key)
+        carry, (traj, episode_stats) = jax.lax.scan(step, carry, jnp.arange(steps))
+        _, _, last_value = policy.apply(params, carry.policy_carry, norm(carry.obs_stats, carry.obs),
+                                        carry.episode_start)
+        runner = runner.replace(obs_stats=carry.obs_stats, env_state=carry.env_state, obs=carry.obs,
+                                policy_carry=carry.policy_carry, episode_start=carry.episode_start,
+                                episode_return=carry.episode_return)
+        return runner, traj, episode_stats, last_value
 
     # ------------------------------------------------------------------ loss and update
 
-    def loss_fn(params, batch, ent_coef):
+    def loss_fn(params, batch: Batch, ent_coef):
+        traj = batch.transition
         if recurrent:
-            _, logits, values = policy.unroll(params, batch["carry"], batch["obs"], batch["episode_start"])
+            _, logits, values = policy.unroll(params, batch.carry, traj.obs, traj.episode_start)
         else:
-            _, logits, values = policy.apply(params, (), batch["obs"], batch["episode_start"])
-        log_prob, raw, rel = evaluate_actions_raw(logits, batch["masks"], batch["action"])
-        entropies = {h: rel[..., i] * raw[h] for i, h in enumerate(HEADS)}
-        log_ratio = log_prob - batch["log_prob"]
+            _, logits, values = policy.apply(params, (), traj.obs, traj.episode_start)
+        log_prob, raw, rel = evaluate_actions_raw(logits, traj.masks, traj.action)
+        entropies = jnp.stack([raw[h] for h in HEADS], axis=-1)       # [..., H]
+        relevant_entropies = rel * entropies
+        log_ratio = log_prob - traj.log_prob
         ratio = jnp.exp(log_ratio)
-        adv = batch["advantages"]
+        adv = batch.advantages
         if config.normalize_advantages:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
-        value_loss = 0.5 * jnp.mean(jnp.square(values - batch["returns"]))
-        entropy = sum(entropies.values()).mean()
+        value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
+        entropy = relevant_entropies.sum(-1).mean()
         loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
-        approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
-        clip_fraction = jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32))
-        # One vector (fewer scan outputs): the losses of _LOSS_AUX, then per head the entropy
-        # summed over the samples where the head mattered, their count, and the plain mean entropy
-        # (for heads that never mattered in a rollout); `learn` combines them.
-        aux = jnp.concatenate([
-            jnp.stack([policy_loss, value_loss, approx_kl, clip_fraction]),
-            jnp.stack([jnp.sum(entropies[h]) for h in HEADS]),
-            jnp.sum(rel.reshape(-1, len(HEADS)), axis=0),
-            jnp.stack([jnp.mean(raw[h]) for h in HEADS]),
-        ])
-        return loss, aux
+        info = LossInfo(
+            policy_loss=policy_loss, value_loss=value_loss, approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
+            clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)),
+            head_entropy_sum=relevant_entropies.reshape(-1, len(HEADS)).sum(0),
+            head_relevant=rel.reshape(-1, len(HEADS)).sum(0),
+            head_entropy_mean=entropies.reshape(-1, len(HEADS)).mean(0),
+        )
+        return loss, info
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def minibatch_step(carry, batch, ent_coef, unravel):
-        flat, opt_state, stopped = carry
-        (_, aux), grads = grad_fn(unravel(flat), batch, ent_coef)
-        if config.target_kl is not None:
-            stopped = stopped | (aux[_LOSS_AUX.index("approx_kl")] > KL_STOP_FACTOR * config.target_kl)
-        updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
-        flat, opt_state = tree_select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
-        return (flat, opt_state, stopped), (aux, ~stopped)
+    def minibatches(batch: Batch, key) -> Batch:
+        """The batch shuffled and split into ``num_minibatches`` (a leading axis): whole
+        environment sequences for a recurrent policy, single steps for an MLP."""
+        if recurrent:
+            perm = jax.random.permutation(key, num_envs)
+            split = lambda axis: lambda x: jnp.moveaxis(jnp.take(x, perm, axis=axis).reshape(
+                x.shape[:axis] + (config.num_minibatches, -1) + x.shape[axis + 1:]), axis, 0)
+            steps_major = jax.tree.map(split(1), batch._replace(carry=()))
+            return steps_major._replace(carry=jax.tree.map(split(0), batch.carry))
+        perm = jax.random.permutation(key, steps * num_envs)
+        flat = lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), perm, axis=0).reshape(
+            (config.num_minibatches, -1) + x.shape[2:])
+        return jax.tree.map(flat, batch)
 
-    def learn(params, opt_state, batch, key, ent_coef):
-        """Shuffled minibatch epochs over a rollout batch (leaves ``[T, N, ...]``; ``batch["carry"]``
-        ``[N, ...]`` for recurrent policies). Returns ``(params, opt_state, metrics)``.
-
-        The optimizer works on the parameters raveled into one vector: one Adam update and one
-        select instead of one per layer, which cut the compile time of a chunk noticeably."""
+    def learn(params, opt_state, batch: Batch, key, ent_coef):
+        """``update_epochs`` epochs of shuffled minibatch steps over a rollout batch. The
+        optimizer works on the parameters raveled into one vector: one Adam update and one select
+        instead of one per layer, which cut the compile time of a chunk noticeably. Returns
+        ``(params, opt_state, losses averaged over the applied steps, steps applied, kl_stopped)``."""
         flat, unravel = ravel_pytree(params)
 
+        def minibatch_step(carry, minibatch):
+            flat, opt_state, stopped = carry
+            (_, info), grads = grad_fn(unravel(flat), minibatch, ent_coef)
+            if config.target_kl is not None:
+                stopped = stopped | (info.approx_kl > KL_STOP_FACTOR * config.target_kl)
+            updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
+            flat, opt_state = select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
+            return (flat, opt_state, stopped), (info, ~stopped)
+
         def epoch(carry, key):
-            if recurrent:
-                # Whole environment sequences: shuffle and split the env axis.
-                perm = jax.random.permutation(key, num_envs)
-                split = lambda x, axis: jnp.moveaxis(
-                    jnp.take(x, perm, axis=axis).reshape(
-                        x.shape[:axis] + (config.num_minibatches, -1) + x.shape[axis + 1:]), axis, 0)
-                carry_mb = jax.tree.map(lambda x: split(x, 0), batch["carry"])
-                minibatches = jax.tree.map(lambda x: split(x, 1), {k: v for k, v in batch.items() if k != "carry"})
-                minibatches["carry"] = carry_mb
-            else:
-                samples = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
-                perm = jax.random.permutation(key, steps * num_envs)
-                minibatches = jax.tree.map(
-                    lambda x: jnp.take(x, perm, axis=0).reshape((config.num_minibatches, -1) + x.shape[1:]), samples)
-            return jax.lax.scan(lambda c, mb: minibatch_step(c, mb, ent_coef, unravel), carry, minibatches)
+            return jax.lax.scan(minibatch_step, carry, minibatches(batch, key))
 
         keys = jax.random.split(key, config.update_epochs)
-        (flat, opt_state, stopped), (aux, applied) = jax.lax.scan(epoch, (flat, opt_state, jnp.asarray(False)), keys)
-        params = unravel(flat)
-        weight = applied.astype(jnp.float32)
-        aux = aux.reshape(-1, aux.shape[-1])
-        weight = weight.reshape(-1)
-        metrics = {k: _masked_mean(aux[:, i], weight) for i, k in enumerate(_LOSS_AUX)}
-        n, nh = len(_LOSS_AUX), len(HEADS)
-        for i, h in enumerate(HEADS):
-            # Mean over the samples where the head mattered; its plain mean if it never did.
-            relevant = jnp.sum(aux[:, n + nh + i] * weight)
-            metrics[f"entropy_{h}"] = jnp.where(
-                relevant > 0, jnp.sum(aux[:, n + i] * weight) / jnp.maximum(relevant, 1.0),
-                _masked_mean(aux[:, n + 2 * nh + i], weight))
-        metrics["minibatch_updates"] = jnp.sum(applied).astype(jnp.int32)
-        metrics["kl_stopped"] = stopped.astype(jnp.int32)
-        return params, opt_state, metrics
+        (flat, opt_state, stopped), (info, applied) = jax.lax.scan(epoch, (flat, opt_state, jnp.asarray(False)), keys)
+        weight = applied.reshape(-1).astype(jnp.float32)
+        info = jax.tree.map(lambda x: x.reshape((weight.shape[0],) + x.shape[2:]), info)
+        mean = lambda x: _masked_mean(x, weight)
+        # Per head: the mean over the samples where it mattered; its plain mean if it never did.
+        relevant = jnp.sum(info.head_relevant * weight[:, None], axis=0)
+        entropy = jnp.where(relevant > 0, jnp.sum(info.head_entropy_sum * weight[:, None], axis=0)
+                            / jnp.maximum(relevant, 1.0), jax.vmap(mean, in_axes=1)(info.head_entropy_mean))
+        losses = (mean(info.policy_loss), mean(info.value_loss), mean(info.approx_kl), mean(info.clip_fraction), entropy)
+        return unravel(flat), opt_state, losses, jnp.sum(applied).astype(jnp.int32), stopped.astype(jnp.int32)
 
     # ------------------------------------------------------------------ one update, a chunk
 
     def update_step(runner: RunnerState, data):
         key, k_rollout, k_learn = jax.random.split(runner.key, 3)
         start_carry = runner.policy_carry
-        runner, traj, finished, last_value = rollout(runner, data, k_rollout)
+        runner, traj, episode_stats, last_value = rollout(runner, data, k_rollout)
         advantages, returns = compute_gae(
             traj.reward, traj.value, traj.done, last_value, config.gamma, config.gae_lambda,
             traj.final_value if config.bootstrap_on_done else None)
-        batch = {"obs": traj.obs, "episode_start": traj.episode_start, "action": traj.action, "masks": traj.masks,
-                 "log_prob": traj.log_prob, "advantages": advantages, "returns": returns}
-        if recurrent:
-            batch["carry"] = start_carry
-        params, opt_state, learn_metrics = learn(runner.params, runner.opt_state, batch, k_learn,
-                                                 runner.hyper.ent_coef)
+        batch = Batch(traj, advantages, returns, start_carry if recurrent else ())
+        params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction, entropy), applied, stopped = learn(
+            runner.params, runner.opt_state, batch, k_learn, runner.hyper.ent_coef)
         update = runner.update + 1
         done = traj.done.astype(jnp.float32)
         episodes = jnp.sum(done)
-        # Episode statistics average over the episodes that ended in this rollout (NaN if none did).
-        per_episode = lambda x: jnp.where(episodes > 0, jnp.sum(x.astype(jnp.float32) * done) / episodes, jnp.nan)
-        metrics = {
-            "update": update, "env_steps": update * (steps * num_envs),
-            "mean_return": per_episode(finished["return"]),
-            "mean_final_val_loss": per_episode(finished["val_loss"]),
-            "mean_final_val_accuracy": per_episode(finished["val_accuracy"]),
-            "explained_variance": explained_variance(traj.value, returns),
-            **{name: per_episode(finished[name]) for name in ("germinated", "fossilized", "pruned", "rollbacks")},
-            "episodes": episodes.astype(jnp.int32),
-            **learn_metrics,
-        }
-        runner = runner.replace(params=params, opt_state=opt_state, key=key, update=update)
-        # Two stacked vectors (exact int32 counters, float32 statistics) instead of 27 scalars.
-        ints = jnp.stack([jnp.asarray(metrics[k], jnp.int32) for k in _INT_METRICS])
-        floats = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in METRIC_NAMES if k not in _INT_METRICS])
-        return runner, (ints, floats)
+        per_episode = lambda x: _per_episode(x, done, episodes)
+        metrics = UpdateMetrics(
+            update=update, env_steps=update * (steps * num_envs),
+            mean_return=per_episode(episode_stats.episode_return), mean_final_val_loss=per_episode(episode_stats.val_loss),
+            mean_final_val_accuracy=per_episode(episode_stats.val_accuracy),
+            germinated=per_episode(episode_stats.germinated), fossilized=per_episode(episode_stats.fossilized),
+            pruned=per_episode(episode_stats.pruned), rollbacks=per_episode(episode_stats.rollbacks),
+            episodes=episodes.astype(jnp.int32), policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
+            clip_fraction=clip_fraction, explained_variance=explained_variance(traj.value, returns), entropy=entropy,
+            minibatch_updates=applied, kl_stopped=stopped,
+        )
+        return runner.replace(params=params, opt_state=opt_state, key=key, update=update), metrics
 
     def train_chunk(runner: RunnerState, data):
-        runner, (ints, floats) = jax.lax.scan(lambda r, _: update_step(r, data), runner, None, length=updates_per_chunk)
-        float_names = [k for k in METRIC_NAMES if k not in _INT_METRICS]
-        metrics = {**{k: ints[:, i] for i, k in enumerate(_INT_METRICS)},
-                   **{k: floats[:, i] for i, k in enumerate(float_names)}}
-        return runner, {k: metrics[k] for k in METRIC_NAMES}
+        return jax.lax.scan(lambda r, _: update_step(r, data), runner, None, length=updates_per_chunk)
 
     def act(params, obs_stats, obs, masks, carry, key, deterministic: bool = False, episode_start=None):
         """The trained policy on a batch of observations (raw, ``[N, D]``); ``episode_start``
@@ -467,5 +507,5 @@ def make_train(config: PPOConfig, env, updates_per_chunk: int) -> Trainer:
         return sample_action(key, logits, masks, deterministic), carry
 
     return Trainer(init=init, train_chunk=train_chunk, act=act, init_carry=policy.initial_carry, policy=policy,
-                   masks=lambda env_state: population_masks(env, env_state), rollout_steps=steps,
-                   updates_per_chunk=updates_per_chunk, config=config, rollout=rollout)
+                   masks=env.population_masks, rollout_steps=steps, updates_per_chunk=updates_per_chunk, config=config,
+                   rollout=rollout)

@@ -831,7 +831,7 @@ def train(config: dict[str, Any], run_dir: str | os.PathLike[str], *, resume: bo
         for n in sizes:
             t = time.perf_counter()
             new_state, metrics = compiled[n](state, built.env_data)
-            rows = metric_rows(jax.device_get(metrics))  # the one host sync per chunk
+            rows = metric_rows(jax.device_get(metrics).columns())  # the one host sync per chunk
             seconds = time.perf_counter() - t
             append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
             state, done = new_state, done + n

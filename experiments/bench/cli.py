@@ -188,12 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--env-batch", type=int, default=64, help="env section: training batch size")
     parser.add_argument("--env-val-size", type=int, default=128, help="env section: validation images")
     parser.add_argument("--env-rounds", type=int, default=None, help="env section: interleaved timing rounds (default 3; --quick 2)")
-    parser.add_argument("--env-seed-dispatch", default=None, choices=("shared", "per_member"),
-                        help="env section: under vmap, how the population computes its seeds (default: "
-                             "esper_jax.lattice.model.default_seed_dispatch)")
-    parser.add_argument("--env-member-execution", default=None, choices=("vmap", "map"),
-                        help="env section: how a population of environments runs (default: "
-                             "esper_jax.lattice.model.default_member_execution)")
+    parser.add_argument("--env-execution", default=None, choices=("map", "vmap"),
+                        help="env section: members one after another (map) or batched (vmap) (default: the "
+                             "backend's, esper_jax.lattice.strategy.PopulationStrategy.for_backend)")
     parser.add_argument("--ppo-presets", default=None, help="ppo section: run presets (default smoke,default; --quick smoke)")
     parser.add_argument("--reference-envs", type=int, default=8, help="reference section: environments (population size)")
     parser.add_argument("--reference-batches", type=int, default=4, help="reference section: training batches per env")

@@ -27,10 +27,11 @@ def bench_env(args) -> dict:
     from esper_jax.data import load_image_dataset
     from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
     from esper_jax.env.tasks import get_task
+    from esper_jax.lattice.strategy import Execution, PopulationStrategy
 
     task = get_task("cifar10")
-    config = make_env_config(task, blueprints=args.blueprints, seed_dispatch=args.env_seed_dispatch,
-                             member_execution=args.env_member_execution, episode_epochs=10_000,
+    strategy = None if args.env_execution is None else PopulationStrategy(Execution(args.env_execution))
+    config = make_env_config(task, blueprints=args.blueprints, strategy=strategy, episode_epochs=10_000,
                              steps_per_epoch=args.env_steps_per_epoch,
                              batch_size=args.env_batch, val_size=args.env_val_size, data_label="SYNTHETIC data")
     env = MorphogeneticEnv(config)
@@ -53,8 +54,7 @@ def bench_env(args) -> dict:
                      "host_params": env.host_param_count, "slots": list(env.lattice.slots.slot_ids), "blueprints": names,
                      "steps_per_epoch": config.steps_per_epoch, "batch_size": config.batch_size,
                      "val_size": config.val_size, "scenarios": list(args.env_scenarios), "live_blueprint": live_name,
-                     "rounds": args.env_rounds, "member_execution": env.model.member_execution,
-                     "seed_dispatch": env.model.seed_dispatch, "compile_seconds": {},
+                     "rounds": args.env_rounds, "execution": env.model.strategy.execution.value, "compile_seconds": {},
                      "memory_bytes": {}, "sizes": {}}
 
     # States: population reset for the largest N; smaller populations and the loop's single
@@ -161,7 +161,7 @@ def _memory_growth(memory: dict) -> dict | None:
 def print_env_table(result: dict):
     print(f"\n## env ({result['data']}; {result['steps_per_epoch']} x {result['batch_size']} training images and "
           f"{result['val_size']} validation images per env step; {len(result['blueprints'])} blueprints, "
-          f"seed dispatch {result['seed_dispatch']})")
+          f"members {result.get('execution', '?')})")
     print(f"  {'N':>3} {'state':<8} {'how':<11} {'s/call':>8} {'env steps/s':>12} {'train img/s':>12} {'pop/loop per env':>17}")
     for n, entry in result["sizes"].items():
         for name in result["scenarios"]:

@@ -23,7 +23,8 @@ from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints import get_blueprint
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import Stage
-from esper_jax.lattice.model import MEMBER_EXECUTION, MorphogeneticModel
+from esper_jax.lattice.model import MorphogeneticModel
+from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.training import make_host_train_step, make_train_step
 from experiments.bench.timing import Timer, image_batch, stack
 
@@ -77,7 +78,7 @@ def bench_conv(args) -> dict:
             timer.add(f"{impl}: one member inside lax.cond",
                       lambda s=in_cond, p=params, o=opt: s(p, o, x, y, jnp.asarray(True)))
             timer.add(f"{impl}: vmap 8 (per member)", lambda s=population, m=members: s(m[0], m[1], xs, ys))
-            # The blueprints' convs: on CPU each member runs them unbatched (member_execution "map").
+            # The blueprints' convs: on CPU each member runs them unbatched (mapped members).
             for blueprint, slot in SEED_CONV_CASES:
                 seed_step, seed_args = seed_alone_step(seed_model, slot, blueprint, args.batch)
                 timer.add(f"{impl}: {blueprint} seed alone at {seed_model.lattice.slots.slot_ids[slot]}",
@@ -167,8 +168,8 @@ def bench_lattice(args) -> dict:
 
 def bench_population(args) -> dict:
     """The training step alone (no env), 8 members: a loop of 8 jitted one-member steps vs one
-    population step with the members batched (``member_execution="vmap"``) or run in turn inside
-    the program (``"map"``), each with every slot dormant and with one live seed per member."""
+    population step with the members batched (``Execution.BATCHED``) or run in turn inside
+    the program (``Execution.MAPPED``), each with every slot dormant and with one live seed per member."""
     base = MorphogeneticModel.build(CNNHost.baseline(), blueprints=args.blueprints)
     n = 8
     xs, ys = image_batch(args.batch, n)
@@ -188,14 +189,15 @@ def bench_population(args) -> dict:
             return [step(m, xi, yi) for m, xi, yi in zip(members, xs_list, ys_list)]
 
         timer.add(f"{label}: loop of {n}", loop)
-        for execution in MEMBER_EXECUTION:
-            population_step = jax.jit(make_train_step(dataclasses.replace(base, member_execution=execution)).population_step)
+        for execution in (e.value for e in Execution):
+            strategy = PopulationStrategy(Execution(execution))
+            population_step = jax.jit(make_train_step(dataclasses.replace(base, strategy=strategy)).population_step)
             timer.add(f"{label}: population ({execution})", lambda f=population_step, s=stacked: f(s, xs, ys))
     times = timer.run()
-    results = {"default_member_execution": base.member_execution,
+    results = {"default_execution": base.strategy.execution.value,
                "seconds_per_member": {k: v / n for k, v in times.items()}, "compile_seconds": timer.compile_seconds}
     for label in labels:
-        for execution in MEMBER_EXECUTION:
+        for execution in (e.value for e in Execution):
             results[f"population_over_loop[{label}, {execution}]"] = (
                 times[f"{label}: population ({execution})"] / times[f"{label}: loop of {n}"])
     return results

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from esper_jax.lattice import blending
+from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.blueprints import blueprint_names, get_blueprint
 from esper_jax.lattice.grid import GATE
 from esper_jax.lattice.lifecycle import COMPUTED_STAGES, Stage
@@ -74,10 +75,10 @@ def test_model_without_seeds_is_the_host(rig):
 
 
 def test_skipping_the_dormant_lattice_is_the_plain_host(rig):
-    """The default model (``skip_dormant_lattice``) runs the plain host while no slot is computed
+    """The default model (``PopulationStrategy.skip_dormant``) runs the plain host while no slot is computed
     and the lattice program otherwise; both agree with the rig's always-lattice model to rounding.
     A real ``lax.cond`` here (one member, no vmap), so both branches are exercised."""
-    skipping = dataclasses.replace(rig.model, skip_dormant_lattice=True)
+    skipping = dataclasses.replace(rig.model, strategy=dataclasses.replace(rig.model.strategy, skip_dormant=True))
     disabled = rig.no_slot_disabled()
 
     @jax.jit
@@ -436,7 +437,7 @@ def population(cnn):
         return jax.jit(jax.value_and_grad(pop_loss, argnums=(0, 1), has_aux=True))
 
     # Batched members (vmap), where the seed dispatch matters; "map" is checked against it below.
-    batched_model = dataclasses.replace(cnn.model, member_execution="vmap")
+    batched_model = dataclasses.replace(cnn.model, strategy=PopulationStrategy(Execution.BATCHED))
     pop_grad = make_pop_grad(batched_model)
 
     members = []
@@ -459,30 +460,19 @@ def population(cnn):
     args = [cnn.member_args(m["state"], m["host_params"], m["x"], m["y"], m["disabled"]) for m in members]
     batched = stack(*args)  # jax.tree.map(lambda *a: jnp.stack(a), ...)
     (pop_loss_value, pop_out), (pop_host_grads, pop_seed_grads) = jax.tree.map(np.asarray, pop_grad(*batched))
-    # The same members under the other seed dispatch than the rig's.
-    other = "shared" if batched_model.seed_dispatch == "per_member" else "per_member"
-    other_dispatch = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(batched_model, seed_dispatch=other))(*batched))
-    mapped = jax.tree.map(np.asarray, make_pop_grad(dataclasses.replace(batched_model, member_execution="map"))(*batched))
+    mapped_model = dataclasses.replace(batched_model, strategy=PopulationStrategy(Execution.MAPPED))
+    mapped = jax.tree.map(np.asarray, make_pop_grad(mapped_model)(*batched))
     singles = cnn.run_members(args)
     host_outs = [np.asarray(cnn.host_only(m["host_params"], m["x"], m["y"])[1]) for m in members]
     return dict(
         members=members, singles=singles, host_outs=host_outs,
-        loss=pop_loss_value, out=pop_out, host_grads=pop_host_grads, seed_grads=pop_seed_grads, other_dispatch=other_dispatch,
-        mapped=mapped,
+        loss=pop_loss_value, out=pop_out, host_grads=pop_host_grads, seed_grads=pop_seed_grads, mapped=mapped,
     )
 
 
-def test_shared_and_per_member_seed_dispatch_agree(population):
-    """Both ways of computing a population's seeds give the same outputs and gradients."""
-    (loss, out), (host_grads, seed_grads) = population["other_dispatch"]
-    np.testing.assert_allclose(out, population["out"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loss, population["loss"], rtol=1e-5)
-    assert_trees_close(host_grads, population["host_grads"], rtol=1e-4, atol=1e-6)
-    assert_trees_close(seed_grads, population["seed_grads"], rtol=1e-4, atol=1e-6)
-
-
 def test_mapped_and_batched_members_agree(population):
-    """member_execution "map" (each member's one-member program in turn) gives what "vmap" gives."""
+    """Mapped members (each its one-member program in turn, its seed's blueprint by ``lax.switch``)
+    give what batched members give (each blueprint in use run for the population by ``lax.cond``)."""
     (loss, out), (host_grads, seed_grads) = population["mapped"]
     np.testing.assert_allclose(out, population["out"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss, population["loss"], rtol=1e-5)

@@ -1,5 +1,5 @@
 """The training step of a population: running the members in turn inside one program
-(``member_execution="map"``), batching them (``"vmap"``) and stepping each alone agree."""
+(``Execution.MAPPED``), batching them (``Execution.BATCHED``) and stepping each alone agree."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import Stage
+from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.lattice.training import make_train_step
 from tests.conftest import assert_trees_close, key, stack
@@ -21,9 +22,10 @@ MEMBERS = 3
 @pytest.fixture(scope="module")
 def setup():
     host = CNNHost(base_width=4, num_blocks=2, pool_blocks=1, image_size=8)
-    model = MorphogeneticModel.build(host, slot_ids=("r0c0", "r1c0"), blueprints=("conv_light",), member_execution="map")
+    model = MorphogeneticModel.build(host, slot_ids=("r0c0", "r1c0"), blueprints=("conv_light",),
+                                     strategy=PopulationStrategy(Execution.MAPPED))
     mapped = make_train_step(model)
-    batched = make_train_step(dataclasses.replace(model, member_execution="vmap"))
+    batched = make_train_step(dataclasses.replace(model, strategy=PopulationStrategy(Execution.BATCHED)))
     states = [jax.jit(mapped.init)(key(i)) for i in range(MEMBERS)]
     # Member 1 grows a seed at r1c0 in TRAINING, member 2 one at r0c0; member 0 stays dormant.
     germinate = jax.jit(model.lattice.germinate)

@@ -51,6 +51,7 @@ class BanditEnv:
 
     def __init__(self, episode_epochs: int = 4):
         self.config = BanditConfig(episode_epochs)
+        self.episode_epochs = episode_epochs
 
     def _observe(self, state):
         e = state.epoch.astype(jnp.float32) / self.config.episode_epochs
@@ -87,7 +88,8 @@ class BanditEnv:
         state = state.replace(epoch=epoch, germinated=state.germinated + germinate[:, None] * jax.nn.one_hot(
             action.blueprint, 2, dtype=jnp.int32), rollbacks=state.rollbacks + (~valid).astype(jnp.int32))
         info = {"val_loss": 1.0 - state.germinated.sum(-1) / self.config.episode_epochs,
-                "val_accuracy": jnp.zeros(epoch.shape)}
+                "val_accuracy": jnp.zeros(epoch.shape), "germinated": state.germinated.sum(-1),
+                "fossilized": state.fossilized.sum(-1), "pruned": state.pruned.sum(-1), "rollbacks": state.rollbacks}
         return self._observe(state), state, reward, epoch >= self.config.episode_epochs, info
 
 
@@ -224,32 +226,32 @@ def test_policy_learns_the_rewarded_op(bandit_runs):
         history.append(metrics)
     metrics = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *history)
     after = germinate_probability(one, runner, env)
-    returns = metrics["mean_return"]
+    returns = metrics.mean_return
     # GERMINATE starts as one of 4-5 valid ops; an episode can germinate at most 3 times.
     assert before < 0.3
     assert after > before + 0.3, (before, after)
     assert returns[-3:].mean() > returns[:3].mean() + 0.5, returns
-    np.testing.assert_allclose(metrics["germinated"], returns)  # one germination = reward 1
+    np.testing.assert_allclose(metrics.germinated, returns)  # one germination = reward 1
 
 
 def test_train_chunk_metrics_and_state(bandit_runs):
     env, config, one, two, init, chunk1, chunk2 = bandit_runs
     runner = init(jax.random.key(0), Hyperparams.default(config), DATA)
     after, metrics = chunk2(runner, DATA)
-    assert set(metrics) == set(METRIC_NAMES)
-    for name, value in metrics.items():
+    assert set(metrics.columns()) == set(METRIC_NAMES)
+    for name, value in metrics.columns().items():
         assert value.shape == (2,), name
         assert np.all(np.isfinite(np.asarray(value))), name
-    np.testing.assert_array_equal(np.asarray(metrics["update"]), [1, 2])
-    np.testing.assert_array_equal(np.asarray(metrics["env_steps"]), [6 * 4, 12 * 4])
-    np.testing.assert_array_equal(np.asarray(metrics["episodes"]), [8, 8])  # 2 episodes of 3 per env per rollout
+    np.testing.assert_array_equal(np.asarray(metrics.update), [1, 2])
+    np.testing.assert_array_equal(np.asarray(metrics.env_steps), [6 * 4, 12 * 4])
+    np.testing.assert_array_equal(np.asarray(metrics.episodes), [8, 8])  # 2 episodes of 3 per env per rollout
     assert int(after.update) == 2 and float(after.obs_stats.count) == 12 * 4
     assert not np.allclose(np.asarray(after.obs_stats.mean), 0.0)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), runner.params, after.params))
     assert all(changed)  # every parameter moved (BanditEnv makes every head matter sometimes)
     # No target KL: every minibatch of every epoch applies.
-    np.testing.assert_array_equal(np.asarray(metrics["minibatch_updates"]), [4, 4])
-    np.testing.assert_array_equal(np.asarray(metrics["kl_stopped"]), [0, 0])
+    np.testing.assert_array_equal(np.asarray(metrics.minibatch_updates), [4, 4])
+    np.testing.assert_array_equal(np.asarray(metrics.kl_stopped), [0, 0])
     # Episodes are complete at the end of each rollout: envs were reset, returns restarted.
     np.testing.assert_array_equal(np.asarray(after.env_state.epoch), 0)
     assert bool(jnp.all(after.episode_start)) and float(jnp.abs(after.episode_return).max()) == 0.0
@@ -297,7 +299,7 @@ def test_population_members_equal_single_runs(bandit_runs):
     # The members really had different hyperparameters.
     lr = population.opt_state[1].hyperparams["learning_rate"]
     np.testing.assert_allclose(np.asarray(lr), [1e-3, 3e-2])
-    assert not np.allclose(np.asarray(pop_metrics["approx_kl"][0]), np.asarray(pop_metrics["approx_kl"][1]))
+    assert not np.allclose(np.asarray(pop_metrics.approx_kl[0]), np.asarray(pop_metrics.approx_kl[1]))
 
 
 def test_set_hyperparams_changes_the_learning_rate(bandit_runs):
@@ -327,21 +329,21 @@ def test_recurrent_unaligned_rollouts_replay_exactly_and_target_kl_stops(kind):
     runner = jax.jit(trainer.init)(jax.random.key(6), Hyperparams.make(0.0, 0.05), DATA)
     frozen, metrics = chunk(runner, DATA)
     # Episodes end at global steps 3, 6, 9, 12, 15: rollout 1-5 ends one per env, 6-10 two, 11-15 two.
-    np.testing.assert_array_equal(np.asarray(metrics["episodes"]), [2, 4, 4])
+    np.testing.assert_array_equal(np.asarray(metrics.episodes), [2, 4, 4])
     np.testing.assert_array_equal(np.asarray(frozen.env_state.epoch), [0, 0])
-    assert np.all(np.asarray(metrics["approx_kl"]) < 1e-7), metrics["approx_kl"]
-    assert np.all(np.asarray(metrics["clip_fraction"]) == 0)
-    np.testing.assert_array_equal(np.asarray(metrics["minibatch_updates"]), [6, 6, 6])
+    assert np.all(np.asarray(metrics.approx_kl) < 1e-7), metrics.approx_kl
+    assert np.all(np.asarray(metrics.clip_fraction) == 0)
+    np.testing.assert_array_equal(np.asarray(metrics.minibatch_updates), [6, 6, 6])
     tree_allclose(frozen.params, runner.params, rtol=0, atol=0)
 
     learning, metrics = chunk(set_hyperparams(runner, Hyperparams.make(3e-2, 0.05)), DATA)
-    for name, value in metrics.items():
+    for name, value in metrics.columns().items():
         assert np.all(np.isfinite(np.asarray(value))), name
     # The first minibatch is measured at the rollout's parameters (KL ~ 0) and applies; a later
     # one exceeds 1.5 * target_kl, and it and every one after it are masked out.
-    updates = np.asarray(metrics["minibatch_updates"])
+    updates = np.asarray(metrics.minibatch_updates)
     assert np.all(updates >= 1) and np.all(updates < 6), updates
-    np.testing.assert_array_equal(np.asarray(metrics["kl_stopped"]), [1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(metrics.kl_stopped), [1, 1, 1])
     assert jax.tree.structure(learning.policy_carry) == jax.tree.structure(trainer.init_carry(2))
     assert all(float(jnp.abs(c).max()) > 0 for c in jax.tree.leaves(learning.policy_carry))
 
@@ -392,13 +394,13 @@ def tiny():
 
 def test_real_env_chunk_runs_with_finite_metrics(tiny):
     env, data, trainer, init, chunk, runner, after, metrics = tiny
-    assert set(metrics) == set(METRIC_NAMES)
-    for name, value in metrics.items():
+    assert set(metrics.columns()) == set(METRIC_NAMES)
+    for name, value in metrics.columns().items():
         assert value.shape == (2,) and np.all(np.isfinite(np.asarray(value))), name
-    np.testing.assert_array_equal(np.asarray(metrics["update"]), [1, 2])
-    np.testing.assert_array_equal(np.asarray(metrics["env_steps"]), [6, 12])
-    np.testing.assert_array_equal(np.asarray(metrics["episodes"]), [2, 2])
-    assert np.all(np.asarray(metrics["mean_final_val_loss"]) > 0)
+    np.testing.assert_array_equal(np.asarray(metrics.update), [1, 2])
+    np.testing.assert_array_equal(np.asarray(metrics.env_steps), [6, 12])
+    np.testing.assert_array_equal(np.asarray(metrics.episodes), [2, 2])
+    assert np.all(np.asarray(metrics.mean_final_val_loss) > 0)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), runner.params, after.params)["params"]
     # Torso, value and op head always learn; option heads only when their ops were sampled.
     for layer in ("torso_0", "torso_1", "value", "head_op"):
@@ -413,7 +415,7 @@ def test_real_env_same_key_same_metrics(tiny):
     again, metrics2 = chunk(runner, data)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), metrics, metrics2)
     other, metrics3 = chunk(init(jax.random.key(1), Hyperparams.default(TINY_PPO), data), data)
-    assert not np.array_equal(np.asarray(metrics["mean_final_val_loss"]), np.asarray(metrics3["mean_final_val_loss"]))
+    assert not np.array_equal(np.asarray(metrics.mean_final_val_loss), np.asarray(metrics3.mean_final_val_loss))
 
 
 @pytest.mark.slow
@@ -440,7 +442,7 @@ def test_real_env_recurrent_policy_runs():
     trainer = make_train(config, env, 2)
     runner = jax.jit(trainer.init)(jax.random.key(0), Hyperparams.default(config), data)
     runner, metrics = jax.jit(trainer.train_chunk)(runner, data)
-    for name, value in metrics.items():
+    for name, value in metrics.columns().items():
         assert np.all(np.isfinite(np.asarray(value))), name
     assert jax.tree.structure(runner.policy_carry) == jax.tree.structure(trainer.init_carry(2))
 
