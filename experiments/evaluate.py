@@ -20,6 +20,7 @@ action unless ``--stochastic``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
     from esper_jax.runs.checkpoint import CheckpointError
-    from esper_jax.runs.run import CONFIG_FILE, USER_ERRORS, RunConfigError, load_run
+    from esper_jax.runs.config import CONFIG_FILE, RunConfigError
+    from esper_jax.runs.load import load_run
+    from esper_jax.runs.loop import USER_ERRORS
 
     try:
         controllers = parse_controllers(args.controllers)
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
         return 2
 
     env = handle.env
-    seed = handle.config["seed"] if args.eval_seed is None else args.eval_seed
+    seed = handle.config.seed if args.eval_seed is None else args.eval_seed
     use_policy = ev.POLICY in controllers
     rule_based = tuple(n for n in controllers if n != ev.POLICY)
     policy = ev.policy_driver(handle.trainer, deterministic=not args.stochastic) if use_policy else None
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     if use_policy and all_members:
         runs += [(f"{ev.POLICY}_m{m}", ev.POLICY, inputs_of(m)) for m in range(handle.population) if m != member]
 
-    print(f"evaluating run {handle.run_dir} (checkpoint after update {handle.step}; task {handle.config['task']} on "
+    print(f"evaluating run {handle.run_dir} (checkpoint after update {handle.step}; task {handle.config.task} on "
           f"{handle.data_label}): {args.envs} held-out envs x {env.config.episode_epochs} epochs, "
           f"held-out seed stream fold_in(key({seed}), {ev.EVAL_STREAM:#x})")
     results = {}
@@ -136,9 +139,9 @@ def main(argv=None) -> int:
             "member": member, "population": handle.population,
             "selection": _selection(args.member, handle.summary),
             "checkpoint_update": handle.step, "deterministic": not args.stochastic,
-            "hyperparameters": handle.members[member],
+            "hyperparameters": dataclasses.asdict(handle.members[member]),
         }
-    payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config["task"],
+    payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
     json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload)

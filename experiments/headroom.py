@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from esper_jax.runs import evaluation as ev
-from esper_jax.runs import run
+from esper_jax.runs import settings as run_settings
+from esper_jax.runs.build import build
+from esper_jax.runs.config import RunConfigError, read_config
+from esper_jax.runs.loop import USER_ERRORS
 from esper_jax.env.controllers import Schedule, make_scripted_controller
 from experiments.cli import Parser, positive
 
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--run-dir", help="use this run's configuration (written by experiments.ppo)")
     where.add_argument("--task", help="resolve a configuration from --preset instead of a run")
-    parser.add_argument("--preset", default=None, help=f"with --task: one of {', '.join(run.PRESETS)}")
+    parser.add_argument("--preset", default=None, help=f"with --task: one of {', '.join(run_settings.PRESETS)}")
     parser.add_argument("--data", default=None, help="with --task: synthetic, auto or a data directory")
     parser.add_argument("--seed", type=int, default=0, help="with --task: the run seed whose held-out stream is used")
     parser.add_argument("--envs", type=positive, default=16, help="held-out envs (default 16)")
@@ -75,14 +78,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.run_dir:
-            config_path = Path(args.run_dir) / run.CONFIG_FILE
-            if not config_path.exists():
-                raise run.RunConfigError(f"{args.run_dir} is not a run directory ({run.CONFIG_FILE} is missing)")
-            config = run.read_json(config_path)
+            config = read_config(args.run_dir)
         else:
             explicit = {"task": args.task, "data": args.data, "seed": args.seed}
-            config = run.resolve_config(run.resolve_settings(explicit, args.preset))
-        built = run.build(config)
+            config = run_settings.resolve_config(run_settings.resolve_settings(explicit, args.preset))
+        built = build(config)
         env = built.env
         texts = args.schedules.split(",") if args.schedules else None
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
         scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
         json_path = Path(args.json) if args.json else (Path(args.run_dir) / "headroom.json" if args.run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
-            raise run.RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
-    except (ValueError,) + run.USER_ERRORS as error:
+            raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    except (ValueError,) + USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     evaluator = ev.Evaluator(env, args.envs, ("static", "heuristic"), scripted=scripted)
-    key = ev.held_out_key(config["seed"])
+    key = ev.held_out_key(config.seed)
     print(f"{len(evaluator.names)} controllers x {args.envs} held-out envs on {built.data_label}")
     results, started = {}, time.perf_counter()
     for name in evaluator.names:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         results[name] = evaluator.run(name, built.env_data, key)
         print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
               flush=True)
-    payload = ev.evaluation_payload(env, results, run_seed=config["seed"], task=config["task"],
+    payload = ev.evaluation_payload(env, results, run_seed=config.seed, task=config.task,
                                     data_label=built.data_label, synthetic=built.synthetic, run_dir=args.run_dir)
     payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
     payload["schedules"] = [s.name for s in schedules]

@@ -6,7 +6,7 @@
     python -m experiments.ppo --resume DIR [--updates U]
 
 A preset sets a whole configuration; explicit options override it. Everything is resolved,
-written to DIR/config.json and trained by :mod:`esper_jax.runs.run` (this file only parses flags).
+written to DIR/config.json and trained by :mod:`esper_jax.runs.loop` (this file only parses flags).
 Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C; resume with --resume).
 """
 
@@ -20,7 +20,10 @@ import types
 import typing
 from pathlib import Path
 
-from esper_jax.runs import run
+from esper_jax.runs import settings as run_settings
+from esper_jax.runs.config import RunConfigError, read_config
+from esper_jax.runs.loop import USER_ERRORS, enable_compile_cache, train
+from esper_jax.runs.rundir import default_run_dir, fmt, prepare_run_dir
 from esper_jax.lattice.optim import LR_SCHEDULES
 from esper_jax.runs.population import SWEEP_HELP
 from esper_jax.rl.ppo import PPOConfig
@@ -77,16 +80,16 @@ def _field_type(field: dataclasses.Field):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = run.DEFAULTS
+    d = run_settings.DEFAULTS
     parser = Parser(
         prog="python -m experiments.ppo",
         description="Train the seed controller with PPO: a preset gives a whole configuration, explicit options "
-                    "override it. Presets: " + "; ".join(f"{n}: {p.description}" for n, p in run.PRESETS.items()),
+                    "override it. Presets: " + "; ".join(f"{n}: {p.description}" for n, p in run_settings.PRESETS.items()),
         argument_default=argparse.SUPPRESS,  # only options given explicitly reach the run settings
     )
     g = parser.add_argument_group("run")
     g.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (required unless --resume)")
-    g.add_argument("--preset", help=f"one of {', '.join(run.PRESETS)} (default: {run.DEFAULT_PRESET})")
+    g.add_argument("--preset", help=f"one of {', '.join(run_settings.PRESETS)} (default: {run_settings.DEFAULT_PRESET})")
     g.add_argument("--run-dir", help="where the run is written (default: runs/TASK-PRESET-TIME); must be empty")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest complete checkpoint; "
                    "other options must match the run's, except --updates, --keep-checkpoints, --data-dir")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif field.name == "recurrent":
             g.add_argument(*flags, dest=field.name, choices=("none", "lstm", "gru"), help=help_text)
-        elif field.name in run.POSITIVE_SETTINGS:
+        elif field.name in run_settings.POSITIVE_SETTINGS:
             g.add_argument(*flags, dest=field.name, type=positive, help=help_text)
         else:
             g.add_argument(*flags, dest=field.name, type=kind, help=help_text)
@@ -181,24 +184,19 @@ def main(argv=None) -> int:
         if "resume" in args:
             run_dir = Path(args.resume)
             if "run_dir" in args and Path(args.run_dir).absolute() != run_dir.absolute():
-                raise run.RunConfigError("--resume DIR continues the run in DIR; do not give another --run-dir")
-            run.prepare_run_dir(run_dir, resume=True)
-            stored = run.read_json(run_dir / run.CONFIG_FILE)
-            run.check_resume_settings(stored, explicit)
-            settings = dict(stored["settings"])
-            settings.update({k: explicit[k] for k in run.RESUME_MAY_CHANGE if k in explicit})
-            config = run.resolve_config(settings)
-            config["members"] = stored["members"]  # drawn once, when the run started
+                raise RunConfigError("--resume DIR continues the run in DIR; do not give another --run-dir")
+            prepare_run_dir(run_dir, resume=True)
+            config = run_settings.resume_config(read_config(run_dir), explicit)
         else:
-            settings = run.resolve_settings(explicit, explicit.pop("preset", None))
-            config = run.resolve_config(settings)
-            run_dir = Path(args.run_dir) if "run_dir" in args else run.default_run_dir(config)
-            run.prepare_run_dir(run_dir, resume=False)
+            settings = run_settings.resolve_settings(explicit, explicit.pop("preset", None))
+            config = run_settings.resolve_config(settings)
+            run_dir = Path(args.run_dir) if "run_dir" in args else default_run_dir(config)
+            prepare_run_dir(run_dir, resume=False)
         cache = args.compile_cache
-        run.enable_compile_cache(None if cache == "off" else cache)
-        result = run.train(config, run_dir, resume="resume" in args,
-                           progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
-    except run.USER_ERRORS as error:
+        enable_compile_cache(None if cache == "off" else cache)
+        result = train(config, run_dir, resume="resume" in args,
+                       progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
+    except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for long advice
         return 2
     summary = result.summary
@@ -206,8 +204,8 @@ def main(argv=None) -> int:
     for member in summary["members"]:
         final = member["final"] or {}
         print(f"member {member['member']}: lr {member['learning_rate']:.3g} ent {member['ent_coef']:.3g} "
-              f"seed {member['seed']}: score {run._fmt(member['score'])}, final return "
-              f"{run._fmt(final.get('mean_return'))}, final val loss {run._fmt(final.get('mean_final_val_loss'))}")
+              f"seed {member['seed']}: score {fmt(member['score'])}, final return "
+              f"{fmt(final.get('mean_return'))}, final val loss {fmt(final.get('mean_final_val_loss'))}")
     if summary["best_member"] is not None:
         print(f"best member: {summary['best_member']} ({summary['best_by']})")
     if summary["synthetic"]:

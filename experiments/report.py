@@ -17,6 +17,8 @@ import os
 import sys
 
 from esper_jax.runs import plots
+from esper_jax.runs.config import RunConfig, RunConfigError, read_config
+from esper_jax.runs.rundir import read_json
 from experiments.cli import positive
 
 
@@ -28,21 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _note(config: dict, evaluation: dict | None) -> str | None:
+def _note(config: RunConfig | None, evaluation: dict | None) -> str | None:
     """'SYNTHETIC data' when the run trained (or was evaluated) on the synthetic stand-in."""
-    synthetic = bool((config.get("data") or {}).get("synthetic")) or bool(evaluation and evaluation.get("synthetic"))
+    synthetic = bool(config and config.data.synthetic) or bool(evaluation and evaluation.get("synthetic"))
     return "SYNTHETIC data (not the real dataset)" if synthetic else None
 
 
-def _member_labels(config: dict) -> list[str] | None:
-    members = config.get("members") or []
-    if len(members) < 2:
+def _member_labels(config: RunConfig | None) -> list[str] | None:
+    if config is None or config.population < 2:
         return None
-    labels = []
-    for m, spec in enumerate(members):
-        parts = [f"{k}={spec[k]:.3g}" for k in ("learning_rate", "ent_coef") if isinstance(spec.get(k), (int, float))]
-        labels.append(f"member {m}" + (f" ({', '.join(parts)})" if parts else ""))
-    return labels
+    return [f"member {m} (learning_rate={spec.learning_rate:.3g}, ent_coef={spec.ent_coef:.3g})"
+            for m, spec in enumerate(config.members)]
 
 
 def _safe(name: str) -> str:
@@ -66,9 +64,8 @@ def make_report(run_dir: str, *, with_eval: bool = True, max_envs: int = 16) -> 
     rows = plots.read_metrics(metrics_path)
     if not rows:
         raise plots.MetricsError(f"{metrics_path} has no complete rows yet")
-    config_path = os.path.join(run_dir, "config.json")
-    config = plots.read_json(config_path) if os.path.isfile(config_path) else {}
-    evaluation = plots.read_json(eval_path) if with_eval else None
+    config = read_config(run_dir) if os.path.isfile(os.path.join(run_dir, "config.json")) else None
+    evaluation = read_json(eval_path) if with_eval else None
     note = _note(config, evaluation)
     labels = _member_labels(config)
 
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = make_report(args.run_dir, with_eval=not args.no_eval, max_envs=args.max_envs)
-    except (FileNotFoundError, plots.MetricsError, ValueError, KeyError) as error:
+    except (FileNotFoundError, plots.MetricsError, RunConfigError, ValueError, KeyError) as error:
         message = error if not isinstance(error, KeyError) else f"evaluation.json lacks {error}; rerun experiments.evaluate"
         print(f"error: {message}", file=sys.stderr)
         return 2

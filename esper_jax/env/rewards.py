@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from flax import struct
 
 from esper_jax.lattice.lifecycle import BLENDED_STAGES, NUM_STAGES, Stage, in_stages
 
-REWARD_KINDS = ("loss", "contribution", "sparse")
+RewardKind = Literal["loss", "contribution", "sparse"]
+REWARD_KINDS: tuple[RewardKind, ...] = ("loss", "contribution", "sparse")
 
 
 def _per_stage(values: dict[Stage, float]) -> tuple[float, ...]:
@@ -70,7 +72,7 @@ class RewardConfig:
     task-specific; :func:`esper_jax.env.environment.make_env_config` fills them from the task.
     """
 
-    kind: str = "loss"  # one of REWARD_KINDS
+    kind: RewardKind = "loss"
     # loss-primary
     loss_delta_weight: float = 5.0
     max_loss_delta: float = 5.0             # clip of the normalized delta

@@ -16,7 +16,7 @@ loss and the op taken, which become the seed timelines of the report.
 What this module returns and writes:
 
 * :class:`EpisodeOutput`: arrays of one episode per env (``[N]``, ``[N, E]``, ``[N, E, S]``);
-* :func:`summarize` / :func:`timeline`: JSON-ready dicts of one controller's results;
+* :func:`summarize_episodes` / :func:`timeline`: JSON-ready dicts of one controller's results;
 * :func:`write_evaluation`: ``evaluation.json`` and ``evaluation.md`` (the comparison table).
 """
 
@@ -39,6 +39,7 @@ from esper_jax.env.controllers import CONTROLLERS, make_controller
 from esper_jax.env.environment import EnvData, EnvState, MorphogeneticEnv
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.rewards import parameter_rent
+from esper_jax.runs.rundir import fmt, write_json
 
 POLICY = "policy"
 EVALUATION_VERSION = 1
@@ -215,7 +216,7 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(float(value)) else None
 
 
-def summarize(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
+def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
     """One controller's results: means over the held-out envs, per-env values, and seeds
     germinated/fossilized/pruned per blueprint (totals over envs)."""
     blueprints = [b.name for b in env.lattice.blueprints]
@@ -258,10 +259,6 @@ def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- writing
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _counts(counts: dict[str, int]) -> str:
     used = [f"{name} {count}" for name, count in counts.items() if count]
     return ", ".join(used) if used else "0"
@@ -301,7 +298,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
         lines.append(
             f"| {name} | {loss} | {versus(r, 'static')} | {versus(r, 'heuristic')} | "
-            f"{_fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
+            f"{fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
             f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
         )
     lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static / vs "
@@ -311,8 +308,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
     align = payload.get("return_alignment")
     if align:
         lines += ["", f"Return vs goal over all {align['episodes']} episodes: Pearson correlation of the episode return "
-                  f"with the final val loss net of parameter rent {_fmt(align['pearson_return_vs_final_loss_net_of_rent'], '+.3f')} "
-                  f"(within env {_fmt(align['pearson_return_vs_final_loss_net_of_rent_within_env'], '+.3f')}; "
+                  f"with the final val loss net of parameter rent {fmt(align['pearson_return_vs_final_loss_net_of_rent'], '+.3f')} "
+                  f"(within env {fmt(align['pearson_return_vs_final_loss_net_of_rent_within_env'], '+.3f')}; "
                   "strongly negative = a higher return means a better network)."]
     return "\n".join(lines) + "\n"
 
@@ -321,10 +318,7 @@ def write_json_and_markdown(json_path: str | os.PathLike, payload: dict[str, Any
     """``payload`` as JSON at ``json_path`` (atomically: a reader never sees half a file) and
     ``markdown`` beside it, with the suffix ``.md``."""
     json_path = os.fspath(json_path)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, json_path)
+    write_json(json_path, payload)
     with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
         f.write(markdown)
 
@@ -426,13 +420,8 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
             "episode_epochs": env.config.episode_epochs,
         },
         "policy": policy,
-        "controllers": {name: {**summarize(env, out), **paired_differences(out, results)}
+        "controllers": {name: {**summarize_episodes(env, out), **paired_differences(out, results)}
                         for name, out in results.items()},
         "return_alignment": return_alignment(env, results),
         "timelines": {name: timeline(env, out) for name, out in results.items()},
     }
-
-
-def select_member(tree, member: int):
-    """Member ``member`` of a pytree with a leading population axis."""
-    return jax.tree.map(lambda a: a[member], tree)

@@ -65,11 +65,6 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _series(rows: Sequence[dict], key: str, member: int | None = None) -> tuple[list, list]:
     """(updates, values) for ``key``, skipping rows where it is missing or null/NaN."""
     xs, ys = [], []

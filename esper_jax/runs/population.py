@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from esper_jax.runs.config import Member
+
 RANGE_KINDS = ("log", "lin")
 SWEEP_HELP = ("one value, a comma list with one value per member, or a range drawn per member: "
               "log:LO:HI (log-uniform) or lin:LO:HI (uniform)")
@@ -106,22 +108,23 @@ def population_size(population: int | None, sweeps: dict[str, Sweep], seeds: tup
 
 
 def resolve_members(population: int | None, learning_rate: Sweep, ent_coef: Sweep, seed: int,
-                    seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """One ``{"learning_rate", "ent_coef", "seed"}`` per member. Default seeds: ``seed + i``
+                    seeds: tuple[int, ...] | None = None) -> tuple[Member, ...]:
+    """One :class:`~esper_jax.runs.config.Member` per member. Default seeds: ``seed + i``
     (so member 0 of a population is the same learner as a single run with ``--seed``)."""
     size = population_size(population, {"lr": learning_rate, "ent_coef": ent_coef}, seeds)
     rng = np.random.default_rng(seed)  # ranges are drawn in a fixed order: learning rates, then entropy
     lrs = learning_rate.draw(size, rng)
     ents = ent_coef.draw(size, rng)
     seeds = tuple(seed + i for i in range(size)) if seeds is None else seeds
-    return [{"learning_rate": lr, "ent_coef": ent, "seed": int(s)} for lr, ent, s in zip(lrs, ents, seeds)]
+    return tuple(Member(float(lr), float(ent), int(s)) for lr, ent, s in zip(lrs, ents, seeds))
 
 
-def stack_hyperparams(default_hyper, members: list[dict[str, Any]]):
+def stack_hyperparams(default_hyper, members):
     """The learner's ``Hyperparams`` with a leading population axis: its defaults for every field
-    the members do not set, the members' learning rate and entropy coefficient."""
+    the members (objects with the fields they set as attributes) do not set, the members'
+    learning rate and entropy coefficient."""
     def column(name, default):
-        values = [m[name] if name in m else default for m in members]
+        values = [getattr(m, name, default) for m in members]
         return np.asarray(values, dtype=np.asarray(default).dtype)
 
     fields = {f.name: column(f.name, getattr(default_hyper, f.name)) for f in dataclasses.fields(default_hyper)}

@@ -59,7 +59,7 @@ def environment() -> dict:
     }
 
 
-def summarize(output: dict, quick: bool, wall_seconds: float) -> dict:
+def summarize_bench(output: dict, quick: bool, wall_seconds: float) -> dict:
     """The headline keys of the issue, lifted out of the sections."""
     s: dict = {}
     lattice, env, ppo = output.get("lattice"), output.get("env"), output.get("ppo")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         print_section(section, output[section])
         print(f"  ({section}: {output['section_seconds'][section]:.1f} s)", flush=True)
     wall = time.perf_counter() - start
-    output["summary"] = summarize(output, args.quick, wall)
+    output["summary"] = summarize_bench(output, args.quick, wall)
     print_summary(output["summary"])
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from esper_jax.rl import ppo as ppo_lib
-from esper_jax.runs import run as run_lib
+from esper_jax.runs import settings as run_settings
+from esper_jax.runs.build import build
 from esper_jax.data import SYNTHETIC
 from experiments.bench.timing import Timer, compile_timed
 
@@ -23,8 +24,8 @@ from experiments.bench.timing import Timer, compile_timed
 def _built(preset: str, task: str):
     # Synthetic data for every preset (labelled in the results): throughput depends on shapes, not
     # values, and a benchmark must not need the real dataset on disk.
-    settings = run_lib.resolve_settings({"task": task, "checkpoint_every": 1, "data": SYNTHETIC}, preset)
-    return run_lib.build(run_lib.resolve_config(settings))
+    settings = run_settings.resolve_settings({"task": task, "checkpoint_every": 1, "data": SYNTHETIC}, preset)
+    return build(run_settings.resolve_config(settings))
 
 
 def bench_preset(preset: str, task: str, rounds: int, calls: int) -> dict:
@@ -46,11 +47,11 @@ def bench_preset(preset: str, task: str, rounds: int, calls: int) -> dict:
     timer.add("update", one_update)  # a first call outside the timing (allocations, caches)
     per_update = timer.run()["update"]
     env_steps = trainer.rollout_steps * built.ppo_config.num_envs
-    env = built.config["env"]
+    env = built.config.env
     return {
         "preset": preset, "task": task, "data": built.data_label,
         "num_envs": built.ppo_config.num_envs, "rollout_steps": trainer.rollout_steps,
-        "steps_per_epoch": env["steps_per_epoch"], "batch_size": env["batch_size"], "val_size": env["val_size"],
+        "steps_per_epoch": env.steps_per_epoch, "batch_size": env.batch_size, "val_size": env.val_size,
         "blueprints": [b.name for b in built.env.lattice.blueprints],
         "compile_seconds": seconds,
         "seconds_per_update": per_update,

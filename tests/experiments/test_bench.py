@@ -59,7 +59,7 @@ def _fake_output(torch: bool) -> dict:
 
 
 def test_summary_checks_each_target():
-    summary = cli.summarize(_fake_output(torch=True), quick=True, wall_seconds=80.0)
+    summary = cli.summarize_bench(_fake_output(torch=True), quick=True, wall_seconds=80.0)
     met = {name: t["met"] for name, t in summary["targets"].items()}
     assert met == {
         "dormant_overhead": False,                 # 1.2 > 1.15
@@ -75,7 +75,7 @@ def test_summary_checks_each_target():
 
 
 def test_summary_without_torch_says_why_and_measures_nothing_for_it():
-    summary = cli.summarize(_fake_output(torch=False), quick=False, wall_seconds=500.0)
+    summary = cli.summarize_bench(_fake_output(torch=False), quick=False, wall_seconds=500.0)
     assert summary["targets"]["torch_reference_ratio"]["met"] is None
     assert "not installed" in summary["torch_reference_skipped"]
     assert summary["targets"]["wall_seconds[--quick]"]["met"] is None  # only judged for --quick

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from esper_jax.runs import run
+from esper_jax.runs.config import Member, RunConfigError, read_config
+from esper_jax.runs.load import load_run
+from esper_jax.runs.rundir import write_json
+from esper_jax.runs.settings import check_resume_settings, resolve_config, resolve_settings
 from experiments import ppo as cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,16 +41,16 @@ SPEC_METRICS = ("update", "env_steps", "mean_return", "mean_final_val_loss", "me
 # Ctrl-C while the second chunk's rows are being written: one row is on disk, then the interrupt.
 INTERRUPT = """
 import sys
-from esper_jax.runs import run
+from esper_jax.runs import loop
 calls = []
-append = run.append_rows
+append = loop.append_rows
 def interrupted(path, rows):
     calls.append(len(rows))
     if len(calls) == 2:
         append(path, rows[:1])
         raise KeyboardInterrupt
     append(path, rows)
-run.append_rows = interrupted
+loop.append_rows = interrupted
 from experiments.ppo import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -129,10 +132,9 @@ def test_unknown_conv_formulation_is_a_config_error(capsys, tmp_path, monkeypatc
 def test_bad_run_directories(capsys, tmp_path):
     assert "no run there" in error_line(capsys, [f"--resume={tmp_path}"])
     # a run whose first checkpoint never completed (only Orbax's temporary directory)
-    settings = run.resolve_settings({"task": "cifar10"}, "smoke")
-    config = run.resolve_config(settings)
+    config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
     (tmp_path / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
-    run.write_json(tmp_path / "config.json", config)
+    write_json(tmp_path / "config.json", config.to_json())
     line = error_line(capsys, [f"--resume={tmp_path}"])
     assert "no complete checkpoint" in line and "interrupted" in line
     # a fresh run into a directory that holds one
@@ -147,31 +149,47 @@ def test_bad_run_directories(capsys, tmp_path):
 
 
 def test_proof_preset_resolves_the_calibrated_problem():
-    config = run.resolve_config(run.resolve_settings({"task": "cifar10"}, "proof"))
-    assert config["host_variant"] == "pointwise" and config["host"]["kernel_size"] == 1
-    assert config["host"]["image_size"] == 16 and config["data"]["synthetic"]
-    env = config["env"]
-    assert (env["host_lr"], env["host_lr_schedule"], env["seed_lr"], env["auto_advance"]) == (0.1, "cosine", 0.05, True)
-    assert env["max_concurrent_training"] == 1 and env["min_training_epochs"] == 1
+    config = resolve_config(resolve_settings({"task": "cifar10"}, "proof"))
+    assert config.host_variant == "pointwise" and config.host.kernel_size == 1
+    assert config.host.image_size == 16 and config.data.synthetic
+    env = config.env
+    assert (env.host_lr, env.host_lr_schedule, env.seed_lr, env.auto_advance) == (0.1, "cosine", 0.05, True)
+    assert env.max_concurrent_training == 1 and env.min_training_epochs == 1
     # explicit options still win, and the per-topology preset values do not leak into other tasks
-    config = run.resolve_config(run.resolve_settings({"task": "cifar10", "image_size": 32, "host_variant": "baseline"}, "proof"))
-    assert config["host"]["image_size"] == 32 and config["host"]["kernel_size"] == 3
-    config = run.resolve_config(run.resolve_settings({"task": "tinystories"}, "proof"))
-    assert config["host_variant"] == "base" and config["settings"]["image_size"] is None
+    config = resolve_config(resolve_settings({"task": "cifar10", "image_size": 32, "host_variant": "baseline"}, "proof"))
+    assert config.host.image_size == 32 and config.host.kernel_size == 3
+    config = resolve_config(resolve_settings({"task": "tinystories"}, "proof"))
+    assert config.host_variant == "base" and config.options["image_size"] is None
 
 
 def test_settings_layering():
     """Explicit options override the preset, the preset overrides the defaults; canonical forms
     make ``--lr 3e-4`` equal the stored ``0.0003`` on resume."""
-    config = run.resolve_config(run.resolve_settings({"task": "cifar10", "envs": 3, "learning_rate": "1e-3"}, "smoke"))
-    assert config["ppo"]["num_envs"] == 3 and config["env"]["episode_epochs"] == 7
-    assert config["members"] == [{"learning_rate": 1e-3, "ent_coef": 0.05, "seed": 0}]
-    assert config["host"]["base_width"] == 4 and config["env"]["blueprints"] == ["conv_small", "norm"]
-    assert config["data"]["synthetic"] and config["data"]["label"] == "SYNTHETIC data"
-    run.check_resume_settings(config, {"learning_rate": "0.001", "envs": 3, "slots": "r0c0", "updates": 99})
-    default = run.resolve_config(run.resolve_settings({"task": "cifar10"}))
-    assert default["preset"] == "default" and default["env"]["slots"] == ["r0c0", "r1c0", "r2c0"]
-    assert default["data"]["source"] == "auto" and not default["data"]["synthetic"]
+    config = resolve_config(resolve_settings({"task": "cifar10", "envs": 3, "learning_rate": "1e-3"}, "smoke"))
+    assert config.ppo.num_envs == 3 and config.env.episode_epochs == 7
+    assert config.members == (Member(learning_rate=1e-3, ent_coef=0.05, seed=0),)
+    assert config.host.base_width == 4 and config.env.blueprints == ("conv_small", "norm")
+    assert config.data.synthetic and config.data.label == "SYNTHETIC data"
+    check_resume_settings(config, {"learning_rate": "0.001", "envs": 3, "slots": "r0c0", "updates": 99})
+    default = resolve_config(resolve_settings({"task": "cifar10"}))
+    assert default.preset == "default" and default.env.slots == ("r0c0", "r1c0", "r2c0")
+    assert default.data.source == "auto" and not default.data.synthetic
+
+
+def test_config_json_round_trip_and_damage(tmp_path):
+    """config.json is one JSON form of the typed configuration; a damaged or incomplete one is a
+    one-line error naming the file."""
+    config = resolve_config(resolve_settings({"task": "cifar10", "population": 2, "learning_rate": "1e-3,3e-4"}, "smoke"))
+    write_json(tmp_path / "config.json", config.to_json())
+    assert read_config(tmp_path) == config
+    (tmp_path / "config.json").write_text('{"version": 1, "task": ')
+    with pytest.raises(RunConfigError, match="config.json is damaged"):
+        read_config(tmp_path)
+    value = config.to_json()
+    del value["env"]
+    write_json(tmp_path / "config.json", value)
+    with pytest.raises(RunConfigError, match="lacks 'env'"):
+        read_config(tmp_path)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -235,7 +253,7 @@ def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
     assert json.loads((run_dir / "summary.json").read_text())["complete"]
 
     # load_run restores the newest checkpoint with its population axis, for evaluation
-    handle = run.load_run(run_dir)
+    handle = load_run(run_dir)
     assert handle.step == 4 and handle.population == 1 and handle.synthetic and handle.best_member == 0
     assert handle.state.update.shape == (1,) and int(handle.state.update[0]) == 4
     member = handle.member_state(0)

@@ -16,6 +16,7 @@ import pytest
 from esper_jax.rl import normalize
 from esper_jax.data import load_image_dataset
 from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.trees import take
 from esper_jax.runs.evaluation import (
     CONTROLLERS,
     POLICY,
@@ -24,7 +25,6 @@ from esper_jax.runs.evaluation import (
     held_out_key,
     markdown_table,
     policy_driver,
-    select_member,
     write_evaluation,
 )
 from esper_jax.lattice.hosts import CNNHost
@@ -49,7 +49,7 @@ def rig():
     params = jax.tree.map(lambda *a: np.stack(a), *members)
     stats = jax.tree.map(lambda a: np.stack([a, a]), normalize.init(env.observation_size))
     evaluator = Evaluator(env, NUM_ENVS, CONTROLLERS, policy=policy_driver(trainer, deterministic=True))
-    inputs = (select_member(params, 1), select_member(stats, 1))
+    inputs = (take(params, 1), take(stats, 1))
     key = held_out_key(0)
     results = {name: evaluator.run(name, data, key, inputs) for name in evaluator.names}
     return env, data, evaluator, inputs, key, results
@@ -165,18 +165,20 @@ def _fails(capsys, argv, *fragments):
 
 
 def _smoke_config(**explicit):
-    from esper_jax.runs import run
+    from esper_jax.runs.settings import resolve_config, resolve_settings
 
-    return run.resolve_config(run.resolve_settings({"task": "cifar10", **explicit}, "smoke"))
+    return resolve_config(resolve_settings({"task": "cifar10", **explicit}, "smoke"))
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):
-    from esper_jax.runs import run
+    from esper_jax.runs.rundir import write_json
 
     _fails(capsys, ["--run-dir", str(tmp_path / "nowhere")], "config.json is missing", "python -m experiments.ppo")
     _fails(capsys, ["--run-dir", str(tmp_path), "--controllers", "policy,oracle"], "unknown controller 'oracle'")
-    run.write_json(tmp_path / run.CONFIG_FILE, _smoke_config())
+    write_json(tmp_path / "config.json", _smoke_config().to_json())
     _fails(capsys, ["--run-dir", str(tmp_path)], "checkpoint", "python -m experiments.ppo")
+    (tmp_path / "config.json").write_text("{not json")
+    _fails(capsys, ["--run-dir", str(tmp_path)], "config.json is damaged")
 
 
 def test_member_option():
@@ -197,12 +199,12 @@ def test_member_option():
 def test_train_evaluate_report(tmp_path, capsys):
     """End to end: a smoke population of two trains, is evaluated (best member and all members)
     and reported."""
-    from esper_jax.runs import run
+    from esper_jax.runs.loop import train
     from experiments import evaluate, report
 
     run_dir = tmp_path / "run"
     config = _smoke_config(population=2, seeds="0,1", updates=2, checkpoint_every=2)
-    result = run.train(config, run_dir, progress=False, log=lambda line: None)
+    result = train(config, run_dir, progress=False, log=lambda line: None)
     assert result.checkpoint == 2
     best = result.summary["best_member"]
     capsys.readouterr()
@@ -213,7 +215,7 @@ def test_train_evaluate_report(tmp_path, capsys):
     assert loaded["policy"]["member"] == best and loaded["policy"]["checkpoint_update"] == 2
     assert list(loaded["controllers"]) == ["policy", "heuristic", "random", "static", f"policy_m{1 - best}"]
     assert loaded["controllers"]["static"]["params_added"] == 0
-    assert np.asarray(loaded["timelines"]["policy"]["stage"]).shape == (3, config["env"]["episode_epochs"], 1)
+    assert np.asarray(loaded["timelines"]["policy"]["stage"]).shape == (3, config.env.episode_epochs, 1)
     assert report.main(["--run-dir", str(run_dir)]) == 0
     plots = sorted(p.name for p in (run_dir / "plots").iterdir())
     assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 9

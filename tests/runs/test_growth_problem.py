@@ -17,7 +17,7 @@ from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_en
 from esper_jax.runs.evaluation import Evaluator
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import GateConfig, Stage
-from esper_jax.runs.run import PRESETS, resolve_settings
+from esper_jax.runs.settings import PRESETS, resolve_settings
 from esper_jax.env.tasks import get_task
 
 

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from esper_jax.runs import run
+from esper_jax.runs.load import load_run
+from esper_jax.runs.settings import resolve_settings
 from esper_jax.runs.population import Placement, parse_seeds, parse_sweep, resolve_members, stack_hyperparams
 from esper_jax.rl.ppo import Hyperparams, PPOConfig
 
@@ -41,8 +42,8 @@ def test_sweeps_and_members():
 
     # lists set the population size; single values are shared; seeds default to seed + i
     members = resolve_members(None, parse_sweep("lr", "1e-3,3e-4,1e-4"), parse_sweep("e", "0.05", False), seed=10)
-    assert [m["learning_rate"] for m in members] == [1e-3, 3e-4, 1e-4]
-    assert [m["ent_coef"] for m in members] == [0.05] * 3 and [m["seed"] for m in members] == [10, 11, 12]
+    assert [m.learning_rate for m in members] == [1e-3, 3e-4, 1e-4]
+    assert [m.ent_coef for m in members] == [0.05] * 3 and [m.seed for m in members] == [10, 11, 12]
     # ranges are drawn per member, reproducibly from the run seed, inside the range
     draw = lambda seed: resolve_members(4, parse_sweep("lr", "log:1e-4:1e-2"), parse_sweep("e", "lin:0:0.1", False),
                                         seed=seed)
@@ -110,7 +111,7 @@ def test_population_sharded_over_four_devices_matches_one_device(tmp_path):
         # the top-level values are the member means
         assert r1["mean_return"] == pytest.approx(np.mean([m["mean_return"] for m in r1["members"]]))
         # 2 envs x one smoke episode per update
-        per_update = 2 * run.resolve_settings({"task": "cifar10"}, "smoke")["episode_epochs"]
+        per_update = 2 * resolve_settings({"task": "cifar10"}, "smoke")["episode_epochs"]
         assert r1["env_steps"] == r1["members"][0]["env_steps"] == per_update * r1["update"]
     # the members really differ: their own hyperparameters and seeds
     assert rows["one"][-1]["members"][0]["mean_return"] != rows["one"][-1]["members"][1]["mean_return"]
@@ -127,7 +128,7 @@ def test_population_sharded_over_four_devices_matches_one_device(tmp_path):
     assert f"best member: {summaries['four']['best_member']}" in four.stdout
 
     # a checkpoint written from 4 devices restores on this process's devices, population axis kept
-    handle = run.load_run(tmp_path / "four")
+    handle = load_run(tmp_path / "four")
     assert handle.step == 2 and handle.population == 2
     assert handle.state.update.tolist() == [2, 2] and handle.state.obs.shape[:2] == (2, 2)
     np.testing.assert_allclose(np.asarray(handle.state.hyper.learning_rate), [1e-3, 3e-4], rtol=1e-6)

@@ -1,0 +1,191 @@
+"""Building a run from its configuration: the data, the environment, the learner, where they
+run (:class:`Built`), and the population programs, jitted with their shardings (:class:`Programs`).
+
+P learners are one ``jax.vmap`` of the learner (:func:`population_functions`), sharded over the
+devices by :class:`~esper_jax.runs.population.Placement`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
+from esper_jax.data.datasets import CorruptDatasetError, downsample_images
+from esper_jax.env.actions import ActionConfig
+from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.env.rewards import RewardConfig
+from esper_jax.env.tasks import TaskConfig, get_task
+from esper_jax.lattice.lifecycle import GateConfig
+from esper_jax.rl import ppo as ppo_lib
+from esper_jax.runs.config import RunConfig, RunConfigError
+from esper_jax.runs.population import Placement, stack_hyperparams
+from esper_jax.trees import add_axis, drop_axis
+
+
+
+@dataclasses.dataclass
+class Built:
+    """Everything a configuration makes: env, data, learner and where it runs."""
+
+    config: RunConfig
+    task: TaskConfig
+    env: MorphogeneticEnv
+    dataset: Any
+    env_data: EnvData
+    trainer: ppo_lib.Trainer
+    placement: Placement
+
+    @property
+    def population(self) -> int:
+        return self.config.population
+
+    @property
+    def ppo_config(self) -> ppo_lib.PPOConfig:
+        return self.config.ppo
+
+    @property
+    def members(self):
+        return self.config.members
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.dataset.synthetic)
+
+    @property
+    def data_label(self) -> str:
+        return self.env.config.data_label
+
+
+def load_dataset(config: RunConfig, data: str | None = None, data_dir: str | None = None):
+    """The dataset a configuration names (``data``/``data_dir`` override where it is read from)."""
+    try:
+        return _load_dataset(config, data, data_dir)
+    except (DatasetNotFoundError, CorruptDatasetError):
+        raise
+    except ValueError as error:  # e.g. --data and --data-dir naming different directories, a bad tokenizer
+        raise RunConfigError(str(error)) from None
+
+
+def _load_dataset(config: RunConfig, data: str | None, data_dir: str | None):
+    d = config.data
+    source = data if data is not None else d.source
+    directory = data_dir if data_dir is not None else d.data_dir
+    synthetic = source == SYNTHETIC
+    if config.topology == "cnn":
+        sizes = {"n_train": d.synthetic_train or 10_000,
+                 "n_test": max(d.synthetic_test or 1_000, config.env.val_size)} if synthetic else {}
+        dataset = load_image_dataset(config.task, source, data_dir=directory, **sizes)
+        return downsample_images(dataset, config.host.image_size)  # the data follows the host's input
+    sizes = {"n_train_tokens": 100 * (d.synthetic_train or 10_000),
+             "n_val_tokens": 100 * (d.synthetic_test or 1_000)} if synthetic else {}
+    return load_token_dataset("tinystories", source, tokenizer=d.tokenizer or "gpt2", data_dir=directory, **sizes)
+
+
+def data_label(dataset) -> str:
+    return "SYNTHETIC data" if dataset.synthetic else f"real data from {dataset.source}"
+
+
+def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None) -> Built:
+    """Load the data and build env, learner and placement for a resolved configuration. The
+    built configuration (``Built.config``) records the data's origin and, for a language model,
+    the vocabulary its tokenizer gave the host."""
+    dataset = load_dataset(config, data, data_dir)
+    spec = config.env
+    try:
+        if config.topology == "cnn":
+            task = get_task(config.task, config.host_variant)
+            host = config.host
+        else:
+            task = get_task(config.task, config.host_variant, vocab_size=dataset.vocab_size,
+                            block_size=spec.block_size)
+            host = dataclasses.replace(config.host, vocab_size=dataset.vocab_size)
+        label = data_label(dataset)
+        env_config = make_env_config(
+            task, spec.slots, blueprints=spec.blueprints, host=host, episode_epochs=spec.episode_epochs,
+            steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size, val_size=spec.val_size,
+            reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight),
+            gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
+            actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age),
+            host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr, data_label=label)
+        env = MorphogeneticEnv(env_config)
+        trainer = ppo_lib.make_train(config.ppo, env, config.checkpoint_every)
+        env_data = make_env_data(env_config, dataset)
+    except (ValueError, TypeError) as error:
+        raise RunConfigError(str(error)) from None
+    config = config.replace(host=host, data=dataclasses.replace(config.data, label=label))
+    placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
+    env_data = placement.put(env_data, placement.replicated())
+    return Built(config, task, env, dataset, env_data, trainer, placement)
+
+
+# ---------------------------------------------------------------------------- population programs
+
+
+def population_functions(trainer: ppo_lib.Trainer, population: int) -> tuple[Callable, Callable]:
+    """``init(seeds[P], hyper[P], data) -> state[P]`` and ``chunk(state[P], data) -> (state, metrics[P, U])``.
+
+    P learners are one ``jax.vmap`` of the learner. For P = 1 the learner runs unbatched and the
+    axis is added around it: under ``vmap`` the environment's "compute this blueprint only if some
+    env uses it" conditionals become selects that compute every blueprint, which a single learner
+    need not pay for."""
+
+    def keys(seeds):
+        return jax.vmap(jax.random.key)(seeds)
+
+    if population == 1:
+        def init(seeds, hyper, data):
+            return add_axis(trainer.init(keys(seeds)[0], drop_axis(hyper), data))
+
+        def chunk(state, data):
+            return add_axis(trainer.train_chunk(drop_axis(state), data))
+    else:
+        def init(seeds, hyper, data):
+            return jax.vmap(trainer.init, in_axes=(0, 0, None))(keys(seeds), hyper, data)
+
+        chunk = jax.vmap(trainer.train_chunk, in_axes=(0, None))
+    return init, chunk
+
+
+@dataclasses.dataclass
+class Programs:
+    """The compiled population programs of a built run, and the abstract state they produce."""
+
+    init: Callable
+    chunk: Callable
+    abstract_state: Any          # ShapeDtypeStructs with shardings
+    seeds: jax.Array
+    hyper: Any
+
+
+def make_programs(built: Built) -> Programs:
+    members = built.members
+    placement = built.placement
+    seeds = placement.put(jnp.asarray([m.seed for m in members], jnp.uint32), placement.population())
+    hyper = placement.put(stack_hyperparams(ppo_lib.Hyperparams.default(built.ppo_config), members),
+                          placement.population())
+    init, chunk = population_functions(built.trainer, len(members))
+    abstract = placement.with_shardings(jax.eval_shape(init, seeds, hyper, built.env_data))
+    shardings = placement.state_shardings(abstract)
+    if shardings is None:
+        init_fn, chunk_fn = jax.jit(init), jax.jit(chunk)
+    else:
+        init_fn = jax.jit(init, out_shardings=shardings)
+        chunk_fn = jax.jit(chunk, out_shardings=(shardings, placement.population()))
+    return Programs(init_fn, chunk_fn, abstract, seeds, hyper)
+
+
+
+
+def chunk_program(built: Built, programs: Programs, updates: int):
+    """The population chunk program for a chunk of a different length (the last one of a run whose
+    ``updates`` is not a multiple of ``checkpoint_every``): a second learner, same state layout."""
+    trainer = ppo_lib.make_train(built.ppo_config, built.env, updates)
+    _, chunk = population_functions(trainer, built.population)
+    shardings = built.placement.state_shardings(programs.abstract_state)
+    if shardings is None:
+        return jax.jit(chunk)
+    return jax.jit(chunk, out_shardings=(shardings, built.placement.population()))

@@ -1,0 +1,184 @@
+"""The typed configuration of a training run, and its one JSON form (``config.json``).
+
+A :class:`RunConfig` is everything needed to rebuild a run: the task and the host actually used,
+the data source, the inner environment (:class:`EnvSpec`), the learner (``PPOConfig``), the
+members of the population, the run's length and checkpoints, and the command-line options it
+was resolved from (kept so that ``--resume`` can compare options given again). Every section is
+a frozen dataclass; :meth:`RunConfig.to_json`/:meth:`RunConfig.from_json` are the only place the
+JSON layout is spelled, and :func:`read_config` turns a missing, damaged or foreign file into one
+clear line (:class:`RunConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from esper_jax.data import SYNTHETIC
+from esper_jax.env.rewards import RewardKind
+from esper_jax.lattice.hosts import CNNHost, TransformerHost
+from esper_jax.lattice.optim import LRSchedule
+from esper_jax.rl.ppo import PPOConfig
+
+CONFIG_VERSION = 1
+CONFIG_FILE = "config.json"
+
+Host = CNNHost | TransformerHost
+Topology = Literal["cnn", "transformer"]
+
+
+class RunConfigError(ValueError):
+    """A configuration or run directory the user has to fix; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the run's data comes from. ``label`` says so in every output: "SYNTHETIC data", or
+    the real data's origin (filled in when the data is loaded)."""
+
+    source: str                      # "auto" (the data dir), "synthetic", or a directory
+    data_dir: str | None = None
+    tokenizer: str | None = None     # language-model tasks: "gpt2" | "byte"
+    synthetic_train: int | None = None
+    synthetic_test: int | None = None
+    label: str | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == SYNTHETIC
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """The inner environment. Defaults are what a configuration written before a setting existed
+    ran at."""
+
+    episode_epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    val_size: int
+    slots: tuple[str, ...]
+    blueprints: tuple[str, ...]
+    reward: RewardKind = "loss"
+    min_training_epochs: int = 10    # Esper's G2, the lifecycle default, before the setting existed
+    rent_weight: float = 0.05
+    max_concurrent_training: int = 1
+    min_prune_age: int = 1
+    auto_advance: bool = False
+    host_lr: float = 0.01
+    host_lr_schedule: LRSchedule = "constant"
+    seed_lr: float = 0.01
+    block_size: int | None = None    # language-model tasks: tokens per training window
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One learner of a population: its own learning rate, entropy coefficient and seed."""
+
+    learning_rate: float
+    ent_coef: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    task: str
+    host_variant: str
+    host: Host
+    data: DataSpec
+    env: EnvSpec
+    ppo: PPOConfig
+    members: tuple[Member, ...]
+    preset: str
+    preset_description: str
+    updates: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    seed: int
+    # The command-line options as resolved for this task (canonical forms), compared with the
+    # options given again on --resume.
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def topology(self) -> Topology:
+        return self.host.topology
+
+    @property
+    def population(self) -> int:
+        return len(self.members)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_json(self) -> dict[str, Any]:
+        host = {f.name: getattr(self.host, f.name) for f in dataclasses.fields(self.host) if f.init}
+        return {
+            "version": CONFIG_VERSION,
+            "task": self.task,
+            "host_variant": self.host_variant,
+            "host": {"topology": self.topology, **host},
+            "data": {**dataclasses.asdict(self.data), "synthetic": self.data.synthetic},
+            "preset": self.preset,
+            "preset_description": self.preset_description,
+            "env": {**dataclasses.asdict(self.env), "slots": list(self.env.slots),
+                    "blueprints": list(self.env.blueprints)},
+            "ppo": dataclasses.asdict(self.ppo),
+            "population": self.population,
+            "members": [dataclasses.asdict(m) for m in self.members],
+            "updates": self.updates,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "seed": self.seed,
+            "settings": dict(self.options),
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> "RunConfig":
+        """The configuration of ``to_json``'s form; :class:`RunConfigError` names what is wrong."""
+        if not isinstance(value, dict):
+            raise RunConfigError("the configuration is not a JSON object")
+        if value.get("version") != CONFIG_VERSION:
+            raise RunConfigError(f"the configuration has version {value.get('version')!r}; this code reads "
+                                 f"version {CONFIG_VERSION}")
+        try:
+            host_fields = dict(value["host"])
+            topology = host_fields.pop("topology")
+            host_type = {"cnn": CNNHost, "transformer": TransformerHost}[topology]
+            data = {k: v for k, v in value["data"].items() if k != "synthetic"}
+            env = dict(value["env"])
+            env.update(slots=tuple(env["slots"]), blueprints=tuple(env["blueprints"]))
+            known = {f.name for f in dataclasses.fields(EnvSpec)}
+            return cls(
+                task=value["task"], host_variant=value["host_variant"], host=host_type(**host_fields),
+                data=DataSpec(**data), env=EnvSpec(**{k: v for k, v in env.items() if k in known}),
+                ppo=PPOConfig(**value["ppo"]), members=tuple(Member(**m) for m in value["members"]),
+                preset=value["preset"], preset_description=value.get("preset_description", ""),
+                updates=value["updates"], checkpoint_every=value["checkpoint_every"],
+                keep_checkpoints=value["keep_checkpoints"], seed=value["seed"], options=dict(value.get("settings", {})),
+            )
+        except KeyError as error:
+            raise RunConfigError(f"the configuration lacks {error.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise RunConfigError(f"the configuration is not valid: {' '.join(str(error).split())}") from None
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The configuration of the run in ``run_dir``, or one line saying why there is none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunConfigError(f"{run_dir} is not a run directory ({CONFIG_FILE} is missing)")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunConfigError(f"{path} is damaged (not valid JSON: {error}); restore it from a copy, or start a "
+                             f"new run") from None
+    except OSError as error:
+        raise RunConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        return RunConfig.from_json(value)
+    except RunConfigError as error:
+        raise RunConfigError(f"{path}: {error}") from None

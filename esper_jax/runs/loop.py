@@ -1,0 +1,209 @@
+"""The training loop (:func:`train`): the learner's ``train_chunk`` (``checkpoint_every`` updates
+in one jitted ``lax.scan``) runs chunk after chunk; between chunks the metrics rows are appended
+and the state is saved asynchronously.
+
+Resume: ``resume=True`` restores the newest complete checkpoint, drops ``metrics.jsonl`` rows after
+it and continues; chunk boundaries stay at multiples of ``checkpoint_every``, so a resumed run
+computes exactly what an uninterrupted one does.
+
+Errors a user can cause (bad names, counts, directories, data) are raised as one of
+:data:`USER_ERRORS`, with one-line messages, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from esper_jax.data import DatasetNotFoundError
+from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError
+from esper_jax.runs.build import Built, build, chunk_program, make_programs
+from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
+from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
+from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, fmt, metric_rows,
+                                   prepare_run_dir, read_rows, summarize_run, truncate_rows, write_json)
+
+# Errors that mean "the user asked for something impossible": the command line prints them as
+# one line and exits 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (RunConfigError, CheckpointError, DatasetNotFoundError, CorruptDatasetError, OptionalDependencyError,
+               TokenizerUnavailableError)
+
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: bool
+    checkpoint: int | None       # newest complete checkpoint (updates done)
+
+
+def enable_compile_cache(directory: str | os.PathLike[str] | None) -> None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so that a resumed or
+    repeated run skips the compilation (tens of seconds on a CPU). ``None`` leaves it off."""
+    if directory is None:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def describe(built: Built, run_dir: Path) -> str:
+    c, ppo, env = built.config, built.ppo_config, built.config.env
+    host = {f.name: getattr(c.host, f.name) for f in dataclasses.fields(c.host) if f.init}
+    rollout = ppo.rollout_steps or env.episode_epochs
+    members = "; ".join(f"{i}: lr {m.learning_rate:.3g} ent {m.ent_coef:.3g} seed {m.seed}"
+                        for i, m in enumerate(c.members[:8]))
+    lines = [
+        f"task {c.task} ({c.host_variant} host variant, {built.env.host_param_count} parameters: "
+        f"{c.topology} {host}) on {built.data_label}",
+        f"preset {c.preset}: {c.preset_description}",
+        f"slots {','.join(env.slots)}; blueprints {','.join(env.blueprints)}; reward {env.reward}",
+        f"population {c.population} x {ppo.num_envs} envs x {env.episode_epochs}-epoch episodes of "
+        f"{env.steps_per_epoch} batches of {env.batch_size}; {rollout} env steps per env per update; "
+        f"{c.updates} updates, a checkpoint every {c.checkpoint_every}",
+        f"policy {ppo.recurrent if ppo.recurrent != 'none' else 'mlp'} {ppo.hidden_size}; members {members}"
+        + (f"; ... ({c.population} in all, see config.json)" if c.population > 8 else ""),
+        f"devices: {built.placement.describe()}; run directory {run_dir}",
+    ]
+    if built.synthetic:
+        lines.append("NOTE: training on SYNTHETIC data, not the real dataset.")
+    return "\n".join(lines)
+
+
+def _chunk_sizes(done: int, total: int, every: int) -> list[int]:
+    """Chunks end at multiples of ``every`` (and at ``total``), wherever the run (re)started."""
+    sizes = []
+    while done < total:
+        n = min(every - done % every, total - done)
+        sizes.append(n)
+        done += n
+    return sizes
+
+
+def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Train (or continue, ``resume=True``) the run ``config`` in ``run_dir``.
+
+    Ctrl-C (KeyboardInterrupt) is not re-raised: pending saves are finished, the summary of what is
+    done is written, and the result says ``interrupted`` and which checkpoint to resume from."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume)
+    built = build(config)  # user errors (data, names) surface here, before compiling
+    config = built.config  # with the data's origin and (language models) the tokenizer's vocabulary
+    checkpoints, metrics_path = run_dir / CHECKPOINT_DIR, run_dir / METRICS_FILE
+    started = time.perf_counter()
+    programs = make_programs(built)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = None
+    done = 0
+    interrupted = False
+    compile_seconds = train_seconds = 0.0
+    steps_run = 0
+    with Checkpointer(checkpoints, keep=config.keep_checkpoints) as ckpt:
+        if resume:
+            done, state = ckpt.restore(programs.abstract_state)
+            if done > config.updates:
+                raise RunConfigError(f"--resume {run_dir}: the checkpoint is at update {done}, beyond --updates "
+                                     f"{config.updates}; give a larger --updates to continue")
+            truncate_rows(metrics_path, done)  # rows after the checkpoint are computed again
+        else:
+            metrics_path.touch()
+        write_json(run_dir / CONFIG_FILE, config.to_json())  # on resume: the new --updates/--keep-checkpoints
+
+        log(describe(built, run_dir))
+        if resume:
+            log(f"resuming from the checkpoint at update {done} of {config.updates}" if done < config.updates else
+                f"the run is complete ({done} updates); give a larger --updates to continue it")
+        sizes = _chunk_sizes(done, config.updates, config.checkpoint_every)
+        bar = None
+        saved = done
+        try:
+            t0 = time.perf_counter()
+            if state is None:
+                state = programs.init(programs.seeds, programs.hyper, built.env_data)
+                ckpt.save(0, state)  # a run stopped during its first chunk can still resume
+            compiled = {}
+            for n in sorted(set(sizes), reverse=True):
+                log(f"compiling {n} update(s) per chunk..." if n == config.checkpoint_every
+                    else f"compiling the last chunk ({n} update(s))...")
+                fn = programs.chunk if n == config.checkpoint_every else chunk_program(built, programs, n)
+                compiled[n] = fn.lower(programs.abstract_state, built.env_data).compile()
+            compile_seconds = time.perf_counter() - t0
+            if sizes:
+                log(f"initialized and compiled in {compile_seconds:.1f} s; training")
+            bar = _progress_bar(config.updates, done, progress)
+            for n in sizes:
+                t = time.perf_counter()
+                new_state, metrics = compiled[n](state, built.env_data)
+                rows = metric_rows(jax.device_get(metrics).columns())  # the one host sync per chunk
+                seconds = time.perf_counter() - t
+                append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
+                state, done = new_state, done + n
+                ckpt.save(done, state)  # asynchronous: written while the next chunk trains
+                saved = done
+                train_seconds += seconds
+                steps_run += n * _steps_per_update(built)
+                _report(bar, rows[-1], n, n * _steps_per_update(built) / max(seconds, 1e-9), log, done,
+                        config.updates, built.task.has_accuracy)
+        except KeyboardInterrupt:
+            interrupted = True
+            if state is not None and saved != done:  # rows written, save not started: save now
+                ckpt.save(done, state)
+            truncate_rows(metrics_path, done)  # rows of a chunk cut short are not kept
+        finally:
+            if bar is not None:
+                bar.close()
+            ckpt.wait()  # every pending save is on disk before we go on (also on Ctrl-C)
+        latest = ckpt.latest_step()
+    rows = read_rows(metrics_path)
+    summary = summarize_run(
+        config, rows, complete=not interrupted and len(rows) >= config.updates, checkpoint=latest,
+        data=built.data_label, wall_seconds=time.perf_counter() - started, compile_seconds=compile_seconds,
+        env_steps=sum(_env_steps(rows[-1], m) for m in range(config.population)) if rows else 0,
+        env_steps_per_second=steps_run / train_seconds if train_seconds else None,
+        devices=built.placement.describe())
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return RunResult(run_dir, summary, interrupted, latest)
+
+
+def _steps_per_update(built: Built) -> int:
+    rollout = built.ppo_config.rollout_steps or built.config.env.episode_epochs
+    return rollout * built.ppo_config.num_envs * built.population
+
+
+def _env_steps(row: dict[str, Any], member: int | None = None) -> int:
+    """Environment steps of all members (or of one) up to this row."""
+    if "members" in row:
+        if member is not None:
+            return int(row["members"][member]["env_steps"])
+        return sum(int(m["env_steps"]) for m in row["members"])
+    return int(row["env_steps"])
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="updates", unit="update", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr, smoothing=0.0)
+
+
+def _report(bar, row: dict[str, Any], n: int, steps_per_second: float, log, done: int, total: int,
+            has_accuracy: bool = True) -> None:
+    bar.update(n)
+    bar.set_postfix({"steps/s": f"{steps_per_second:.1f}", "return": fmt(row.get("mean_return"))}, refresh=True)
+    line = (f"update {done}/{total}: return {fmt(row.get('mean_return'))}, final val loss "
+            f"{fmt(row.get('mean_final_val_loss'))}, accuracy "
+            f"{fmt(row.get('mean_final_val_accuracy') if has_accuracy else None)}, "
+            f"{steps_per_second:.1f} env steps/s; checkpoint {done}")
+    if bar.disable:
+        log(line)
+    else:
+        bar.write(line, file=sys.stdout)  # clears the bar (on stderr), prints, redraws it
+
+

@@ -1,0 +1,176 @@
+"""The run directory: ``config.json`` (:mod:`esper_jax.runs.config`), ``metrics.jsonl`` (one row
+per update; for a population the member mean on top and one entry per member), ``checkpoints/``
+(Orbax, :mod:`esper_jax.runs.checkpoint`) and ``summary.json``; how they are written (atomically,
+rows before the checkpoint that covers them) and read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esper_jax.runs.checkpoint import has_checkpoint, incomplete_checkpoints
+from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
+
+METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR = "metrics.jsonl", "summary.json", "checkpoints"
+
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run directory; a damaged one is a :class:`RunConfigError` naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunConfigError(f"{path} is damaged (not valid JSON: {error})") from None
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Atomically (write, then rename), so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_scalar(value) -> Any:
+    value = np.asarray(value)
+    if value.dtype == np.bool_:
+        return bool(value)
+    if np.issubdtype(value.dtype, np.integer):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None  # strict JSON has no NaN
+
+
+def metric_rows(metrics: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One row per update from ``{name: [P, U]}``: the member values, and for P > 1 the mean over
+    members on top and ``"members"``: one entry per member."""
+    names = sorted(metrics, key=lambda n: ({"update": 0, "env_steps": 1}.get(n, 2), n))
+    population, updates = np.asarray(metrics["update"]).shape
+    rows = []
+    for u in range(updates):
+        per_member = [{n: _json_scalar(metrics[n][m, u]) for n in names} for m in range(population)]
+        if population == 1:
+            rows.append(per_member[0])
+            continue
+        row = {}
+        for n in names:
+            values = np.asarray(metrics[n][:, u])
+            if n in ("update", "env_steps"):  # the same for every member
+                row[n] = int(values[0])
+            else:
+                finite = values[np.isfinite(values.astype(np.float64))]
+                row[n] = float(finite.astype(np.float64).mean()) if finite.size else None
+        row["members"] = per_member
+        rows.append(row)
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # rows are on disk before the checkpoint that covers them is started
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a row cut short by a kill: it and anything after are not trusted
+    return rows
+
+
+def truncate_rows(path: Path, updates: int) -> None:
+    """Keep the rows of updates ``1..updates`` (those a checkpoint covers), drop the rest."""
+    rows = read_rows(path)
+    kept = rows[:updates]
+    if len(kept) < updates or [r["update"] for r in kept] != list(range(1, updates + 1)):
+        raise RunConfigError(f"{path} does not hold rows for updates 1..{updates} (the checkpoint's update); "
+                             f"the run directory is inconsistent")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in kept:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.task}-{config.preset}-{stamp}"
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """A fresh run needs an empty (or new) directory; a resumed one needs a run with a checkpoint."""
+    if resume:
+        if not (run_dir / CONFIG_FILE).exists():
+            raise RunConfigError(f"--resume {run_dir}: no run there ({CONFIG_FILE} is missing)")
+        if not has_checkpoint(run_dir / CHECKPOINT_DIR):
+            partial = " (a save was interrupted before it finished)" if incomplete_checkpoints(
+                run_dir / CHECKPOINT_DIR) else ""
+            raise RunConfigError(f"--resume {run_dir}: no complete checkpoint to resume from{partial}; "
+                                 f"start a new run instead")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunConfigError(f"--run-dir {run_dir} exists and is not a directory")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        hint = (f"; to continue it use --resume {run_dir}" if (run_dir / CONFIG_FILE).exists()
+                else "; choose an empty or new directory")
+        raise RunConfigError(f"--run-dir {run_dir} is not empty{hint}")
+
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def best_window(updates: int) -> int:
+    return max(1, math.ceil(updates / 10))
+
+
+def summarize_run(config: RunConfig, rows: list[dict[str, Any]], **extra) -> dict[str, Any]:
+    """Final metrics per member and the best member: the highest mean return over the last tenth
+    of the updates (at least one)."""
+    population = config.population
+    per_member = [[r["members"][m] if population > 1 else r for r in rows] for m in range(population)]
+    window = best_window(len(rows))
+    members, scores = [], []
+    for m, member_rows in enumerate(per_member):
+        returns = [r.get("mean_return") for r in member_rows[-window:]]
+        returns = [v for v in returns if v is not None]
+        score = float(np.mean(returns)) if returns else None
+        scores.append(-math.inf if score is None else score)
+        members.append({"member": m, **dataclasses.asdict(config.members[m]), "score": score,
+                        "final": member_rows[-1] if member_rows else None})
+    best = int(np.argmax(scores)) if rows else None
+    return {
+        "task": config.task, "preset": config.preset, "population": population, "synthetic": config.data.synthetic,
+        "updates_done": len(rows), "updates": config.updates,
+        "best_member": best, "best_by": f"mean_return averaged over the last {window} update(s)",
+        "members": members, **extra,
+    }
+
+
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A number as text, or "-" where there is none (a metric no episode produced)."""
+    return "-" if value is None else format(value, spec)

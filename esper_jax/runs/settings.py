@@ -1,0 +1,360 @@
+"""Run settings and presets, resolved into a :class:`~esper_jax.runs.config.RunConfig`.
+
+A run is described by flat *settings*, the command line's options (:data:`DEFAULTS`): a preset
+(:data:`PRESETS`) replaces some of them, explicit options replace the preset's
+(:func:`resolve_settings`). :func:`resolve_config` checks them all, without loading data or
+compiling anything, and builds the typed configuration. :func:`check_resume_settings` compares the
+options given with ``--resume`` with those the run was resolved from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from esper_jax.data import SYNTHETIC
+from esper_jax.env.rewards import REWARD_KINDS
+from esper_jax.env.tasks import TASK_NAMES, TaskConfig, get_task
+from esper_jax.lattice import ops
+from esper_jax.lattice.blueprints.registry import blueprint_names
+from esper_jax.lattice.hosts.base import slot_config_for
+from esper_jax.lattice.optim import LR_SCHEDULES
+from esper_jax.lattice.slots import parse_slot_list
+from esper_jax.rl import ppo as ppo_lib
+from esper_jax.runs.config import DataSpec, EnvSpec, RunConfig, RunConfigError
+from esper_jax.runs.population import parse_seeds, parse_sweep, resolve_members
+
+MAX_SEED = 2**32 - 1
+
+
+_PPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ppo_lib.PPOConfig)}
+
+# Flat settings with their defaults. ``None`` means "the task's or host's own" (variant, slots,
+# blueprints) or "derived" (population size from the sweeps, seeds from --seed).
+DEFAULTS: dict[str, Any] = {
+    "task": None,
+    "host_variant": None,
+    "data": "auto",
+    "data_dir": None,
+    "tokenizer": "gpt2",
+    "block_size": 64,            # language-model tasks: tokens per training window
+    "synthetic_train": 10_000,   # synthetic data only: examples (images) or tokens (x100 for text)
+    "synthetic_test": 1_000,
+    "host": {},                  # host field overrides, per topology (presets only)
+    "envs": 4,
+    "updates": 24,
+    "episode_epochs": 8,
+    "steps_per_epoch": 8,
+    "batch_size": 128,
+    "val_size": 256,
+    "slots": None,
+    "blueprints": None,
+    "reward": "loss",
+    "rent_weight": 0.05,         # parameter rent per epoch: rent_weight * log1p(added / host parameters)
+    "image_size": None,          # CNN tasks: input resolution, a divisor of 32 (None: the host's own, 32)
+    "host_lr": 0.01,             # host SGD learning rate (Esper's)
+    "host_lr_schedule": "constant",  # or "cosine": decayed to 0 over each episode
+    "seed_lr": 0.01,             # every seed's SGD learning rate (Esper's)
+    "max_concurrent_training": 1,  # seeds that may be GERMINATED/TRAINING at once (Esper: 1)
+    "min_prune_age": 1,          # epochs a seed lives before it may be pruned (a fair trial)
+    # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
+    # blend, hold and be fossilized within one, and every controller would end with the same host.
+    "min_training_epochs": 2,
+    # The lifecycle's mechanical gates (G1-G3) pass by themselves at the end of an epoch, so the
+    # controller decides where, what and when to grow and whether to prune or fossilize, but does
+    # not have to learn to request each stage change (Esper's controller does not either).
+    "auto_advance": False,
+    "seed": 0,
+    "checkpoint_every": 4,
+    "keep_checkpoints": 3,
+    "population": None,
+    "learning_rate": _PPO_DEFAULTS["learning_rate"],
+    "ent_coef": _PPO_DEFAULTS["ent_coef"],
+    "seeds": None,
+    **{name: value for name, value in _PPO_DEFAULTS.items() if name not in ("num_envs", "learning_rate", "ent_coef")},
+}
+
+PPO_SETTINGS = tuple(name for name in _PPO_DEFAULTS if name not in ("num_envs", "learning_rate", "ent_coef"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    description: str
+    settings: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        "a check that everything runs (under 2 minutes on a 2-core CPU including compilation): a one-block "
+        "CNN host of width 4 (or a one-layer transformer of width 32 on bytes), one slot, two blueprints, synthetic data, "
+        "2 envs x 7-epoch episodes (the shortest in which a seed can be fossilized) of 2 batches of 16, 4 updates",
+        {
+            "data": SYNTHETIC, "synthetic_train": 512, "synthetic_test": 64, "block_size": 16, "tokenizer": "byte",
+            "host": {"cnn": {"base_width": 4, "num_blocks": 1, "pool_blocks": 1},
+                     "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
+            "slots": {"cnn": "r0c0", "transformer": "r0c0"},
+            "blueprints": {"cnn": "conv_small,norm", "transformer": "norm,lora"},
+            "envs": 2, "updates": 4, "episode_epochs": 7, "min_training_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
+            "checkpoint_every": 2, "num_minibatches": 2, "update_epochs": 2, "hidden_size": 32,
+        },
+    ),
+    "default": Preset(
+        "the task's own host with its default slots and four blueprints per topology, 4 envs x 8-epoch "
+        "episodes of 8 batches of 128, 24 updates (about 10 minutes on a 2-core CPU; uses a GPU when JAX sees one)",
+        {
+            "blueprints": {"cnn": "norm,attention,depthwise,conv_light", "transformer": "norm,lora,attention,mlp_small"},
+        },
+    ),
+    # Why the proof preset's inner problem looks like this (synthetic CIFAR-10, 8 paired envs from a
+    # calibration key that is not the held-out stream, final val loss minus static's, mean and 95% CI):
+    # * The baseline host (3x3 kernels) at 16x16, 10 epochs x 60 batches of 64, lr 0.2 cosine, ends at
+    #   2.075 (accuracy 0.26) and no seed moves it by more than 0.008: it is not short of what seeds add.
+    # * The pointwise host (same widths, 1x1 kernels) at lr 0.1 cosine ends at 2.193 (accuracy 0.19,
+    #   from 2.30 and 0.10 untrained): conv_heavy at r2c0 -0.104 +- 0.016 (8/8 envs), at r1c0 -0.036 +-
+    #   0.006 (8/8), at r0c0 -0.006 +- 0.008; norm at r2c0 +0.003 +- 0.002 (worse in 7/8); conv_light,
+    #   depthwise, attention within +-0.001. Where and what to grow decides the outcome.
+    # * lr 0.3 ends worse (2.200); 32x32 images with batches of 32 end the same (2.196) at 1.8x the time.
+    # * A cosine-decayed host rate: the paired differences' spread fell from about 0.45 (constant 0.05 at
+    #   32x32) to 0.01-0.02, so 16 envs can tell a schedule from static.
+    # * G2 after 1 epoch and blend tempo 3: the fastest lifecycle takes 7 of the 10 epochs, so a seed
+    #   germinated in the first third (epochs 0-3) can be fossilized before the end.
+    "proof": Preset(
+        "the learning proof (does a learned controller beat static and the heuristic?), sized for a 2-core CPU: "
+        "the pointwise CNN host (the baseline's widths with 1x1 kernels, so spatial seeds have something to add) on "
+        "16x16 images, 3 slots, 5 blueprints; host SGD lr 0.1 cosine-decayed over each 10-epoch episode of 60 batches "
+        "of 64, seed lr 0.05, G2 after 1 epoch, gates G1-G3 pass by themselves, a seed lives 4 epochs before it may be "
+        "pruned, parameter rent 0.01; 8 envs, 64 updates (about 47 minutes on a "
+        "2-core CPU)",
+        {
+            "data": SYNTHETIC, "synthetic_train": 20_000, "synthetic_test": 1_000,
+            "host_variant": {"cnn": "pointwise"}, "image_size": {"cnn": 16},
+            "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy", "transformer": "norm,lora,attention,mlp_small"},
+            "envs": 8, "updates": 64, "episode_epochs": 10, "steps_per_epoch": 60, "batch_size": 64, "val_size": 512,
+            "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4, "rent_weight": 0.01, "host_lr": 0.1,
+            "host_lr_schedule": "cosine", "seed_lr": 0.05, "checkpoint_every": 4, "num_minibatches": 2, "hidden_size": 64,
+            "learning_rate": 3e-3, "ent_coef": 0.05,
+        },
+    ),
+    "full": Preset(
+        "Esper's scale, for a GPU: every blueprint, 16 envs x 25-epoch episodes of 50 batches of 128, "
+        "1000-image validation, 200 updates",
+        {
+            "envs": 16, "updates": 200, "episode_epochs": 25, "min_training_epochs": 10, "steps_per_epoch": 50, "val_size": 1000,
+            "checkpoint_every": 10, "synthetic_train": 50_000, "synthetic_test": 10_000,
+        },
+    ),
+}
+DEFAULT_PRESET = "default"
+
+# Settings that may differ when resuming (they do not change what is computed).
+RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
+POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size", "min_training_epochs",
+                     "max_concurrent_training", "min_prune_age",
+                     "checkpoint_every", "keep_checkpoints", "population", "block_size", "synthetic_train",
+                     "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
+
+
+def _per_topology(value: Any, topology: str) -> Any:
+    """Preset values may be given per topology: ``{"cnn": ..., "transformer": ...}``."""
+    if isinstance(value, dict) and set(value) <= {"cnn", "transformer"} and value:
+        return value.get(topology)
+    return value
+
+
+def _canonical(name: str, value: Any) -> Any:
+    """A setting in one canonical form, so stored and given values compare equal."""
+    if value is None:
+        return None
+    try:
+        if name == "slots":
+            return ",".join(parse_slot_list(value)) if isinstance(value, str) else ",".join(value)
+        if name == "blueprints":
+            names = [b.strip() for b in value.split(",")] if isinstance(value, str) else list(value)
+            if not all(names):
+                raise RunConfigError(f"--blueprints: empty name in {value!r}; give e.g. norm,conv_small")
+            return ",".join(names)
+        if name in ("learning_rate", "ent_coef"):
+            sweep = parse_sweep(name.replace("_", "-"), value, positive=False)
+            if sweep.is_range:
+                return f"{sweep.kind}:{sweep.low!r}:{sweep.high!r}"
+            return ",".join(repr(v) for v in sweep.values)
+        if name == "seeds":
+            return ",".join(str(s) for s in parse_seeds(value))
+    except RunConfigError:
+        raise
+    except ValueError as error:
+        raise RunConfigError(str(error)) from None
+    return value
+
+
+def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+    """Defaults, then the preset's values, then the explicit ones (``None`` values are ignored)."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise RunConfigError(f"unknown preset {name!r}; valid presets are: {', '.join(PRESETS)}")
+    settings = dict(DEFAULTS)
+    settings.update(PRESETS[name].settings)
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    settings["preset"] = name
+    unknown = set(settings) - set(DEFAULTS) - {"preset"}
+    if unknown:
+        raise RunConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return settings
+
+
+
+# ---------------------------------------------------------------------------- resolved configuration
+
+
+def _build_host(task: TaskConfig, overrides: dict[str, Any]):
+    host = task.make_host()
+    try:
+        return dataclasses.replace(host, **overrides) if overrides else host
+    except (TypeError, ValueError) as error:
+        raise RunConfigError(f"host overrides {overrides} are not valid for the {task.topology} host: {error}") from None
+
+
+def _check_number(name: str, value: Any, allow_zero: bool) -> None:
+    """A real-valued setting: a finite number, positive (or non-negative with ``allow_zero``)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise RunConfigError(f"--{name.replace('_', '-')} must be a {kind} number, got {value!r}")
+
+
+def resolve_config(settings: dict[str, Any]) -> RunConfig:
+    """Validate ``settings`` and build the run's typed configuration.
+
+    Everything that can be checked without the dataset is checked here (task, preset, counts,
+    slots against the host, blueprints against the topology, reward, PPO settings, members), so a
+    mistake costs no data loading and no compilation. Language-model hosts get their vocabulary
+    from the dataset later (:func:`build`)."""
+    s = dict(settings)
+    try:
+        ops.conv_impl()  # ESPER_CONV_IMPL, read when programs are traced: check it before any is
+    except ValueError as error:
+        raise RunConfigError(str(error)) from None
+    if s["task"] is None:
+        raise RunConfigError(f"--task is required; valid tasks are: {', '.join(TASK_NAMES)}")
+    for name in POSITIVE_SETTINGS:
+        value = s[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    try:
+        topology = get_task(s["task"]).topology
+        task = get_task(s["task"], _per_topology(s["host_variant"], topology), block_size=s["block_size"])
+        image_size = _per_topology(s["image_size"], topology)
+        host_overrides = dict(_per_topology(s["host"], topology) or {})
+        if image_size is not None:
+            if topology != "cnn":
+                raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100)")
+            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or 32 % image_size:
+                raise RunConfigError(f"--image-size must divide 32 (32, 16, 8, ...), got {image_size!r}")
+            host_overrides["image_size"] = image_size
+        host = _build_host(task, host_overrides)
+        _check_number("host_lr", s["host_lr"], allow_zero=False)
+        _check_number("seed_lr", s["seed_lr"], allow_zero=False)
+        _check_number("rent_weight", s["rent_weight"], allow_zero=True)
+        if s["host_lr_schedule"] not in LR_SCHEDULES:
+            raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                                 f"got {s['host_lr_schedule']!r}")
+        slots_value = _per_topology(s["slots"], topology)
+        for name, value in (("slots", slots_value), ("blueprints", _per_topology(s["blueprints"], topology))):
+            if isinstance(value, str) and not value.strip():  # given, but empty: not "the default"
+                raise RunConfigError(f"--{name} is empty; list at least one (e.g. --{name} "
+                                     f"{'r0c0' if name == 'slots' else 'norm,conv_small'}) or leave it out")
+        slots = parse_slot_list(slots_value) if slots_value else host.default_slots
+        slot_config_for(host, slots)  # a slot the host lacks: the message lists the host's slots
+        bp_value = _per_topology(s["blueprints"], topology)
+        blueprints = tuple(_canonical("blueprints", bp_value).split(",")) if bp_value else blueprint_names(topology)
+        valid = blueprint_names(topology)
+        for bp in blueprints:
+            if bp not in valid:
+                raise RunConfigError(f"blueprint {bp!r} is not valid for the {topology} host; "
+                                     f"{topology} blueprints are: {', '.join(valid)}")
+        if len(set(blueprints)) != len(blueprints):
+            raise RunConfigError(f"duplicate blueprints in {','.join(blueprints)}")
+        if s["reward"] not in REWARD_KINDS:
+            raise RunConfigError(f"unknown reward {s['reward']!r}; valid rewards are: {', '.join(REWARD_KINDS)}")
+        lr = parse_sweep("lr", s["learning_rate"])
+        ent = parse_sweep("ent-coef", s["ent_coef"], positive=False)
+        seeds = parse_seeds(s["seeds"]) if s["seeds"] is not None else None
+        if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or not 0 <= s["seed"] <= MAX_SEED:
+            raise RunConfigError(f"--seed must be an integer in 0..{MAX_SEED} (seeds are 32-bit), got {s['seed']!r}")
+        members = resolve_members(s["population"], lr, ent, s["seed"], seeds)
+        for member in members:  # a run's key is jax.random.key(seed): a 32-bit unsigned seed
+            if not 0 <= member.seed <= MAX_SEED:
+                flag = "--seeds" if seeds is not None else "--seed"
+                raise RunConfigError(f"{flag}: member seed {member.seed} is outside 0..{MAX_SEED} "
+                                     f"(seeds are 32-bit; --seed S gives members S, S+1, ...)")
+        ppo_fields = {name: s[name] for name in PPO_SETTINGS}
+        ppo_fields.update(num_envs=s["envs"], learning_rate=members[0].learning_rate, ent_coef=members[0].ent_coef)
+        ppo_config = ppo_lib.PPOConfig(**ppo_fields)  # validates the PPO settings
+    except RunConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise RunConfigError(str(error)) from None
+    data_source = str(s["data"])
+    synthetic = data_source == SYNTHETIC
+    language_model = task.kind == "language_model"
+    options = {**s, "image_size": host.image_size if topology == "cnn" else None, "slots": list(slots),
+               "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
+               "host_variant": task.host_variant, "population": len(members), "seeds": [m.seed for m in members]}
+    return RunConfig(
+        task=task.name, host_variant=task.host_variant, host=host,
+        data=DataSpec(source=data_source, data_dir=None if s["data_dir"] is None else str(s["data_dir"]),
+                      tokenizer=s["tokenizer"] if language_model else None,
+                      synthetic_train=s["synthetic_train"] if synthetic else None,
+                      synthetic_test=s["synthetic_test"] if synthetic else None,
+                      label="SYNTHETIC data" if synthetic else None),  # the real data's origin: filled in by train()
+        env=EnvSpec(episode_epochs=s["episode_epochs"], steps_per_epoch=s["steps_per_epoch"], batch_size=s["batch_size"],
+                    val_size=s["val_size"], slots=tuple(slots), blueprints=tuple(blueprints), reward=s["reward"],
+                    min_training_epochs=s["min_training_epochs"], rent_weight=float(s["rent_weight"]),
+                    max_concurrent_training=s["max_concurrent_training"], min_prune_age=s["min_prune_age"],
+                    auto_advance=bool(s["auto_advance"]), host_lr=float(s["host_lr"]),
+                    host_lr_schedule=s["host_lr_schedule"], seed_lr=float(s["seed_lr"]),
+                    block_size=s["block_size"] if language_model else None),
+        ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
+        updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
+        seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())},
+    )
+
+
+def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
+    """Options given with ``--resume`` must agree with the run's configuration, except
+    :data:`RESUME_MAY_CHANGE`."""
+    base = stored.options
+    for name, value in explicit.items():
+        if value is None or name in RESUME_MAY_CHANGE:
+            continue
+        given = _canonical(name, value)
+        if name not in base:
+            raise RunConfigError(f"--resume: unknown setting {name}")
+        if given != base[name]:
+            flag = "--" + name.replace("_", "-")
+            raise RunConfigError(
+                f"--resume: {flag}={given} does not match the run's {flag}={base[name]} "
+                f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} may change on resume)")
+
+
+
+
+def resume_config(stored: RunConfig, explicit: dict[str, Any]) -> RunConfig:
+    """The configuration a resumed run continues with: the stored one, with the options that may
+    change on resume (:data:`RESUME_MAY_CHANGE`) taken from ``explicit``; any other option given
+    must agree with the stored one (:func:`check_resume_settings`). The members stay those drawn
+    when the run started."""
+    check_resume_settings(stored, explicit)
+    given = {k: explicit[k] for k in RESUME_MAY_CHANGE if explicit.get(k) is not None}
+    for name in ("updates", "keep_checkpoints"):
+        value = given.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    data = stored.data
+    if "data_dir" in given:
+        data = dataclasses.replace(data, data_dir=str(given["data_dir"]))
+    options = {**stored.options, **{k: _canonical(k, v) for k, v in given.items()}}
+    return stored.replace(updates=given.get("updates", stored.updates),
+                          keep_checkpoints=given.get("keep_checkpoints", stored.keep_checkpoints), data=data,
+                          options=options)
