@@ -1,30 +1,35 @@
-"""Run a population of inner environments under a rule-based controller and report the outcome.
+"""Run rule-based controllers over a population of inner environments and report the outcome.
 
     python -m experiments.heuristic --task=cifar10 [--data=synthetic] [--envs N]
-        [--episode-epochs E] [--seed S] [--controller=heuristic|random|static|all]
+        [--episode-epochs E] [--seed S] [--controller=heuristic|random|static|all] [--json PATH]
+
+The environment is built as a training run would build it (the ``default`` preset's settings,
+with the options given here), and every controller plays the same envs with the same initial
+weights and batches: the held-out envs ``experiments.evaluate`` uses for a run with this seed, so
+the numbers are comparable with a trained policy's. Exit codes: 0 done, 2 bad input (one line).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
-import jax
 import numpy as np
 
-from esper_jax.env.controllers import CONTROLLERS, make_controller
-from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
-from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
-from esper_jax.lattice.hosts.base import slot_config_for
-from esper_jax.lattice.slots import parse_slot_list
-from esper_jax.env.tasks import TASK_NAMES, get_task
-from experiments.cli import positive
+from esper_jax.env.controllers import CONTROLLERS
+from esper_jax.env.tasks import TASK_NAMES
+from esper_jax.runs import evaluation as ev
+from esper_jax.runs.build import build
+from esper_jax.runs.config import RunConfigError
+from esper_jax.runs.loop import USER_ERRORS
+from esper_jax.runs.settings import resolve_config, resolve_settings
+from experiments.cli import Parser, positive
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run rule-based controllers over a population of growing networks.")
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m experiments.heuristic",
+                    description="Run rule-based controllers over a population of growing networks.")
     parser.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
     parser.add_argument("--host-variant", default=None, help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
     parser.add_argument("--data", default="auto", help="auto (real data from the data dir), synthetic, or a data directory")
@@ -37,96 +42,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive, default=128)
     parser.add_argument("--val-size", type=positive, default=512)
     parser.add_argument("--slots", default=None, help="comma-separated slot ids, e.g. r0c0,r1c0,r2c0")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="run seed: the envs are its held-out stream")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here (and a .md table beside it)")
     return parser
 
 
-def load_dataset(task, args):
-    if task.kind == "classification":
-        kwargs = {"n_train": 10_000, "n_test": max(args.val_size, 1000)} if args.data == SYNTHETIC else {}
-        return load_image_dataset(task.name, args.data, data_dir=args.data_dir, seed=args.seed, **kwargs)
-    kwargs = {"n_train_tokens": 400_000, "n_val_tokens": 40_000} if args.data == SYNTHETIC else {}
-    return load_token_dataset("tinystories", args.data, tokenizer=args.tokenizer, data_dir=args.data_dir, seed=args.seed, **kwargs)
-
-
-def run_controller(env: MorphogeneticEnv, name: str, data, seed: int, envs: int):
-    controller = make_controller(name, env)
-    epochs = env.config.episode_epochs
-
-    @jax.jit
-    def episode(key):
-        reset_key, run_key = jax.random.split(key)
-        obs, state = env.population_reset(jax.random.split(reset_key, envs), data)
-
-        def epoch(state, key):
-            act_key, step_key = jax.random.split(key)
-            action = jax.vmap(controller)(jax.random.split(act_key, envs), state)
-            obs, state, reward, done, info = env.population_step(jax.random.split(step_key, envs), state, action, data)
-            return state, reward
-
-        state, rewards = jax.lax.scan(epoch, state, jax.random.split(run_key, epochs))
-        return state, rewards
-
-    start = time.perf_counter()
-    state, rewards = jax.block_until_ready(episode(jax.random.key(seed)))
-    seconds = time.perf_counter() - start
-    added = np.asarray(jax.vmap(env.lattice.live_param_count)(state.train.lattice))
-    blueprints = [b.name for b in env.lattice.blueprints]
-    per_blueprint = lambda counts: {b: int(c) for b, c in zip(blueprints, np.asarray(counts).sum(axis=0)) if c}
-    return {
-        "controller": name,
-        "final_val_loss": float(np.mean(state.val_loss)),
-        "final_val_loss_per_env": np.asarray(state.val_loss).round(4).tolist(),
-        "final_val_accuracy": float(np.mean(state.val_accuracy)) if env.config.task.has_accuracy else None,
-        "host_params": env.host_param_count,
-        "mean_params_added": float(added.mean()),
-        "mean_return": float(np.asarray(rewards).sum(axis=0).mean()),
-        "rollbacks": int(np.asarray(state.rollbacks).sum()),
-        "germinated": per_blueprint(state.germinated),
-        "fossilized": per_blueprint(state.fossilized),
-        "pruned": per_blueprint(state.pruned),
-        "seconds_including_compile": seconds,
-    }
+def parse_controllers(text: str) -> tuple[str, ...]:
+    names = CONTROLLERS if text == "all" else tuple(n.strip() for n in text.split(","))
+    for name in names:
+        if name not in CONTROLLERS:
+            raise RunConfigError(f"--controller: unknown controller {name!r}; choose from {', '.join(CONTROLLERS)} or all")
+    return names
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        task = get_task(args.task, args.host_variant)
-        names = CONTROLLERS if args.controller == "all" else (args.controller,)
-        for name in names:
-            if name not in CONTROLLERS:
-                raise ValueError(f"unknown controller {name!r}; choose one of {', '.join(CONTROLLERS)} or all")
-        dataset = load_dataset(task, args)
-        if task.kind == "language_model":
-            task = get_task(task.name, args.host_variant, vocab_size=dataset.vocab_size, block_size=64)
-        slots = None
-        if args.slots:
-            slots = parse_slot_list(args.slots)
-            slot_config_for(task.make_host(), slots)  # rejects slots the host lacks, with the valid ones listed
-        label = "SYNTHETIC data" if dataset.synthetic else f"real data from {dataset.source}"
-        config = make_env_config(task, slots, episode_epochs=args.episode_epochs, steps_per_epoch=args.steps_per_epoch,
-                                 batch_size=args.batch_size, val_size=args.val_size, data_label=label)
-    except (ValueError, FileNotFoundError, DatasetNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        names = parse_controllers(args.controller)
+        json_path = Path(args.json) if args.json else None
+        if json_path is not None and not json_path.parent.is_dir():  # before the run, not after it
+            raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
+        explicit = {"task": args.task, "host_variant": args.host_variant, "data": args.data, "data_dir": args.data_dir,
+                    "tokenizer": args.tokenizer, "envs": args.envs, "episode_epochs": args.episode_epochs,
+                    "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size, "val_size": args.val_size,
+                    "slots": args.slots, "seed": args.seed,
+                    "num_minibatches": 1}  # no learner runs here: its minibatch split must not refuse an env count
+        built = build(resolve_config(resolve_settings(explicit)))
+    except USER_ERRORS as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    env = MorphogeneticEnv(config)
-    data = make_env_data(config, dataset)
-    print(f"task {task.name} ({task.host_variant} host, {env.host_param_count} parameters) on {label}; "
+    env, config = built.env, built.config
+    print(f"task {config.task} ({config.host_variant} host, {env.host_param_count} parameters) on {built.data_label}; "
           f"{args.envs} envs x {args.episode_epochs} epochs x {args.steps_per_epoch} batches of {args.batch_size}")
-    results = [run_controller(env, name, data, args.seed, args.envs) for name in names]
-    header = f"{'controller':<10} {'val loss':>9} {'val acc':>8} {'+params':>9} {'return':>8}  germinated / fossilized / pruned"
-    print(header)
-    for r in results:
-        acc = f"{r['final_val_accuracy']:.3f}" if r["final_val_accuracy"] is not None else "-"
-        print(f"{r['controller']:<10} {r['final_val_loss']:9.4f} {acc:>8} {r['mean_params_added']:9.0f} {r['mean_return']:8.3f}  "
-              f"{r['germinated']} / {r['fossilized']} / {r['pruned']}")
-    if dataset.synthetic:
-        print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"task": task.name, "data": label, "synthetic": dataset.synthetic, "results": results}, f, indent=2)
+    evaluator = ev.Evaluator(env, args.envs, names)
+    key = ev.held_out_key(config.seed)
+    started = time.perf_counter()
+    results = {}
+    for name in names:
+        results[name] = evaluator.run(name, built.env_data, key)
+        print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f}", flush=True)
+    payload = ev.evaluation_payload(env, results, run_seed=config.seed, task=config.task, data_label=built.data_label,
+                                    synthetic=built.synthetic)
+    payload["wall_seconds"] = time.perf_counter() - started
+    table = ev.markdown_table(payload)
+    print(table)
+    if json_path is not None:
+        ev.write_json_and_markdown(json_path, payload, table)
+        print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Slots are addressed by canonical ids only. Legacy names from Esper (``early``, ``mid``,
 ``late``) and malformed ids are errors whose message names the canonical form, so a
-typo never silently selects another slot.
+typo never silently selects another slot. Which id a legacy name meant depends on the host's
+layout; :func:`esper_jax.lattice.hosts.base.slot_config_for` names it for the host at hand.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from typing import Iterable
 
 _SLOT_ID = re.compile(r"r(0|[1-9][0-9]*)c(0|[1-9][0-9]*)")  # used with fullmatch: "$" would accept "r0c0\n"
-_LEGACY_NAMES = {"early": "r0c0", "mid": "r0c1", "late": "r0c2"}
+LEGACY_NAMES = ("early", "mid", "late")
 
 TOPOLOGIES = ("cnn", "transformer")
 
@@ -33,8 +34,8 @@ def parse_slot_id(slot_id: str) -> tuple[int, int]:
     match = _SLOT_ID.fullmatch(slot_id)
     if match is None:
         stripped = slot_id.strip().lower()
-        if stripped in _LEGACY_NAMES:
-            hint = f"legacy slot names are not supported; use canonical ids such as {_LEGACY_NAMES[stripped]}"
+        if stripped in LEGACY_NAMES:
+            hint = "legacy slot names are not supported; use the host's canonical ids r{row}c{col}"
         else:
             hint = "use the canonical form r{row}c{col}, e.g. r0c0, r0c1, r1c0"
         raise ValueError(f"invalid slot id {slot_id!r}: {hint} (use r0c0 for the first slot)")

@@ -207,6 +207,13 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
 # ---------------------------------------------------------------------------- resolved configuration
 
 
+def _slot_words(value) -> list[str]:
+    """The slot ids of a ``--slots`` value, as given (validated against the host afterwards)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.replace(" ", ",").split(",") if part.strip()]
+    return list(value)
+
+
 def _build_host(task: TaskConfig, overrides: dict[str, Any]):
     host = task.make_host()
     try:
@@ -264,8 +271,8 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
             if isinstance(value, str) and not value.strip():  # given, but empty: not "the default"
                 raise RunConfigError(f"--{name} is empty; list at least one (e.g. --{name} "
                                      f"{'r0c0' if name == 'slots' else 'norm,conv_small'}) or leave it out")
-        slots = parse_slot_list(slots_value) if slots_value else host.default_slots
-        slot_config_for(host, slots)  # a slot the host lacks: the message lists the host's slots
+        # A slot the host lacks, or a legacy name: the message names the host's own ids.
+        slots = slot_config_for(host, _slot_words(slots_value)).slot_ids if slots_value else host.default_slots
         bp_value = _per_topology(s["blueprints"], topology)
         blueprints = tuple(_canonical("blueprints", bp_value).split(",")) if bp_value else blueprint_names(topology)
         valid = blueprint_names(topology)

@@ -29,10 +29,10 @@ def test_heuristic_experiment_runs_and_labels_synthetic_data(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
     results = json.loads(out.read_text())
-    assert results["synthetic"] is True
-    static = results["results"][0]
-    assert static["controller"] == "static" and static["mean_params_added"] == 0 and static["germinated"] == {}
-    assert np.isfinite(static["final_val_loss"])
+    assert results["synthetic"] is True and list(results["controllers"]) == ["static"]
+    static = results["controllers"]["static"]
+    assert static["params_added"] == 0 and not any(static["germinated"].values())
+    assert np.isfinite(static["final_val_loss"]) and out.with_suffix(".md").exists()
 
 
 def test_germinate_action_is_applied_and_observation_stays_finite():

@@ -57,11 +57,11 @@ def test_invalid_ids_raise_and_name_the_canonical_form(bad):
     assert not is_valid_slot_id(bad)
 
 
-@pytest.mark.parametrize("legacy, canonical", [("early", "r0c0"), ("mid", "r0c1"), ("late", "r0c2")])
-def test_legacy_names_are_errors_not_aliases(legacy, canonical):
+@pytest.mark.parametrize("legacy", ["early", "mid", "late"])
+def test_legacy_names_are_errors_not_aliases(legacy):
     with pytest.raises(ValueError, match="legacy") as info:
         validate_slot_id(legacy)
-    assert canonical in str(info.value)
+    assert "r{row}c{col}" in str(info.value)
     with pytest.raises(ValueError):
         parse_slot_list(f"r0c0,{legacy}")
 

@@ -43,11 +43,24 @@ def host_forward(host: Host, params: Params, x: jax.Array) -> jax.Array:
     return host.head(params, h)
 
 
+def legacy_slot_ids(host: Host) -> dict[str, str]:
+    """What Esper's ``early``/``mid``/``late`` meant on this host: its first, middle and last
+    default slot (on the CNN host the residual streams after blocks 0, 1 and 2)."""
+    slots = host.default_slots
+    return {"early": slots[0], "mid": slots[len(slots) // 2], "late": slots[-1]}
+
+
 def slot_config_for(host: Host, slot_ids) -> SlotConfig:
     """Validate ``slot_ids`` against the host's injection points and build the slot configuration."""
     points = {p.slot_id: p for p in host.injection_points}
     chosen = []
+    legacy = legacy_slot_ids(host)
     for slot_id in slot_ids:
+        name = slot_id.strip().lower() if isinstance(slot_id, str) else None
+        if name in legacy:
+            raise ValueError(f"invalid slot id {slot_id!r}: legacy slot names are not supported; on this "
+                             f"{host.topology} host {name} is {legacy[name]} (early, mid, late: "
+                             f"{', '.join(legacy.values())})")
         validate_slot_id(slot_id)
         if slot_id not in points:
             raise ValueError(

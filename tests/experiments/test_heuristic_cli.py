@@ -1,0 +1,33 @@
+"""``python -m experiments.heuristic`` refuses bad input in one line, before loading data or
+compiling anything (a run of it is in the slow suite, ``tests/env/test_env_slow.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import heuristic
+
+
+def error_line(capsys, argv) -> str:
+    assert heuristic.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_options_are_one_line(capsys, tmp_path, monkeypatch):
+    base = ["--task=cifar10", "--data=synthetic"]
+    assert "unknown controller 'oracle'" in error_line(capsys, [*base, "--controller=oracle"])
+    # --json into a missing directory: refused before the run, not after it
+    assert "does not exist" in error_line(capsys, [*base, f"--json={tmp_path / 'no' / 'r.json'}"])
+    assert "legacy slot names" in error_line(capsys, [*base, "--slots=mid"])
+    monkeypatch.setenv("ESPER_CONV_IMPL", "bogus")
+    assert "ESPER_CONV_IMPL" in error_line(capsys, base)
+
+
+def test_parser_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        heuristic.build_parser().parse_args(["--task=cifar10", "--envs=0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
