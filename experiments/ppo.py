@@ -72,7 +72,7 @@ def _field_type(field: dataclasses.Field):
         return non_negative
     if hint is float:
         return float
-    if hint is str:
+    if hint is str or typing.get_origin(hint) is typing.Literal:
         return str
     if args == {float, type(None)} or (isinstance(hint, types.UnionType) and args == {float, type(None)}):
         return optional_float
@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{PPO_HELP.get(field.name, field.name.replace('_', ' '))} (default {field.default})"
         if kind == "bool":
             g.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif field.name == "recurrent":
-            g.add_argument(*flags, dest=field.name, choices=("none", "lstm", "gru"), help=help_text)
+        elif typing.get_origin(typing.get_type_hints(PPOConfig)[field.name]) is typing.Literal:
+            choices = typing.get_args(typing.get_type_hints(PPOConfig)[field.name])
+            g.add_argument(*flags, dest=field.name, choices=choices, help=help_text)
         elif field.name in run_settings.POSITIVE_SETTINGS:
             g.add_argument(*flags, dest=field.name, type=positive, help=help_text)
         else:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
+from esper_jax.lattice.slots import Topology
+
+TaskKind = Literal["classification", "language_model"]
 
 HOST_VARIANTS = {"cifar10": ("baseline", "impaired", "pointwise"), "cifar100": ("baseline", "impaired", "pointwise"),
                  "tinystories": ("base", "tiny")}
@@ -15,8 +19,8 @@ HOST_VARIANTS = {"cifar10": ("baseline", "impaired", "pointwise"), "cifar100": (
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     name: str
-    topology: str               # "cnn" | "transformer"
-    kind: str                   # "classification" | "language_model"
+    topology: Topology
+    kind: TaskKind
     num_classes: int            # classes, or vocabulary size for a language model
     baseline_loss: float        # loss of a uniform guess: ln(num_classes)
     target_loss: float          # an achievable loss for this host family

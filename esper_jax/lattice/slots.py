@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable
+from typing import Iterable, Literal
 
 _SLOT_ID = re.compile(r"r(0|[1-9][0-9]*)c(0|[1-9][0-9]*)")  # used with fullmatch: "$" would accept "r0c0\n"
 LEGACY_NAMES = ("early", "mid", "late")
 
-TOPOLOGIES = ("cnn", "transformer")
+Topology = Literal["cnn", "transformer"]
+TOPOLOGIES: tuple[Topology, ...] = ("cnn", "transformer")
 
 
 def format_slot_id(row: int, col: int) -> str:
@@ -79,7 +80,7 @@ class SlotSpec:
 
     slot_id: str
     dim: int
-    topology: str
+    topology: Topology
 
     def __post_init__(self):
         validate_slot_id(self.slot_id)

@@ -19,7 +19,7 @@ update give the same outputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import distrax
 import flax.linen as nn
@@ -29,7 +29,8 @@ import numpy as np
 
 from esper_jax.env.actions import HEADS, NUM_OPS, RELEVANT_HEADS, ActionMasks, FactoredAction, Op
 
-RECURRENT_KINDS = ("none", "lstm", "gru")
+Recurrent = Literal["none", "lstm", "gru"]
+RECURRENT_KINDS: tuple[Recurrent, ...] = ("none", "lstm", "gru")
 MASKED_LOGIT = -1e9
 
 # [NUM_OPS, len(HEADS)]: 1 where a head matters for an op.
@@ -114,7 +115,7 @@ class ActorCritic(nn.Module):
 
     head_sizes: tuple[tuple[str, int], ...]
     hidden_size: int = 128
-    recurrent: str = "none"
+    recurrent: Recurrent = "none"
 
     @nn.compact
     def __call__(self, carry, obs, episode_start):
@@ -155,7 +156,7 @@ class Policy:
 
     head_sizes: tuple[tuple[str, int], ...]
     hidden_size: int = 128
-    recurrent: str = "none"
+    recurrent: Recurrent = "none"
 
     def __post_init__(self):
         if self.recurrent not in RECURRENT_KINDS:
@@ -164,7 +165,7 @@ class Policy:
             raise ValueError(f"head_sizes must name the heads {HEADS} in order")
 
     @classmethod
-    def make(cls, head_sizes: dict[str, int], hidden_size: int = 128, recurrent: str = "none") -> "Policy":
+    def make(cls, head_sizes: dict[str, int], hidden_size: int = 128, recurrent: Recurrent = "none") -> "Policy":
         return cls(tuple((h, int(head_sizes[h])) for h in HEADS), hidden_size, recurrent)
 
     @property

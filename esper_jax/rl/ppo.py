@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 from esper_jax.rl import normalize
 from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction
 from esper_jax.trees import select
-from esper_jax.rl.policy import RECURRENT_KINDS, Policy, evaluate_actions, evaluate_actions_raw, sample_action
+from esper_jax.rl.policy import RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, sample_action
 
 # A minibatch whose KL before its step exceeds this multiple of target_kl stops the update
 # (Stable-Baselines3's rule).
@@ -72,7 +72,7 @@ class PPOConfig:
     learning_rate: float = 3e-4  # default value of Hyperparams.learning_rate
     ent_coef: float = 0.05       # default value of Hyperparams.ent_coef
     hidden_size: int = 128
-    recurrent: str = "none"      # "none" | "lstm" | "gru"
+    recurrent: Recurrent = "none"
     normalize_obs: bool = True
     normalize_advantages: bool = True  # per minibatch
     bootstrap_on_done: bool = False    # see the module docstring

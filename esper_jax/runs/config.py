@@ -14,19 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from esper_jax.data import SYNTHETIC
 from esper_jax.env.rewards import RewardKind
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.optim import LRSchedule
+from esper_jax.lattice.slots import Topology
 from esper_jax.rl.ppo import PPOConfig
 
 CONFIG_VERSION = 1
 CONFIG_FILE = "config.json"
 
 Host = CNNHost | TransformerHost
-Topology = Literal["cnn", "transformer"]
 
 
 class RunConfigError(ValueError):

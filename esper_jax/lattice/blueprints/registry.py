@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from esper_jax.lattice.slots import TOPOLOGIES
+from esper_jax.lattice.slots import TOPOLOGIES, Topology
 
 Params = Any
 
@@ -25,7 +25,7 @@ RESERVED_NAMES = frozenset({"gate"})
 @dataclasses.dataclass(frozen=True)
 class Blueprint:
     name: str
-    topology: str
+    topology: Topology
     description: str
     init: Callable[[jax.Array, int], Params]
     apply: Callable[[Params, jax.Array], jax.Array]

@@ -11,13 +11,13 @@ from typing import Any, Protocol
 
 import jax
 
-from esper_jax.lattice.slots import SlotConfig, SlotSpec, sort_slot_ids, validate_slot_id
+from esper_jax.lattice.slots import SlotConfig, SlotSpec, Topology, sort_slot_ids, validate_slot_id
 
 Params = Any
 
 
 class Host(Protocol):
-    topology: str
+    topology: Topology
 
     def init(self, key: jax.Array) -> Params: ...
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from esper_jax.lattice import ops
-from esper_jax.lattice.slots import SlotSpec, format_slot_id
+from esper_jax.lattice.slots import SlotSpec, Topology, format_slot_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class CNNHost:
     pool_blocks: int = 2
     in_channels: int = 3
     image_size: int = 32
-    topology: str = dataclasses.field(default="cnn", init=False)
+    topology: Topology = dataclasses.field(default="cnn", init=False)
 
     def __post_init__(self):
         if self.num_blocks < 1:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from esper_jax.lattice import ops
-from esper_jax.lattice.slots import SlotSpec, format_slot_id
+from esper_jax.lattice.slots import SlotSpec, Topology, format_slot_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class TransformerHost:
     num_layers: int = 4
     block_size: int = 256
     mlp_ratio: int = 4
-    topology: str = dataclasses.field(default="transformer", init=False)
+    topology: Topology = dataclasses.field(default="transformer", init=False)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
