@@ -20,6 +20,7 @@ import numpy as np
 from flax import struct
 
 from esper_jax.lattice import blending
+from esper_jax.trees import select
 
 
 class Stage(enum.IntEnum):
@@ -152,15 +153,6 @@ def init_status(num_slots: int) -> SlotStatus:
     )
 
 
-def _select(mask, new, old):
-    """Per-slot select between two statuses (``mask`` has shape ``[S]``)."""
-    return jax.tree.map(lambda n, o: jnp.where(mask, n, o), new, old)
-
-
-def _keep_unless(applied, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
-
-
 def _slot_mask(status: SlotStatus, slot) -> jax.Array:
     return jnp.arange(status.num_slots) == slot
 
@@ -197,7 +189,7 @@ def _enter_stage(status: SlotStatus, mask: jax.Array, new_stage: jax.Array, gate
     s = s.replace(embargo=jnp.where(entering(Stage.EMBARGOED), gates.embargo_epochs, s.embargo))
     cleared = entering(Stage.DORMANT)
     blank = init_status(s.num_slots)
-    s = _select(cleared, blank, s)
+    s = select(cleared, blank, s)
     return s.replace(
         stage=jnp.where(mask, new_stage, s.stage),
         epochs_in_stage=jnp.where(mask, 0, s.epochs_in_stage),
@@ -272,7 +264,7 @@ def germinate(status: SlotStatus, slot, blueprint, blend_style, tempo_index, num
         host_grad_norm=jnp.where(mask, 0.0, status.host_grad_norm),
     )
     new = _enter_stage(new, mask, Stage.GERMINATED, gates)
-    return _keep_unless(ok, new, status), ok
+    return select(ok, new, status), ok
 
 
 def _slot_value(array, slot):
@@ -286,7 +278,7 @@ def advance(status: SlotStatus, slot, gates: GateConfig):
     ok = in_range & _slot_value(gates_passed(status, gates), slot)
     target = _HAPPY_NEXT[_slot_value(status.stage, slot)]
     new = _enter_stage(status, _slot_mask(status, slot), target, gates)
-    return _keep_unless(ok, new, status), ok
+    return select(ok, new, status), ok
 
 
 def fossilize(status: SlotStatus, slot, gates: GateConfig):
@@ -295,7 +287,7 @@ def fossilize(status: SlotStatus, slot, gates: GateConfig):
     in_range = (slot >= 0) & (slot < status.num_slots)
     ok = in_range & _slot_value(gate_g5(status, gates), slot)
     new = _enter_stage(status, _slot_mask(status, slot), Stage.FOSSILIZED, gates)
-    return _keep_unless(ok, new, status), ok
+    return select(ok, new, status), ok
 
 
 def set_alpha_target(status: SlotStatus, slot, target, gates: GateConfig):
@@ -314,7 +306,7 @@ def set_alpha_target(status: SlotStatus, slot, target, gates: GateConfig):
         alpha_step=jnp.where(mask, 0, status.alpha_step),
         alpha_steps=jnp.where(mask, status.tempo, status.alpha_steps),
     )
-    return _keep_unless(ok, new, status), ok
+    return select(ok, new, status), ok
 
 
 def prune(status: SlotStatus, slot, gates: GateConfig, ramp=False):
@@ -336,7 +328,7 @@ def prune(status: SlotStatus, slot, gates: GateConfig, ramp=False):
         alpha_steps=jnp.where(mask, status.tempo, status.alpha_steps),
     )
     new = jax.tree.map(lambda r, n: jnp.where(ramped, r, n), ramping, now)
-    return _keep_unless(ok, new, status), ok
+    return select(ok, new, status), ok
 
 
 # ---------------------------------------------------------------------------- per epoch
