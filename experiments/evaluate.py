@@ -96,6 +96,12 @@ def main(argv=None) -> int:
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
         handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
+        if ev.POLICY in controllers:
+            for m in (range(handle.population) if all_members else (member,)):
+                if not handle.policy_is_finite(m):
+                    raise RunConfigError(
+                        f"member {m}'s policy at update {handle.step} is not finite (its learner diverged; see "
+                        f"summary.json): evaluate another member with --member, or an earlier checkpoint with --step")
     except CheckpointError as error:
         hint = "" if args.step is not None else "; train (or resume) with `python -m experiments.ppo` first"
         print(f"error: {error}{hint}", file=sys.stderr)

@@ -7,7 +7,9 @@
 
 A preset sets a whole configuration; explicit options override it. Everything is resolved,
 written to DIR/config.json and trained by :mod:`esper_jax.runs.loop` (this file only parses flags).
-Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C; resume with --resume).
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 a learner diverged (its parameters or
+losses stopped being finite; the message names the update), 130 interrupted (Ctrl-C; resume with
+--resume).
 """
 
 from __future__ import annotations
@@ -214,7 +216,20 @@ def main(argv=None) -> int:
     if result.interrupted:
         print(interrupted_message(result.run_dir, result.checkpoint), file=sys.stderr)
         return 130
+    if result.diverged:
+        print(diverged_message(result.diverged, summary["population"], result.checkpoint), file=sys.stderr)
+        return 3
     return 0
+
+
+def diverged_message(diverged: dict[int, int], population: int, checkpoint: int | None) -> str:
+    """Which learners diverged at which update, and what is left."""
+    which = "; ".join(f"member {m} at update {u}" for m, u in sorted(diverged.items()))
+    if len(diverged) < population:
+        return (f"error: learner(s) diverged (parameters or losses not finite): {which}; the other members trained "
+                f"on and the best member is chosen among them")
+    return (f"error: the learner diverged (parameters or losses not finite): {which}; the checkpoint at update "
+            f"{checkpoint} is the last finite one; lower --learning-rate or --max-grad-norm and start a new run")
 
 
 def interrupted_message(run_dir: Path, checkpoint: int | None) -> str:

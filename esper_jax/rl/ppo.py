@@ -36,6 +36,7 @@ rollout. MLP policies: minibatches are shuffled individual steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
@@ -86,13 +87,26 @@ class PPOConfig:
             raise ValueError(f"rollout_steps must be >= 0 (0 = one episode), got {self.rollout_steps}")
         if self.recurrent not in RECURRENT_KINDS:
             raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_KINDS)}, got {self.recurrent!r}")
-        if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"need 0 < gamma <= 1 and 0 <= gae_lambda <= 1, got {self.gamma}, {self.gae_lambda}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"target_kl must be positive or None, got {self.target_kl}")
-        for name in ("clip_eps", "max_grad_norm", "learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # Values that cannot be right are refused here, not discovered as NaN losses later.
+        for name, low, high, low_open in LEARNER_RANGES:
+            value = getattr(self, name)
+            if name == "target_kl" and value is None:
+                continue
+            inside = isinstance(value, (int, float)) and math.isfinite(value) and (
+                value > low if low_open else value >= low) and value <= high
+            if not inside:
+                bounds = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number {bounds}, got {value!r}")
+
+
+# The learner's real-valued settings: (name, low, high, low bound excluded). Adam with a learning
+# rate above 1, a discount above 1, a clip range of 1 or more, or a negative value coefficient
+# only diverges; a zero Adam epsilon divides by zero on a zero gradient.
+LEARNER_RANGES = (
+    ("learning_rate", 0.0, 1.0, True), ("ent_coef", 0.0, math.inf, False), ("gamma", 0.0, 1.0, True),
+    ("gae_lambda", 0.0, 1.0, False), ("clip_eps", 0.0, 1.0, True), ("vf_coef", 0.0, math.inf, False),
+    ("max_grad_norm", 0.0, math.inf, True), ("target_kl", 0.0, math.inf, True), ("adam_eps", 0.0, 1.0, True),
+)
 
 
 @struct.dataclass
@@ -215,6 +229,7 @@ class UpdateMetrics(NamedTuple):
     entropy: jax.Array                  # [H]: per head, over the samples where the head mattered
     minibatch_updates: jax.Array
     kl_stopped: jax.Array
+    nonfinite: jax.Array                # 1 when the learner's parameters or losses are no longer finite
 
     def columns(self) -> dict[str, jax.Array]:
         """Flat named columns, one per metric (``entropy`` becomes ``entropy_<head>``)."""
@@ -492,6 +507,10 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
             episodes=episodes.astype(jnp.int32), policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
             clip_fraction=clip_fraction, explained_variance=explained_variance(traj.value, returns), entropy=entropy,
             minibatch_updates=applied, kl_stopped=stopped,
+            # Checked on device every update, read by the training loop once per chunk: a learner
+            # that diverged is reported, never saved or chosen as if it were healthy.
+            nonfinite=(~(jnp.all(jnp.isfinite(ravel_pytree(params)[0])) & jnp.isfinite(policy_loss)
+                         & jnp.isfinite(value_loss))).astype(jnp.int32),
         )
         return runner.replace(params=params, opt_state=opt_state, key=key, update=update), metrics
 

@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 from esper_jax.runs.build import Built, build, make_programs
 from esper_jax.runs.checkpoint import Checkpointer
 from esper_jax.runs.config import read_config
@@ -37,6 +40,12 @@ class RunHandle(Built):
         if not 0 <= member < self.population:
             raise IndexError(f"member {member} out of range: the run has {self.population}")
         return take(self.state, member)
+
+    def policy_is_finite(self, member: int) -> bool:
+        """Whether the member's policy parameters and observation statistics are all finite (a
+        diverged learner's are not, and must not be evaluated as if it were a controller)."""
+        state = self.member_state(member)
+        return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves((state.params, state.obs_stats)))
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_rows(self.run_dir / METRICS_FILE)

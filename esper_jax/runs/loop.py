@@ -26,8 +26,9 @@ from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError
 from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
-from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, fmt, metric_rows,
-                                   prepare_run_dir, read_rows, summarize_run, truncate_rows, write_json)
+from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
+                                   metric_rows, prepare_run_dir, read_rows, summarize_run, truncate_rows,
+                                   write_json)
 
 # Errors that mean "the user asked for something impossible": the command line prints them as
 # one line and exits 2. Anything else is a bug and keeps its traceback.
@@ -42,6 +43,7 @@ class RunResult:
     summary: dict[str, Any]
     interrupted: bool
     checkpoint: int | None       # newest complete checkpoint (updates done)
+    diverged: dict[int, int] = dataclasses.field(default_factory=dict)  # member -> first non-finite update
 
 
 def enable_compile_cache(directory: str | os.PathLike[str] | None) -> None:
@@ -104,6 +106,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
     state = None
     done = 0
     interrupted = False
+    diverged: dict[int, int] = {}
     compile_seconds = train_seconds = 0.0
     steps_run = 0
     with Checkpointer(checkpoints, keep=config.keep_checkpoints) as ckpt:
@@ -146,6 +149,17 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
                 seconds = time.perf_counter() - t
                 append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
                 state, done = new_state, done + n
+                new = {m: u for m, u in diverged_members(rows, config.population).items() if m not in diverged}
+                diverged.update(new)
+                for m, u in sorted(new.items()):
+                    log(f"member {m}: the learner's parameters or losses are not finite from update {u} on "
+                        f"(it diverged)" + (f"; the other {config.population - len(diverged)} member(s) train on"
+                                            if len(diverged) < config.population else ""))
+                if len(diverged) == config.population:
+                    # Nothing healthy is left to save: the newest checkpoint stays the last finite one.
+                    log(f"every learner diverged; stopping at update {done} without saving it; the checkpoint at "
+                        f"update {saved} is the last finite one")
+                    break
                 ckpt.save(done, state)  # asynchronous: written while the next chunk trains
                 saved = done
                 train_seconds += seconds
@@ -164,13 +178,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
         latest = ckpt.latest_step()
     rows = read_rows(metrics_path)
     summary = summarize_run(
-        config, rows, complete=not interrupted and len(rows) >= config.updates, checkpoint=latest,
+        config, rows, complete=not interrupted and len(diverged) < config.population and len(rows) >= config.updates,
+        checkpoint=latest,
         data=built.data_label, wall_seconds=time.perf_counter() - started, compile_seconds=compile_seconds,
         env_steps=sum(_env_steps(rows[-1], m) for m in range(config.population)) if rows else 0,
         env_steps_per_second=steps_run / train_seconds if train_seconds else None,
         devices=built.placement.describe())
     write_json(run_dir / SUMMARY_FILE, summary)
-    return RunResult(run_dir, summary, interrupted, latest)
+    return RunResult(run_dir, summary, interrupted, latest, diverged_members(rows, config.population))
 
 
 def _steps_per_update(built: Built) -> int:

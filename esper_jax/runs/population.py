@@ -52,8 +52,10 @@ class Sweep:
         return tuple(float(v) for v in self.low + u * (self.high - self.low))
 
 
-def parse_sweep(name: str, text: str | float | Sequence[float], positive: bool = True) -> Sweep:
-    """``"3e-4"``, ``"1e-4,3e-4"``, ``"log:1e-4:1e-3"`` or ``"lin:0.01:0.1"`` (or numbers)."""
+def parse_sweep(name: str, text: str | float | Sequence[float], positive: bool = True,
+                maximum: float = math.inf) -> Sweep:
+    """``"3e-4"``, ``"1e-4,3e-4"``, ``"log:1e-4:1e-3"`` or ``"lin:0.01:0.1"`` (or numbers), each
+    value finite, positive (or non-negative) and at most ``maximum``."""
     if isinstance(text, (int, float)):
         text = repr(float(text))
     elif not isinstance(text, str):
@@ -77,6 +79,8 @@ def parse_sweep(name: str, text: str | float | Sequence[float], positive: bool =
         raise ValueError(f"--{name}: values must be positive, got {text!r}")
     if not positive and not all(v >= 0 for v in bounds):
         raise ValueError(f"--{name}: values must be non-negative, got {text!r}")
+    if not all(v <= maximum for v in bounds):
+        raise ValueError(f"--{name}: values must be at most {maximum:g}, got {text!r}")
     if sweep.is_range and not sweep.low < sweep.high:
         raise ValueError(f"--{name}: a range needs LO < HI, got {text!r}")
     return sweep

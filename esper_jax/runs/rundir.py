@@ -68,6 +68,8 @@ def metric_rows(metrics: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             values = np.asarray(metrics[n][:, u])
             if n in ("update", "env_steps"):  # the same for every member
                 row[n] = int(values[0])
+            elif n == "nonfinite":  # how many members' learners are no longer finite
+                row[n] = int(values.sum())
             else:
                 finite = values[np.isfinite(values.astype(np.float64))]
                 row[n] = float(finite.astype(np.float64).mean()) if finite.size else None
@@ -148,25 +150,42 @@ def best_window(updates: int) -> int:
 
 def summarize_run(config: RunConfig, rows: list[dict[str, Any]], **extra) -> dict[str, Any]:
     """Final metrics per member and the best member: the highest mean return over the last tenth
-    of the updates (at least one)."""
+    of the updates (at least one), among the members whose learner stayed finite. A member that
+    diverged has no score and ``diverged_at``, the first update at which it was not finite."""
     population = config.population
     per_member = [[r["members"][m] if population > 1 else r for r in rows] for m in range(population)]
     window = best_window(len(rows))
-    members, scores = [], []
+    members, scores, diverged = [], [], {}
     for m, member_rows in enumerate(per_member):
+        diverged_at = next((r["update"] for r in member_rows if r.get("nonfinite")), None)
         returns = [r.get("mean_return") for r in member_rows[-window:]]
         returns = [v for v in returns if v is not None]
-        score = float(np.mean(returns)) if returns else None
+        score = float(np.mean(returns)) if returns and diverged_at is None else None
         scores.append(-math.inf if score is None else score)
+        if diverged_at is not None:
+            diverged[str(m)] = diverged_at
         members.append({"member": m, **dataclasses.asdict(config.members[m]), "score": score,
-                        "final": member_rows[-1] if member_rows else None})
-    best = int(np.argmax(scores)) if rows else None
+                        "diverged_at": diverged_at, "final": member_rows[-1] if member_rows else None})
+    healthy = [m for m in range(population) if str(m) not in diverged]
+    best = max(healthy, key=lambda m: scores[m]) if rows and healthy else None
     return {
         "task": config.task, "preset": config.preset, "population": population, "synthetic": config.data.synthetic,
         "updates_done": len(rows), "updates": config.updates,
-        "best_member": best, "best_by": f"mean_return averaged over the last {window} update(s)",
-        "members": members, **extra,
+        "best_member": best, "best_by": f"mean_return averaged over the last {window} update(s), members whose "
+                                        f"learner stayed finite",
+        "diverged": diverged, "members": members, **extra,
     }
+
+
+def diverged_members(rows: list[dict[str, Any]], population: int) -> dict[int, int]:
+    """``{member: first update whose learner was not finite}`` over ``rows``."""
+    found: dict[int, int] = {}
+    for row in rows:
+        entries = row["members"] if population > 1 else [row]
+        for m, entry in enumerate(entries):
+            if entry.get("nonfinite") and m not in found:
+                found[m] = int(entry["update"])
+    return found
 
 
 

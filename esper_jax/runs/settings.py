@@ -284,7 +284,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
             raise RunConfigError(f"duplicate blueprints in {','.join(blueprints)}")
         if s["reward"] not in REWARD_KINDS:
             raise RunConfigError(f"unknown reward {s['reward']!r}; valid rewards are: {', '.join(REWARD_KINDS)}")
-        lr = parse_sweep("lr", s["learning_rate"])
+        lr = parse_sweep("lr", s["learning_rate"], maximum=1.0)  # Adam above 1 only diverges
         ent = parse_sweep("ent-coef", s["ent_coef"], positive=False)
         seeds = parse_seeds(s["seeds"]) if s["seeds"] is not None else None
         if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or not 0 <= s["seed"] <= MAX_SEED:

@@ -99,7 +99,8 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     # an empty list is not the default list
     assert "--blueprints is empty" in error_line(capsys, ["--task=cifar10", "--blueprints="])
     assert "--slots is empty" in error_line(capsys, ["--task=cifar10", "--slots= "])
-    assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=early"])
+    assert "on this cnn host early is r0c0" in error_line(capsys, ["--task=cifar10", "--slots=early"])
+    assert "late is r2c0" in error_line(capsys, ["--task=cifar10", "--slots=r0c0,late"])
     assert "use r0c0" in error_line(capsys, ["--task=cifar10", "--slots=slot1"])
     line = error_line(capsys, ["--task=cifar10", "--slots=r0c0,r7c0"])
     assert "r7c0 does not exist" in line and "r0c0, r0c1, r1c0" in line
@@ -114,6 +115,19 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert "LO < HI" in error_line(capsys, ["--task=cifar10", "--lr=log:1e-3:1e-4"])
     assert "recurrent" in error_line(capsys, ["--task=cifar10", "--recurrent=transformer"])
     assert "--task is required" in error_line(capsys, [])
+    # learner settings that cannot be right are refused up front, not found later as NaN losses
+    for flag, expected in (("--max-grad-norm=nan", "--max-grad-norm) must be a finite number > 0"),
+                           ("--vf-coef=nan", "--vf-coef) must be a finite number >= 0"),
+                           ("--vf-coef=-1", "--vf-coef) must be a finite number >= 0"),
+                           ("--adam-eps=0", "--adam-eps) must be a finite number > 0"),
+                           ("--adam-eps=-1", "--adam-eps) must be a finite number > 0"),
+                           ("--clip-eps=nan", "--clip-eps) must be a finite number > 0"),
+                           ("--gamma=1.5", "--gamma) must be a finite number > 0 and <= 1"),
+                           ("--target-kl=inf", "--target-kl) must be a finite number > 0"),
+                           ("--lr=1e6", "--lr: values must be at most 1"),
+                           ("--lr=nan", "--lr: values must be finite"),
+                           ("--ent-coef=-0.1", "--ent-coef: values must be non-negative")):
+        assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
     # a missing dataset: the data layer's advice, on one line, and nothing is created
     empty = tmp_path / "no-data"
     empty.mkdir()

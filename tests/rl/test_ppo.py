@@ -256,6 +256,17 @@ def test_train_chunk_metrics_and_state(bandit_runs):
     np.testing.assert_array_equal(np.asarray(after.env_state.epoch), 0)
     assert bool(jnp.all(after.episode_start)) and float(jnp.abs(after.episode_return).max()) == 0.0
     assert int(after.env_state.rollbacks.sum()) == 0  # BanditEnv counts invalid actions here
+    np.testing.assert_array_equal(np.asarray(metrics.nonfinite), [0, 0])
+
+
+def test_a_diverged_learner_is_flagged_on_device(bandit_runs):
+    """Parameters that stopped being finite are reported by the update's own metrics (the
+    training loop reads them once per chunk); a healthy learner beside it is not flagged."""
+    env, config, one, two, init, chunk1, chunk2 = bandit_runs
+    runner = init(jax.random.key(0), Hyperparams.default(config), DATA)
+    poisoned = runner.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), runner.params))
+    _, metrics = chunk2(poisoned, DATA)
+    np.testing.assert_array_equal(np.asarray(metrics.nonfinite), [1, 1])
 
 
 def test_rollout_actions_are_valid_and_log_probs_replay(bandit_runs):
