@@ -27,8 +27,8 @@ from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
-                                   metric_rows, prepare_run_dir, read_rows, summarize_run, truncate_rows,
-                                   write_json)
+                                   metric_rows, prepare_run_dir, read_rows, start_from_scratch, summarize_run,
+                                   truncate_rows, write_json, RunLock)
 
 # Errors that mean "the user asked for something impossible": the command line prints them as
 # one line and exits 2. Anything else is a bug and keeps its traceback.
@@ -94,9 +94,19 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
     """Train (or continue, ``resume=True``) the run ``config`` in ``run_dir``.
 
     Ctrl-C (KeyboardInterrupt) is not re-raised: pending saves are finished, the summary of what is
-    done is written, and the result says ``interrupted`` and which checkpoint to resume from."""
+    done is written, and the result says ``interrupted`` and which checkpoint to resume from. The
+    run directory has one writer: a second process training into it is refused (:class:`RunLock`)."""
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume)
+    with RunLock(run_dir):
+        return _train(config, run_dir, resume, progress, log)
+
+
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None]) -> RunResult:
+    if prepare_run_dir(run_dir, resume):  # resumed, but no save had completed: nothing trained to keep
+        log(f"{run_dir} has no complete checkpoint (the run stopped before its first save): starting it from "
+            f"update 0 with its stored configuration")
+        start_from_scratch(run_dir)
+        resume = False
     built = build(config)  # user errors (data, names) surface here, before compiling
     config = built.config  # with the data's origin and (language models) the tokenizer's vocabulary
     checkpoints, metrics_path = run_dir / CHECKPOINT_DIR, run_dir / METRICS_FILE

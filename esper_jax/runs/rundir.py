@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 from esper_jax.runs.checkpoint import has_checkpoint, incomplete_checkpoints
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 
-METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR = "metrics.jsonl", "summary.json", "checkpoints"
+METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR, LOCK_FILE = "metrics.jsonl", "summary.json", "checkpoints", ".lock"
 
 
 
@@ -121,23 +123,72 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.task}-{config.preset}-{stamp}"
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """A fresh run needs an empty (or new) directory; a resumed one needs a run with a checkpoint."""
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """A fresh run needs an empty (or new) directory; a resumed one needs a run. Returns whether
+    a resumed run has no complete checkpoint (it stopped before its first save finished): it then
+    starts from update 0 with its stored configuration, since nothing trained was saved."""
     if resume:
         if not (run_dir / CONFIG_FILE).exists():
             raise RunConfigError(f"--resume {run_dir}: no run there ({CONFIG_FILE} is missing)")
-        if not has_checkpoint(run_dir / CHECKPOINT_DIR):
-            partial = " (a save was interrupted before it finished)" if incomplete_checkpoints(
-                run_dir / CHECKPOINT_DIR) else ""
-            raise RunConfigError(f"--resume {run_dir}: no complete checkpoint to resume from{partial}; "
-                                 f"start a new run instead")
-        return
+        return not has_checkpoint(run_dir / CHECKPOINT_DIR)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunConfigError(f"--run-dir {run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         hint = (f"; to continue it use --resume {run_dir}" if (run_dir / CONFIG_FILE).exists()
                 else "; choose an empty or new directory")
         raise RunConfigError(f"--run-dir {run_dir} is not empty{hint}")
+    return False
+
+
+def start_from_scratch(run_dir: Path) -> None:
+    """Before a resumed run without a complete checkpoint starts from update 0: drop the partial
+    saves and any rows (nothing a checkpoint covers is removed: there is none)."""
+    for partial in incomplete_checkpoints(run_dir / CHECKPOINT_DIR):
+        shutil.rmtree(partial, ignore_errors=True)
+    (run_dir / METRICS_FILE).write_text("")
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``DIR/.lock``, held while the run
+    trains. The OS releases it when the holder exits, however it exits (a killed holder leaves no
+    stale lock); the file keeps the holder's process id, so a second writer is told who holds it.
+    Readers (evaluation, reports) do not take it. Entering creates the directory if needed; a
+    directory it created that holds nothing but the lock when the run fails is removed again."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._file = None
+        self._created = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self._created = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.run_dir / LOCK_FILE, "a+")
+        except OSError as error:
+            raise RunConfigError(f"cannot write the run directory {self.run_dir}: {error.strerror or error}; "
+                                 f"choose a writable --run-dir") from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise RunConfigError(f"{self.run_dir} is in use by another run (process {holder}); wait for it to end, "
+                                 f"or use another --run-dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lock_path = self.run_dir / LOCK_FILE
+        if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            lock_path.unlink(missing_ok=True)  # a run that failed before writing anything leaves no directory
+            self.run_dir.rmdir()
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
 
 
 

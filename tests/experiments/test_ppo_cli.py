@@ -149,8 +149,6 @@ def test_bad_run_directories(capsys, tmp_path):
     config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
     (tmp_path / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
     write_json(tmp_path / "config.json", config.to_json())
-    line = error_line(capsys, [f"--resume={tmp_path}"])
-    assert "no complete checkpoint" in line and "interrupted" in line
     # a fresh run into a directory that holds one
     assert "--resume" in error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={tmp_path}"])
     # options that contradict the run being resumed
@@ -160,6 +158,90 @@ def test_bad_run_directories(capsys, tmp_path):
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--lr=1e-3"])
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--preset=default"])
     assert "another --run-dir" in error_line(capsys, [f"--resume={tmp_path}", f"--run-dir={tmp_path / 'x'}"])
+
+
+def test_resume_without_a_checkpoint_starts_from_update_0(capsys, tmp_path, monkeypatch):
+    """A run killed before its first save finished: --resume starts it again from update 0 with
+    its stored configuration (nothing trained was saved) instead of refusing with no way out."""
+    from esper_jax.runs import loop
+
+    config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
+    partial = tmp_path / "checkpoints" / "0.orbax-checkpoint-tmp-1"
+    partial.mkdir(parents=True)
+    write_json(tmp_path / "config.json", config.to_json())
+    (tmp_path / "metrics.jsonl").write_text('{"update": 1}\n')
+    built = []
+
+    def stop(config, **kwargs):  # the data and the compilation are not what is tested here
+        built.append(config)
+        raise RunConfigError("stopped before building")
+
+    monkeypatch.setattr(loop, "build", stop)
+    assert "stopped before building" in error_line(capsys, [f"--resume={tmp_path}"])
+    assert built == [config] and not partial.exists() and (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from esper_jax.runs.rundir import RunLock
+lock = RunLock(Path(sys.argv[1])).__enter__()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_run_directory(capsys, tmp_path):
+    """A second writer (fresh run or resume) is refused while another process holds the run
+    directory, naming that process; the holder's files are untouched; the lock dies with it."""
+    run_dir = tmp_path / "run"
+    config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
+    run_dir.mkdir()
+    write_json(run_dir / "config.json", config.to_json())
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir() if p.name != ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = error_line(capsys, [f"--resume={run_dir}", "--no-progress"])
+        assert f"is in use by another run (process {holder.pid})" in line
+        fresh = tmp_path / "fresh"
+        holder2 = subprocess.Popen([sys.executable, "-c", HOLD, str(fresh)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder2.stdout.readline().strip() == "locked"
+            line = error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={fresh}", "--no-progress"])
+            assert f"process {holder2.pid}" in line
+        finally:
+            holder2.kill()
+            holder2.wait()
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir() if p.name != ".lock") == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock went with it
+    from esper_jax.runs.rundir import RunLock
+    with RunLock(run_dir):
+        pass
+
+
+def test_unwritable_run_directory_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={blocker / 'run'}"])
+    assert "cannot write the run directory" in line
+
+
+def test_read_only_run_directory_is_one_line(capsys, tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        line = error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={read_only / 'run'}"])
+        assert "cannot write the run directory" in line
+    finally:
+        read_only.chmod(0o700)
 
 
 def test_proof_preset_resolves_the_calibrated_problem():
