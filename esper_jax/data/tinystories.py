@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -239,20 +240,69 @@ def find_tinystories_text(split: str, data_dir: PathLike | None = None) -> Path:
 
 
 def iter_stories(path: Path) -> Iterator[str]:
-    """Stories of a TinyStories text file, stripped, empty ones dropped, read in bounded memory."""
+    """Stories of a TinyStories text file, stripped, empty ones dropped, read in bounded memory.
+
+    The file must be UTF-8 text: a byte that does not decode becomes U+FFFD, and a file where more
+    than :data:`MAX_UNDECODABLE_FRACTION` of the bytes read so far do not decode (random bytes, a
+    binary file, another encoding) is refused, naming the first such byte's offset."""
     pending = ""
+    decoder = _Utf8Reader(path)
     try:
-        with path.open("r", encoding="utf-8", errors="replace") as handle:
+        with path.open("rb") as handle:
             while chunk := handle.read(_READ_CHUNK_CHARS):
-                pieces = (pending + chunk).split(STORY_SEPARATOR)
+                pieces = (pending + decoder.decode(chunk, final=False)).split(STORY_SEPARATOR)
                 pending = pieces.pop()  # may be the start of a story (or separator) cut by the chunk edge
                 for story in pieces:
                     if story := story.strip():
                         yield story
+            pending += decoder.decode(b"", final=True)
     except OSError as exc:
         raise CorruptDatasetError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     if pending := pending.strip():
         yield pending
+
+
+# Real TinyStories text is UTF-8 throughout; a few stray bytes are tolerated (and read as U+FFFD),
+# more than this fraction means the file is not the text it claims to be.
+MAX_UNDECODABLE_FRACTION = 1e-3
+
+
+class _Utf8Reader:
+    """Incremental UTF-8 decoding that counts the bytes that do not decode and refuses a file
+    where they are more than a small fraction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.consumed = 0          # bytes decoded so far (not counting a held-back partial character)
+        self.undecodable = 0
+        self.first_offset: int | None = None
+        self._held = b""           # the start of a character cut by the chunk edge
+
+    def decode(self, chunk: bytes, final: bool) -> str:
+        data, self._held = self._held + chunk, b""
+        base, pos, parts = self.consumed, 0, []
+        while pos < len(data):
+            try:
+                parts.append(data[pos:].decode("utf-8"))
+                pos = len(data)
+            except UnicodeDecodeError as error:
+                parts.append(data[pos:pos + error.start].decode("utf-8"))
+                if not final and error.reason == "unexpected end of data":
+                    self._held = data[pos + error.start:]  # completed by the next chunk
+                    pos = len(data)
+                    break
+                if self.first_offset is None:
+                    self.first_offset = base + pos + error.start
+                self.undecodable += error.end - error.start
+                parts.append("\ufffd")
+                pos += error.end
+        self.consumed = base + len(data) - len(self._held)
+        if self.undecodable > MAX_UNDECODABLE_FRACTION * max(self.consumed, 1000):
+            raise CorruptDatasetError(
+                f"{self.path}: not UTF-8 text ({self.undecodable} of the first {self.consumed} bytes do not decode, "
+                f"the first at byte offset {self.first_offset}); TinyStories files are UTF-8 text with stories "
+                f"separated by {STORY_SEPARATOR}")
+        return "".join(parts)
 
 
 # --------------------------------------------------------------------------- token cache
@@ -295,12 +345,15 @@ def _cache_is_valid(tokens_path: Path, meta_path: Path, expected: dict[str, obje
 
 
 def _atomic_write_bytes(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through ``write(handle)`` to a temporary file, fsync, then rename over ``target``."""
+    """Write through ``write(handle)`` to a temporary file, fsync, then rename over ``target``.
+    The file gets the mode the umask gives a new file (``mkstemp`` would leave it 0600, unreadable
+    to the other users of a shared data directory)."""
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.chmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(temp_name, target)
     finally:
@@ -363,9 +416,47 @@ def load_tinystories_tokens(
     source = find_tinystories_text(split, data_dir)
     tokens_path, meta_path = token_cache_paths(split, tokenizer, data_dir)
     vocab_size, eot_id = tokenizer_vocab(tokenizer)
-    if not _cache_is_valid(tokens_path, meta_path, _expected_metadata(source, tokenizer, vocab_size, eot_id)):
+    expected = _expected_metadata(source, tokenizer, vocab_size, eot_id)
+    if not _cache_is_valid(tokens_path, meta_path, expected) and not _writable(tokens_path.parent):
+        # A read-only data directory (a shared mount): the cache goes where this user can write.
+        folder = fallback_cache_dir(source, tokenizer)
+        tokens_path, meta_path = folder / tokens_path.name, folder / meta_path.name
+        if not _cache_is_valid(tokens_path, meta_path, expected):
+            if not _writable(folder):
+                raise CorruptDatasetError(
+                    f"cannot write the tokenized cache of {source}: neither its data directory nor {folder} is "
+                    f"writable; set {CACHE_ENV_VAR} to a writable directory")
+            print(f"note: {source.parent} is not writable; the tokenized cache of {source.name} goes to {folder} "
+                  f"(set {CACHE_ENV_VAR} to choose another place)", file=sys.stderr)
+    if not _cache_is_valid(tokens_path, meta_path, expected):
         build_token_cache(source, get_tokenizer(tokenizer), tokens_path, meta_path)
     return np.memmap(tokens_path, dtype="<u2", mode="r")
+
+
+CACHE_ENV_VAR = "ESPER_JAX_CACHE"
+
+
+def fallback_cache_dir(source: Path, tokenizer_name: str) -> Path:
+    """Where the token cache of ``source`` goes when its data directory is not writable:
+    ``$ESPER_JAX_CACHE`` (else ``$XDG_CACHE_HOME/esper-jax``, else ``~/.cache/esper-jax``), under a
+    folder named after the text's directory, so two datasets never share a cache."""
+    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "esper-jax")
+    digest = hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:12]
+    return Path(root) / TINYSTORIES_SUBDIR / digest / tokenizer_name
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (or, if it does not exist yet, where it would be)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def load_tinystories_dataset(data_dir: PathLike | None = None, tokenizer: TokenizerName = "gpt2") -> TokenDataset:

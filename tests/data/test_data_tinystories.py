@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from esper_jax.data import tinystories
+from esper_jax.data.datasets import CorruptDatasetError
 from esper_jax.data import (
     ByteTokenizer,
     DatasetNotFoundError,
@@ -266,3 +267,62 @@ def test_windows_from_memmapped_tokens(data_dir: Path) -> None:
     tokens = load_tinystories_tokens("train", data_dir, tokenizer="byte")
     windows = token_windows(tokens, block_size=16)
     np.testing.assert_array_equal(windows[2], np.asarray(tokens[32:49]))
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_text_that_is_not_utf8_is_refused_with_the_offset(data_dir: Path) -> None:
+    """Random bytes are not TinyStories: refused, naming the file and the first bad byte, and no
+    cache is left vouching for them."""
+    path = data_dir / "tinystories" / "TinyStories-train.txt"
+    good = "Once upon a time there was a cat.\n<|endoftext|>\n".encode()
+    data = good + np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as first:
+        data.decode("utf-8")
+    assert first.value.start >= len(good)
+    with pytest.raises(CorruptDatasetError, match=rf"not UTF-8 text .* byte offset {first.value.start}\b"):
+        load_tinystories_tokens("train", data_dir, tokenizer="byte")
+    assert not (data_dir / "tinystories" / "byte" / "train.json").exists()
+
+
+def test_a_few_stray_bytes_are_tolerated_and_characters_survive_chunk_edges(data_dir: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tinystories, "_READ_CHUNK_CHARS", 5)  # cuts multi-byte characters in two
+    path = data_dir / "tinystories" / "TinyStories-train.txt"
+    text = ("Über den Fluß ging ein Bär. " * 200) + "\n<|endoftext|>\nZweite Geschichte – schön.\n"
+    raw = text.encode()
+    path.write_bytes(raw[:50] + b"\xff" + raw[50:])  # one stray byte in 5,000
+    stories = list(tinystories.iter_stories(path))
+    assert len(stories) == 2 and stories[1] == "Zweite Geschichte – schön." and "\ufffd" in stories[0]
+    assert stories[0].replace("\ufffd", "") == text.split("\n<|endoftext|>\n")[0].strip()
+
+
+def test_read_only_data_dir_caches_elsewhere_and_says_where(data_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    cache_root = tmp_path / "user-cache"
+    monkeypatch.setenv("ESPER_JAX_CACHE", str(cache_root))
+    text_dir = (data_dir / "tinystories").resolve()
+    real_writable = tinystories._writable
+    monkeypatch.setattr(tinystories, "_writable",
+                        lambda folder: not folder.resolve().is_relative_to(text_dir) and real_writable(folder))
+    tokens = load_tinystories_tokens("train", data_dir, tokenizer="byte")
+    np.testing.assert_array_equal(tokens, expected_byte_tokens(STORIES))
+    folder = tinystories.fallback_cache_dir(text_dir / "TinyStories-train.txt", "byte")
+    assert folder.is_relative_to(cache_root) and (folder / "train.bin").exists()
+    assert not (data_dir / "tinystories" / "byte").exists()
+    assert f"goes to {folder}" in capsys.readouterr().err
+    # the second load finds it there and says nothing
+    load_tinystories_tokens("train", data_dir, tokenizer="byte")
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_files_follow_the_umask(data_dir: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        load_tinystories_tokens("train", data_dir, tokenizer="byte")
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "train.json"):
+        assert (data_dir / "tinystories" / "byte" / name).stat().st_mode & 0o777 == 0o644, name
