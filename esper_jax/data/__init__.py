@@ -18,7 +18,9 @@ import os
 
 from esper_jax.data.cifar import (
     NUM_CLASSES,
+    VARIANTS as CIFAR_VARIANTS,
     canonical_cifar_name,
+    cifar_archive,
     download_cifar,
     load_cifar,
     load_cifar_dataset,
@@ -36,6 +38,7 @@ from esper_jax.data.datasets import (
 from esper_jax.data.paths import DATA_DIR_ENV_VAR, resolve_data_dir
 from esper_jax.data.synthetic import synthetic_cifar, synthetic_tinystories
 from esper_jax.data.tinystories import (
+    SOURCE_FILE_PATTERNS as TINYSTORIES_FILE_PATTERNS,
     ByteTokenizer,
     get_tokenizer,
     load_tinystories_dataset,
@@ -53,13 +56,27 @@ SYNTHETIC_TRAIN_TOKENS = 4_000_000
 SYNTHETIC_VAL_TOKENS = 400_000
 
 
-def _real_data_dir(data: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
-    """``data`` names a directory unless it is "auto"; it may not contradict ``data_dir``."""
+def _real_data_dir(data: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None,
+                   dataset_files: tuple[str, ...] = ()) -> str | os.PathLike[str] | None:
+    """``data`` names a directory unless it is "auto"; it may not contradict ``data_dir``. A path to
+    one of the dataset's own files (``dataset_files``, e.g. the CIFAR archive) means its folder;
+    any other file is refused, since a data directory is a folder."""
+    data = _folder_of(data, "data", dataset_files) if str(data) != AUTO else data
+    data_dir = None if data_dir is None else _folder_of(data_dir, "data-dir", dataset_files)
     if str(data) == AUTO:
         return data_dir
     if data_dir is not None and resolve_data_dir(data) != resolve_data_dir(data_dir):
         raise ValueError(f"data={str(data)!r} and data_dir={str(data_dir)!r} name different directories; pass one")
     return data
+
+
+def _folder_of(path: str | os.PathLike[str], option: str, dataset_files: tuple[str, ...]) -> str | os.PathLike[str]:
+    if not os.path.isfile(path):
+        return path
+    if os.path.basename(path) in dataset_files:
+        return os.path.dirname(os.path.abspath(path))
+    raise ValueError(f"--{option} {path} is a file; pass the folder that holds the dataset's files "
+                     f"({os.path.dirname(os.path.abspath(path))})")
 
 
 def load_image_dataset(
@@ -80,7 +97,8 @@ def load_image_dataset(
     canonical = canonical_cifar_name(name)
     if str(data) == SYNTHETIC:
         return synthetic_cifar(NUM_CLASSES[canonical], n_train, n_test, seed)
-    return load_cifar_dataset(canonical, _real_data_dir(data, data_dir), source=source)  # type: ignore[arg-type]
+    archives = tuple(cifar_archive(canonical, variant).archive_name for variant in CIFAR_VARIANTS)
+    return load_cifar_dataset(canonical, _real_data_dir(data, data_dir, archives), source=source)  # type: ignore[arg-type]
 
 
 def load_token_dataset(
@@ -105,7 +123,8 @@ def load_token_dataset(
         return synthetic_tinystories(
             n_train_tokens, vocab_size, seed, n_val_tokens=n_val_tokens, eot_id=eot_id, tokenizer=tokenizer
         )
-    return load_tinystories_dataset(_real_data_dir(data, data_dir), tokenizer=tokenizer)  # type: ignore[arg-type]
+    texts = tuple(pattern.format(split=split) for pattern in TINYSTORIES_FILE_PATTERNS for split in ("train", "valid"))
+    return load_tinystories_dataset(_real_data_dir(data, data_dir, texts), tokenizer=tokenizer)  # type: ignore[arg-type]
 
 
 __all__ = [

@@ -157,6 +157,16 @@ def test_load_image_dataset_takes_a_path(tmp_path: Path) -> None:
     assert not dataset.synthetic and dataset.train_images.shape == (N_TRAIN, 32, 32, 3)
 
 
+def test_data_may_name_the_archive_itself_but_not_another_file(tmp_path: Path) -> None:
+    _, _, archive = write_dataset(tmp_path, "cifar10", "binary")
+    dataset = load_image_dataset("cifar10", data=str(archive))
+    assert not dataset.synthetic and dataset.train_images.shape == (N_TRAIN, 32, 32, 3)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ValueError, match=r"--data .*notes.txt is a file; pass the folder"):
+        load_image_dataset("cifar10", data=str(other))
+
+
 def test_extracted_folder_is_preferred_to_archive(tmp_path: Path) -> None:
     write_dataset(tmp_path, "cifar10", "binary", seed=0)
     _, test_from_folder, folder = write_dataset(tmp_path, "cifar10", "binary", as_folder=True, seed=5)
