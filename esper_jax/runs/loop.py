@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,14 +47,24 @@ class RunResult:
     diverged: dict[int, int] = dataclasses.field(default_factory=dict)  # member -> first non-finite update
 
 
-def enable_compile_cache(directory: str | os.PathLike[str] | None) -> None:
+def enable_compile_cache(directory: str | os.PathLike[str] | None,
+                         warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> bool:
     """Keep compiled programs on disk (JAX's persistent compilation cache), so that a resumed or
-    repeated run skips the compilation (tens of seconds on a CPU). ``None`` leaves it off."""
+    repeated run skips the compilation (tens of seconds on a CPU). ``None`` leaves it off. A
+    directory that cannot be written (a file, a read-only place) only costs the cache: one line
+    through ``warn`` and the run goes on without it. Returns whether the cache is on."""
     if directory is None:
-        return
-    Path(directory).mkdir(parents=True, exist_ok=True)
+        return False
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()  # can a file be created there?
+    except OSError as error:
+        warn(f"warning: the compile cache {directory} cannot be used ({error.strerror or error}); running without "
+             f"it (choose another with --compile-cache DIR, or --compile-cache off)")
+        return False
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return True
 
 
 def describe(built: Built, run_dir: Path) -> str:

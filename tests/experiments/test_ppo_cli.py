@@ -371,3 +371,15 @@ def test_interrupted_message_names_what_is_saved():
     message = cli.interrupted_message(Path("runs/x"), 0)
     assert "1..0" not in message and "before the first update finished" in message and "--resume runs/x" in message
     assert "updates 1..8 are saved" in cli.interrupted_message(Path("runs/x"), 8)
+
+
+def test_an_unusable_compile_cache_is_a_warning_not_a_traceback(tmp_path):
+    from esper_jax.runs.loop import enable_compile_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    warnings: list[str] = []
+    assert not enable_compile_cache(blocker, warn=warnings.append)
+    assert not enable_compile_cache(blocker / "below", warn=warnings.append)
+    assert len(warnings) == 2 and all("running without it" in w and "\n" not in w for w in warnings)
+    assert not enable_compile_cache(None, warn=warnings.append) and len(warnings) == 2

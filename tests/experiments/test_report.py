@@ -21,6 +21,8 @@ from esper_jax.runs.evaluation import EpisodeOutput, evaluation_payload, write_e
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.tasks import get_task
+from esper_jax.runs.rundir import write_json
+from esper_jax.runs.settings import resolve_config, resolve_settings
 from experiments import report
 
 HEADS = ("op", "slot", "blueprint", "blend", "tempo", "alpha_target")
@@ -78,10 +80,9 @@ def make_run(path, env, *, members: int = 1, evaluation: bool = True, accuracy: 
             if members > 1:
                 row["members"] = [_metric_row(rng, u, accuracy) for _ in range(members)]
             f.write(json.dumps(row) + "\n")
-    config = {"task": "cifar10", "data": {"source": "synthetic", "synthetic": True}, "population": members,
-              "members": [{"learning_rate": 3e-4 * (m + 1), "ent_coef": 0.05, "seed": m} for m in range(members)]}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+    rates = ",".join(repr(3e-4 * (m + 1)) for m in range(members))
+    config = resolve_config(resolve_settings({"task": "cifar10", "population": members, "learning_rate": rates}, "smoke"))
+    write_json(os.path.join(path, "config.json"), config.to_json())
     if evaluation:
         episodes = {name: _episode(rng, grow=name != "static") for name in ("policy", "heuristic", "random", "static")}
         payload = evaluation_payload(env, episodes, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
@@ -140,6 +141,17 @@ def test_missing_inputs(tmp_path, env, capsys):
     run = make_run(tmp_path / "run", env, evaluation=False)
     _fails(capsys, ["--run-dir", run], "evaluation.json", "python -m experiments.evaluate --run-dir")
     assert not os.path.exists(os.path.join(run, "plots"))
+
+
+def test_damaged_config_or_evaluation_is_one_line_naming_it(tmp_path, env, capsys):
+    run = make_run(tmp_path / "run", env, members=2)
+    evaluation = os.path.join(run, "evaluation.json")
+    with open(evaluation, "w") as f:
+        f.write('{"controllers": {')
+    _fails(capsys, ["--run-dir", run], "evaluation.json is damaged")
+    with open(os.path.join(run, "config.json"), "w") as f:
+        f.write("\x00\x01 not json")
+    _fails(capsys, ["--run-dir", run, "--no-eval"], "config.json is damaged")
 
 
 def test_corrupt_metrics(tmp_path, env, capsys):

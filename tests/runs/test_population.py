@@ -48,9 +48,9 @@ def test_sweeps_and_members():
     draw = lambda seed: resolve_members(4, parse_sweep("lr", "log:1e-4:1e-2"), parse_sweep("e", "lin:0:0.1", False),
                                         seed=seed)
     assert draw(0) == draw(0) and draw(0) != draw(1)
-    assert all(1e-4 <= m["learning_rate"] <= 1e-2 and 0 <= m["ent_coef"] <= 0.1 for m in draw(0))
-    assert len({m["learning_rate"] for m in draw(0)}) == 4
-    assert [m["seed"] for m in resolve_members(2, parse_sweep("lr", "1e-3"), parse_sweep("e", "0", False), 0,
+    assert all(1e-4 <= m.learning_rate <= 1e-2 and 0 <= m.ent_coef <= 0.1 for m in draw(0))
+    assert len({m.learning_rate for m in draw(0)}) == 4
+    assert [m.seed for m in resolve_members(2, parse_sweep("lr", "1e-3"), parse_sweep("e", "0", False), 0,
                                                seeds=(7, 3))] == [7, 3]
     with pytest.raises(ValueError, match="lists 2 values but the population has 3"):
         resolve_members(3, parse_sweep("lr", "1e-3,1e-4"), parse_sweep("e", "0", False), 0)
