@@ -36,6 +36,7 @@ rollout. MLP policies: minibatches are shuffled individual steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -311,6 +312,53 @@ def _per_episode(x: jax.Array, done: jax.Array, episodes: jax.Array) -> jax.Arra
     return jnp.where(episodes > 0, jnp.sum(x.astype(jnp.float32) * done) / episodes, jnp.nan)
 
 
+def ppo_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) -> tuple[jax.Array, LossInfo]:
+    """The clipped PPO objective on one minibatch: policy loss + ``vf_coef`` x value loss -
+    ``ent_coef`` x the entropy of the heads that mattered for each sampled action."""
+    traj = batch.transition
+    if config.recurrent != "none":
+        _, logits, values = policy.unroll(params, batch.carry, traj.obs, traj.episode_start)
+    else:
+        _, logits, values = policy.apply(params, (), traj.obs, traj.episode_start)
+    log_prob, raw, rel = evaluate_actions_raw(logits, traj.masks, traj.action)
+    entropies = jnp.stack([raw[h] for h in HEADS], axis=-1)       # [..., H]
+    relevant_entropies = rel * entropies
+    log_ratio = log_prob - traj.log_prob
+    ratio = jnp.exp(log_ratio)
+    adv = batch.advantages
+    if config.normalize_advantages:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
+    value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
+    entropy = relevant_entropies.sum(-1).mean()
+    loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
+    info = LossInfo(
+        policy_loss=policy_loss, value_loss=value_loss, approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
+        clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)),
+        head_entropy_sum=relevant_entropies.reshape(-1, len(HEADS)).sum(0),
+        head_relevant=rel.reshape(-1, len(HEADS)).sum(0),
+        head_entropy_mean=entropies.reshape(-1, len(HEADS)).mean(0),
+    )
+    return loss, info
+
+
+def shuffled_minibatches(config: PPOConfig, batch: Batch, key: jax.Array) -> Batch:
+    """The rollout batch (leaves ``[T, N, ...]``, carry ``[N, ...]``) shuffled and split into
+    ``num_minibatches`` along a new leading axis: whole environment sequences for a recurrent
+    policy (its carry replays them), single steps for an MLP."""
+    if config.recurrent != "none":
+        num_envs = batch.advantages.shape[1]
+        perm = jax.random.permutation(key, num_envs)
+        split = lambda axis: lambda x: jnp.moveaxis(jnp.take(x, perm, axis=axis).reshape(
+            x.shape[:axis] + (config.num_minibatches, -1) + x.shape[axis + 1:]), axis, 0)
+        steps_major = jax.tree.map(split(1), batch._replace(carry=()))
+        return steps_major._replace(carry=jax.tree.map(split(0), batch.carry))
+    perm = jax.random.permutation(key, batch.advantages.size)
+    flat = lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), perm, axis=0).reshape(
+        (config.num_minibatches, -1) + x.shape[2:])
+    return jax.tree.map(flat, batch)
+
+
 # ---------------------------------------------------------------------------- the trainer
 
 
@@ -408,48 +456,7 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
 
     # ------------------------------------------------------------------ loss and update
 
-    def loss_fn(params, batch: Batch, ent_coef):
-        traj = batch.transition
-        if recurrent:
-            _, logits, values = policy.unroll(params, batch.carry, traj.obs, traj.episode_start)
-        else:
-            _, logits, values = policy.apply(params, (), traj.obs, traj.episode_start)
-        log_prob, raw, rel = evaluate_actions_raw(logits, traj.masks, traj.action)
-        entropies = jnp.stack([raw[h] for h in HEADS], axis=-1)       # [..., H]
-        relevant_entropies = rel * entropies
-        log_ratio = log_prob - traj.log_prob
-        ratio = jnp.exp(log_ratio)
-        adv = batch.advantages
-        if config.normalize_advantages:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
-        value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
-        entropy = relevant_entropies.sum(-1).mean()
-        loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
-        info = LossInfo(
-            policy_loss=policy_loss, value_loss=value_loss, approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
-            clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)),
-            head_entropy_sum=relevant_entropies.reshape(-1, len(HEADS)).sum(0),
-            head_relevant=rel.reshape(-1, len(HEADS)).sum(0),
-            head_entropy_mean=entropies.reshape(-1, len(HEADS)).mean(0),
-        )
-        return loss, info
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def minibatches(batch: Batch, key) -> Batch:
-        """The batch shuffled and split into ``num_minibatches`` (a leading axis): whole
-        environment sequences for a recurrent policy, single steps for an MLP."""
-        if recurrent:
-            perm = jax.random.permutation(key, num_envs)
-            split = lambda axis: lambda x: jnp.moveaxis(jnp.take(x, perm, axis=axis).reshape(
-                x.shape[:axis] + (config.num_minibatches, -1) + x.shape[axis + 1:]), axis, 0)
-            steps_major = jax.tree.map(split(1), batch._replace(carry=()))
-            return steps_major._replace(carry=jax.tree.map(split(0), batch.carry))
-        perm = jax.random.permutation(key, steps * num_envs)
-        flat = lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), perm, axis=0).reshape(
-            (config.num_minibatches, -1) + x.shape[2:])
-        return jax.tree.map(flat, batch)
+    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, policy, config), has_aux=True)
 
     def learn(params, opt_state, batch: Batch, key, ent_coef):
         """``update_epochs`` epochs of shuffled minibatch steps over a rollout batch. The
@@ -468,7 +475,7 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
             return (flat, opt_state, stopped), (info, ~stopped)
 
         def epoch(carry, key):
-            return jax.lax.scan(minibatch_step, carry, minibatches(batch, key))
+            return jax.lax.scan(minibatch_step, carry, shuffled_minibatches(config, batch, key))
 
         keys = jax.random.split(key, config.update_epochs)
         (flat, opt_state, stopped), (info, applied) = jax.lax.scan(epoch, (flat, opt_state, jnp.asarray(False)), keys)

@@ -74,6 +74,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike[str], keep: int | None = None, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self._failed = False
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         if not read_only:
@@ -110,12 +111,35 @@ class Checkpointer:
     # ------------------------------------------------------------------ save / restore
 
     def save(self, step: int, state: Any) -> None:
-        """Start saving ``state`` as ``step``; returns once the arrays are off the device."""
-        self._manager.save(int(step), args=ocp.args.StandardSave(state))
+        """Start saving ``state`` as ``step``; returns once the arrays are off the device. A save
+        that cannot be written (a full disk) is a :class:`CheckpointError` saying which complete
+        checkpoint is intact; an earlier asynchronous save's failure surfaces here or in :meth:`wait`."""
+        try:
+            self._manager.save(int(step), args=ocp.args.StandardSave(state))
+        except Exception as error:  # noqa: BLE001 - only a write failure is translated
+            raise self._write_failure(error) or error
 
     def wait(self) -> None:
         """Block until every pending save is complete on disk."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._write_failure(error) or error
+
+    def _write_failure(self, error: BaseException) -> CheckpointError | None:
+        """A :class:`CheckpointError` for a save that failed because the disk refused the write
+        (its cause chain holds an ``OSError``), or None for anything else."""
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return None
+        self._failed = True
+        latest = self.latest_step()
+        intact = (f"the checkpoint at update {latest} is complete and intact" if latest is not None
+                  else "no complete checkpoint was written yet")
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed: {cause.strerror or cause}; {intact}; "
+                               f"free space and continue with --resume")
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any]:
         """Restore ``step`` (default: the newest complete one) as ``(step, state)``.
@@ -145,9 +169,21 @@ class Checkpointer:
         return step, state
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves and release the manager's threads (after a failed save, the
+        failure has been reported: its remains are not raised again)."""
+        reported = self._failed
+        try:
+            self.wait()
+        except CheckpointError:
+            if not reported:
+                raise
+        finally:
+            self._manager.close()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a save failed to be written (already reported as a :class:`CheckpointError`)."""
+        return self._failed
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -195,7 +195,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
         finally:
             if bar is not None:
                 bar.close()
-            ckpt.wait()  # every pending save is on disk before we go on (also on Ctrl-C)
+            if not ckpt.failed:  # a failed save was reported already; its remains are not raised again
+                ckpt.wait()  # every pending save is on disk before we go on (also on Ctrl-C)
         latest = ckpt.latest_step()
     rows = read_rows(metrics_path)
     summary = summarize_run(

@@ -142,3 +142,30 @@ def test_empty_missing_and_mismatched(tmp_path):
         other = {"params": {"w": jnp.zeros((5, 5))}}  # a different structure: not silently accepted
         with pytest.raises(CheckpointError, match="cannot be restored"):
             ckpt.restore(other)
+
+
+def test_a_save_the_disk_refuses_is_one_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+    """A full disk during an (asynchronous) save: one CheckpointError saying so and naming the
+    newest complete checkpoint, which stays restorable; closing does not raise it again."""
+    import errno
+
+    state = make_state(0)
+    with Checkpointer(tmp_path / "ckpt", keep=3) as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait()
+
+        def full(*args, **kwargs):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as cause:
+                raise RuntimeError("async save failed") from cause  # how a writer thread's failure arrives
+
+        monkeypatch.setattr(ckpt._manager, "save", full)
+        with pytest.raises(CheckpointError, match=r"No space left on device; the checkpoint at update 1 is complete"):
+            ckpt.save(2, state)
+        assert ckpt.failed
+    monkeypatch.undo()
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as reader:
+        step, restored = reader.restore(abstract_like(state))
+    assert step == 1
+    assert_same(restored, state)
