@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,41 @@ def has_checkpoint(directory: str | os.PathLike[str]) -> bool:
     return directory.is_dir() and any(p.is_dir() and p.name.isdigit() for p in directory.iterdir())
 
 
+# How Orbax reports a write the file system refused: an OSError, or (from TensorStore's writer
+# threads) a ValueError "RESOURCE_EXHAUSTED: ... [os_error_code='28']".
+_WRITE_REFUSED = re.compile(r"RESOURCE_EXHAUSTED|os_error_code='(\d+)'|No space left on device|Disk quota exceeded")
+
+
+def write_failure_reason(error: BaseException | None) -> str | None:
+    """Why a save could not be written ("No space left on device", ...), from ``error`` and its
+    causes; None when ``error`` is not a refused write."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        match = _WRITE_REFUSED.search(str(error))
+        if match:
+            code = re.search(r"os_error_code='(\d+)'", str(error))
+            return os.strerror(int(code.group(1))) if code else match.group(0)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _QuietRefusedWrites(logging.Filter):
+    """Orbax's writer threads log a traceback for each part of a save the disk refused; the save's
+    caller gets the failure once, as a :class:`CheckpointError`, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return write_failure_reason(error) is None and not _WRITE_REFUSED.search(record.getMessage())
+
+
+_QUIET = _QuietRefusedWrites()
+
+
 class Checkpointer:
     """Saves and restores one pytree per step under ``directory``, keeping the newest ``keep``.
 
@@ -75,6 +111,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike[str], keep: int | None = None, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self._failed = False
+        logging.getLogger("absl").addFilter(_QUIET)  # once: a filter is added only if not there yet
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         if not read_only:
@@ -127,18 +164,16 @@ class Checkpointer:
             raise self._write_failure(error) or error
 
     def _write_failure(self, error: BaseException) -> CheckpointError | None:
-        """A :class:`CheckpointError` for a save that failed because the disk refused the write
-        (its cause chain holds an ``OSError``), or None for anything else."""
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        """A :class:`CheckpointError` for a save that failed because the disk refused the write,
+        or None for anything else."""
+        reason = write_failure_reason(error)
+        if reason is None:
             return None
         self._failed = True
         latest = self.latest_step()
         intact = (f"the checkpoint at update {latest} is complete and intact" if latest is not None
                   else "no complete checkpoint was written yet")
-        return CheckpointError(f"saving a checkpoint in {self.directory} failed: {cause.strerror or cause}; {intact}; "
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed: {reason}; {intact}; "
                                f"free space and continue with --resume")
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any]:

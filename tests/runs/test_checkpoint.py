@@ -7,6 +7,7 @@ The whole learner state is round-tripped by the resume test in test_ppo_cli.py."
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import jax
@@ -169,3 +170,36 @@ def test_a_save_the_disk_refuses_is_one_error_naming_the_intact_checkpoint(tmp_p
         step, restored = reader.restore(abstract_like(state))
     assert step == 1
     assert_same(restored, state)
+
+
+def test_refused_writes_are_recognized_in_the_forms_orbax_reports_them():
+    """A full disk reaches us as an OSError, or from TensorStore's writer threads as a ValueError
+    carrying the OS error code (as measured on a full tmpfs); the writer threads' logged
+    tracebacks for it are dropped, other errors are kept."""
+    import errno
+    import logging
+
+    from esper_jax.runs.checkpoint import _QUIET, write_failure_reason
+
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 10071 bytes '
+                             "to file 15: No space left on device [os_error_code='28']")
+    assert write_failure_reason(tensorstore) == os.strerror(errno.ENOSPC)
+    assert write_failure_reason(OSError(errno.EDQUOT, "Disk quota exceeded")) == "Disk quota exceeded"
+    try:
+        try:
+            raise tensorstore
+        except ValueError as inner:
+            raise RuntimeError("Save Finalize thread failed") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert write_failure_reason(wrapped) == os.strerror(errno.ENOSPC)
+    assert write_failure_reason(ValueError("shapes do not match")) is None
+
+    def record(message, error=None, level=logging.ERROR):
+        return logging.LogRecord("absl", level, __file__, 1, message, None,
+                                 (type(error), error, None) if error else None)
+
+    assert not _QUIET.filter(record("_SignalingThread.run() raised an exception", tensorstore))
+    assert not _QUIET.filter(record("RESOURCE_EXHAUSTED: Error writing"))
+    assert _QUIET.filter(record("something else broke", ValueError("bad")))
+    assert _QUIET.filter(record("RESOURCE_EXHAUSTED", level=logging.WARNING))
