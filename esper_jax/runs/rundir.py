@@ -127,6 +127,9 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     """A fresh run needs an empty (or new) directory; a resumed one needs a run. Returns whether
     a resumed run has no complete checkpoint (it stopped before its first save finished): it then
     starts from update 0 with its stored configuration, since nothing trained was saved."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunConfigError(in_use_message(run_dir, holder))
     if resume:
         if not (run_dir / CONFIG_FILE).exists():
             raise RunConfigError(f"--resume {run_dir}: no run there ({CONFIG_FILE} is missing)")
@@ -146,6 +149,25 @@ def start_from_scratch(run_dir: Path) -> None:
     for partial in incomplete_checkpoints(run_dir / CHECKPOINT_DIR):
         shutil.rmtree(partial, ignore_errors=True)
     (run_dir / METRICS_FILE).write_text("")
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The process id of another process training in ``run_dir`` now, or None when none is."""
+    try:
+        with open(Path(run_dir) / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().strip() or "unknown"
+                return None if holder == str(os.getpid()) else holder  # this process's own run
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # no lock file (no run yet), or not readable: nobody we can name
+        return None
+    return None
+
+
+def in_use_message(run_dir: Path, holder: str) -> str:
+    return f"{run_dir} is in use by another run (process {holder}); wait for it to end, or use another --run-dir"
 
 
 class RunLock:
@@ -174,8 +196,7 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "unknown"
             self._file.close()
-            raise RunConfigError(f"{self.run_dir} is in use by another run (process {holder}); wait for it to end, "
-                                 f"or use another --run-dir") from None
+            raise RunConfigError(in_use_message(self.run_dir, holder)) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"{os.getpid()}\n")

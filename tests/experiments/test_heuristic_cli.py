@@ -31,3 +31,15 @@ def test_parser_errors_are_one_line(capsys):
         heuristic.build_parser().parse_args(["--task=cifar10", "--envs=0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_tinystories_without_tiktoken_files_is_one_line(capsys, tmp_path, monkeypatch):
+    for split in ("train", "valid"):
+        folder = tmp_path / "tinystories"
+        folder.mkdir(exist_ok=True)
+        (folder / f"TinyStories-{split}.txt").write_text("Once upon a time.\n<|endoftext|>\nThe end.\n")
+    empty = tmp_path / "no-tiktoken-files"
+    empty.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty))
+    line = error_line(capsys, ["--task=tinystories", f"--data={tmp_path}", "--tokenizer=gpt2"])
+    assert "gpt2" in line and "TIKTOKEN_CACHE_DIR" in line

@@ -15,6 +15,7 @@ directory, continue from update 2, and end with a metrics.jsonl byte-for-byte eq
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -158,6 +159,9 @@ def test_bad_run_directories(capsys, tmp_path):
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--lr=1e-3"])
     assert "does not match" in error_line(capsys, [f"--resume={tmp_path}", "--preset=default"])
     assert "another --run-dir" in error_line(capsys, [f"--resume={tmp_path}", f"--run-dir={tmp_path / 'x'}"])
+    # a damaged config.json: one line naming it
+    (tmp_path / "config.json").write_text('{"version": 1, "task": "cifar')
+    assert "config.json is damaged" in error_line(capsys, [f"--resume={tmp_path}"])
 
 
 def test_resume_without_a_checkpoint_starts_from_update_0(capsys, tmp_path, monkeypatch):
@@ -366,6 +370,59 @@ def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
     assert "Traceback" not in damaged.stderr
 
 
+def test_evaluate_with_a_damaged_summary_is_one_line(reference, tmp_path, capsys):
+    from experiments import evaluate
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference[0], run_dir, ignore=shutil.ignore_patterns(".lock"))
+    (run_dir / "summary.json").write_text('{"best_member": ')
+    assert evaluate.main(["--run-dir", str(run_dir), "--envs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "summary.json is damaged" in err and "Traceback" not in err
+
+
+def test_a_diverged_learner_is_reported_never_best_and_never_saved(tmp_path, monkeypatch, capsys):
+    """Through the real training loop: a population of two whose member 1 goes non-finite in
+    update 1 and member 0 in update 2. The on-device check flags each at its update, member 1 is
+    named and the other trains on; when none is left the run stops without saving the diverged
+    state; nobody is the best member; the command exits 3 naming both updates."""
+    import jax
+    import jax.numpy as jnp
+
+    from esper_jax.runs import loop
+
+    make_programs = loop.make_programs
+
+    def poisoned_programs(built):
+        programs = make_programs(built)
+        chunk = programs.chunk
+
+        def poisoned(state, data):  # NaN parameters from member 1's update 1 and member 0's update 2
+            bad = (state.update + 1) >= jnp.asarray([2, 1])
+            nan = lambda p: jnp.where(bad.reshape((-1,) + (1,) * (p.ndim - 1)), jnp.nan, p)
+            return chunk(state.replace(params=jax.tree.map(nan, state.params)), data)
+
+        return dataclasses.replace(programs, chunk=jax.jit(poisoned))
+
+    monkeypatch.setattr(loop, "make_programs", poisoned_programs)
+    run_dir = tmp_path / "run"
+    code = cli.main(["--task=cifar10", "--preset=smoke", "--population=2", "--updates=3", "--checkpoint-every=1",
+                     f"--run-dir={run_dir}", "--no-progress", "--compile-cache=off"])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert "member 1: the learner's parameters or losses are not finite from update 1" in captured.out
+    assert "the other 1 member(s) train on" in captured.out
+    assert "every learner diverged; stopping at update 2 without saving it" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "error: the learner diverged (parameters or losses not finite): member 0 at update 2; member 1 at update 1; "
+        "the checkpoint at update 1 is the last finite one; lower --learning-rate or --max-grad-norm and start a new run")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_member"] is None and summary["diverged"] == {"0": 2, "1": 1} and not summary["complete"]
+    assert summary["checkpoint"] == 1 and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0", "1"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite"] for r in rows] == [1, 2]
+
+
 def test_interrupted_message_names_what_is_saved():
     assert "delete runs/x" in cli.interrupted_message(Path("runs/x"), None)
     message = cli.interrupted_message(Path("runs/x"), 0)
@@ -383,3 +440,28 @@ def test_an_unusable_compile_cache_is_a_warning_not_a_traceback(tmp_path):
     assert not enable_compile_cache(blocker / "below", warn=warnings.append)
     assert len(warnings) == 2 and all("running without it" in w and "\n" not in w for w in warnings)
     assert not enable_compile_cache(None, warn=warnings.append) and len(warnings) == 2
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_a_real_run_trains(tmp_path, cache):
+    """Two real writers: while a run trains, a fresh run into its directory and a --resume of it
+    are refused naming the first process; the first run finishes exactly like an undisturbed one."""
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", PLAIN, *TINY, f"--run-dir={run_dir}", f"--compile-cache={cache}"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:  # the lock is held before the description is printed
+            if line.startswith("task cifar10"):
+                break
+        second = cli_run([f"--resume={run_dir}", "--updates=6", "--no-progress"], cache)
+        third = cli_run([*TINY, f"--run-dir={run_dir}", "--learning-rate=1e-3"], cache)
+        out, err = first.communicate(timeout=900)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    for other in (second, third):
+        assert other.returncode == 2 and f"in use by another run (process {first.pid})" in other.stderr, other.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+    assert json.loads((run_dir / "config.json").read_text())["ppo"]["learning_rate"] == 3e-4
