@@ -14,6 +14,7 @@ import jax
 
 from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints import blueprint_index
+from experiments.bench.breakdown import bench_breakdown, print_breakdown_table
 from experiments.bench.env import SCENARIOS, bench_env, print_env_table
 from experiments.bench.flops import bench_flops
 from experiments.bench.host import bench_conv, bench_lattice, bench_population
@@ -28,6 +29,7 @@ SECTIONS = {
     "flops": bench_flops,
     "conv": bench_conv,
     "population": bench_population,
+    "breakdown": bench_breakdown,
 }
 QUICK_SECTIONS = ("lattice", "env", "ppo", "reference", "flops")
 QUICK_BLUEPRINTS = ("conv_light",)
@@ -144,6 +146,8 @@ def print_section(name: str, result: dict):
         return print_env_table(result)
     if name == "ppo":
         return print_ppo_table(result)
+    if name == "breakdown":
+        return print_breakdown_table(result)
     print(f"\n## {name}")
     for key, value in result.items():
         if isinstance(value, dict):

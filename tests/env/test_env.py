@@ -7,6 +7,7 @@ members, and the single-environment step), shared with ``test_controllers.py``.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -296,3 +297,34 @@ def test_governor_rolls_back_a_divergent_loss_after_patience(tiny, reset):
             _check_rolled_back(tiny, current, current_new, reward, obs, info, 0)
             assert_trees_bitwise_equal(member(current_new.train.host_params, 0), member(good.train.host_params, 0))
         current = current_new
+
+
+def test_counterfactual_passes_only_where_a_seed_is_blended(tiny, germinated):
+    """A slot's counterfactual pass is computed only where some member's seed is blended (only then
+    can the forward change); elsewhere the contribution is exactly 0, which is what every pass
+    would have measured. Member 0's germinated seed is set BLENDING at alpha 0.5, then TRAINING."""
+    env = tiny.env
+    state = germinated[1]
+    status = state.train.lattice.status
+
+    # a seed that has learned something (a fresh one contributes exactly zero by design)
+    leaves, treedef = jax.tree.flatten(state.train.lattice.params)
+    noise = [0.3 * jax.random.normal(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)]
+    params = jax.tree.unflatten(treedef, [leaf + n for leaf, n in zip(leaves, noise)])
+
+    def with_stage(stage, alpha):
+        s = status.replace(stage=status.stage.at[0, 0].set(stage), alpha=status.alpha.at[0, 0].set(alpha))
+        return state.train.replace(lattice=state.train.lattice.replace(status=s, params=params))
+
+    validate = jax.jit(lambda train: env._validate(train, tiny.data))
+    off = jax.jit(lambda train: env._evaluate(train, env._val_inputs(tiny.data), tiny.data.val_y,
+                                              jnp.ones((POPULATION, 1), bool))[0])
+    blended = with_stage(Stage.BLENDING, 0.5)
+    measured = validate(blended)
+    every_pass = np.asarray(off(blended)) - np.asarray(measured.val_loss)
+    assert abs(float(every_pass[0])) > 1e-4  # the seed really changes the loss
+    np.testing.assert_allclose(np.asarray(measured.contribution)[:, 0], every_pass, rtol=1e-5, atol=1e-6)
+    training = with_stage(Stage.TRAINING, 0.0)
+    measured = validate(training)
+    np.testing.assert_array_equal(np.asarray(measured.contribution), 0.0)
+    np.testing.assert_allclose(np.asarray(off(training)), np.asarray(measured.val_loss), rtol=1e-6)
