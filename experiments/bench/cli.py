@@ -33,7 +33,7 @@ SECTIONS = {
 }
 QUICK_SECTIONS = ("lattice", "env", "ppo", "reference", "flops")
 QUICK_BLUEPRINTS = ("conv_light",)
-PRESETS = ("smoke", "default", "full")
+PRESETS = ("smoke", "default", "proof", "full")
 
 # name: (target as text, test on the value); a value of None (not measured) is not "met".
 TARGETS = {
@@ -77,6 +77,8 @@ def summarize_bench(output: dict, quick: bool, wall_seconds: float) -> dict:
                             "growth": env.get("memory_growth")}
     if ppo and "smoke" in ppo["presets"]:
         s["ppo_env_steps_per_s"] = ppo["presets"]["smoke"]["env_steps_per_second"]
+    if ppo:  # end to end: host training images per second of whole PPO updates, per preset
+        s["ppo_train_images_per_s"] = {name: r["train_images_per_second"] for name, r in ppo["presets"].items()}
     if reference:
         s["torch_reference_ratio"] = reference.get("torch_reference_ratio")
         if not reference.get("available", False):
@@ -131,6 +133,8 @@ def print_summary(summary: dict):
         print(f"  population_scaling[{name}]  env steps/s  {row}")
     if summary.get("ppo_env_steps_per_s") is not None:
         print(f"  {'ppo_env_steps_per_s (smoke)':<30} {summary['ppo_env_steps_per_s']:>10.2f}")
+    for name, rate in (summary.get("ppo_train_images_per_s") or {}).items():
+        print(f"  {'ppo_train_images_per_s[' + name + ']':<30} {rate:>10.0f}   (end to end: whole PPO updates)")
     for name, seconds in summary["compile_seconds"].items():
         print(f"  compile_seconds[{name}]{'':<{max(0, 13 - len(name))}} {seconds:>10.1f}")
     if summary.get("torch_reference_skipped"):
@@ -195,7 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--env-execution", default=None, choices=("map", "vmap"),
                         help="env section: members one after another (map) or batched (vmap) (default: the "
                              "backend's, esper_jax.lattice.strategy.PopulationStrategy.for_backend)")
-    parser.add_argument("--ppo-presets", default=None, help="ppo section: run presets (default smoke,default; --quick smoke)")
+    parser.add_argument("--ppo-presets", default=None,
+                        help="ppo section: run presets (default smoke,default,proof; --quick smoke)")
     parser.add_argument("--reference-envs", type=int, default=8, help="reference section: environments (population size)")
     parser.add_argument("--reference-batches", type=int, default=4, help="reference section: training batches per env")
     parser.add_argument("--reference-batch", type=int, default=64, help="reference section: batch size")
@@ -247,7 +252,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     bad = [s for s in args.env_scenarios if s not in SCENARIOS]
     if bad or not args.env_scenarios:
         raise UsageError(f"unknown --env-scenarios {', '.join(bad) or '(none)'}; choose from {', '.join(SCENARIOS)}")
-    args.ppo_presets = tuple(_csv(args.ppo_presets or ("smoke" if args.quick else "smoke,default")))
+    args.ppo_presets = tuple(_csv(args.ppo_presets or ("smoke" if args.quick else "smoke,default,proof")))
     bad = [p for p in args.ppo_presets if p not in PRESETS]
     if bad or not args.ppo_presets:
         raise UsageError(f"unknown --ppo-presets {', '.join(bad) or '(none)'}; choose from {', '.join(PRESETS)}")

@@ -57,6 +57,8 @@ def bench_preset(preset: str, task: str, rounds: int, calls: int) -> dict:
         "seconds_per_update": per_update,
         "env_steps_per_update": env_steps,
         "env_steps_per_second": env_steps / per_update,
+        # host training images per wall second of the whole update (rollout and learning)
+        "train_images_per_second": env_steps * env.steps_per_epoch * env.batch_size / per_update,
     }
 
 
@@ -74,7 +76,8 @@ def bench_ppo(args) -> dict:
 
 def print_ppo_table(result: dict):
     print("\n## ppo (end to end: rollout + GAE + minibatch epochs; one update per call)")
-    print(f"  {'preset':<8} {'envs':>4} {'steps':>5} {'data':<15} {'compile s':>9} {'s/update':>9} {'env steps/s':>12}")
+    print(f"  {'preset':<8} {'envs':>4} {'steps':>5} {'data':<15} {'compile s':>9} {'s/update':>9} {'env steps/s':>12}"
+          f" {'train img/s':>12}")
     for name, r in result["presets"].items():
         print(f"  {name:<8} {r['num_envs']:>4} {r['rollout_steps']:>5} {r['data']:<15} {r['compile_seconds']['total']:9.1f} "
-              f"{r['seconds_per_update']:9.3f} {r['env_steps_per_second']:12.2f}")
+              f"{r['seconds_per_update']:9.3f} {r['env_steps_per_second']:12.2f} {r['train_images_per_second']:12.0f}")

@@ -38,7 +38,7 @@ def test_quick_defaults_are_the_small_configuration():
     assert args.sections == list(cli.QUICK_SECTIONS)
     assert args.blueprints == cli.QUICK_BLUEPRINTS and args.env_sizes == [1, 8] and args.ppo_presets == ("smoke",)
     full = cli.resolve(cli.parse_args([]))
-    assert full.blueprints == () and full.env_sizes == [1, 8, 32] and full.ppo_presets == ("smoke", "default")
+    assert full.blueprints == () and full.env_sizes == [1, 8, 32] and full.ppo_presets == ("smoke", "default", "proof")
     assert set(full.sections) == set(cli.SECTIONS)
 
 
@@ -52,7 +52,8 @@ def _fake_output(torch: bool) -> dict:
                 "population_scaling": {"dormant": {"1": 5.0, "8": 7.0}},
                 "memory_bytes": {"1": {"peak": 10}, "8": {"peak": 12}}, "memory_growth": None,
                 "compile_seconds": {"env.step N=1": {"total": 30.0}}},
-        "ppo": {"presets": {"smoke": {"env_steps_per_second": 100.0, "compile_seconds": {"total": 70.0}}}},
+        "ppo": {"presets": {"smoke": {"env_steps_per_second": 100.0, "train_images_per_second": 3200.0,
+                                       "compile_seconds": {"total": 70.0}}}},
         "reference": reference,
         "flops": {"flop_utilization": 0.3},
     }
@@ -71,7 +72,7 @@ def test_summary_checks_each_target():
         "compile_seconds[ppo_update]": False,      # 70 s
         "wall_seconds[--quick]": True,
     }
-    assert summary["ppo_env_steps_per_s"] == 100.0
+    assert summary["ppo_env_steps_per_s"] == 100.0 and summary["ppo_train_images_per_s"] == {"smoke": 3200.0}
 
 
 def test_summary_without_torch_says_why_and_measures_nothing_for_it():
