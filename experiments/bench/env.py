@@ -43,7 +43,8 @@ def bench_env(args) -> dict:
     live_blueprint = env.lattice.blueprint_index(live_name)
     print(f"env: baseline CNN cifar10 ({env.host_param_count} host parameters, slots {', '.join(env.lattice.slots.slot_ids)}, "
           f"{env.lattice.num_blueprints} blueprints) on SYNTHETIC data; {config.steps_per_epoch} batches of "
-          f"{config.batch_size} per env step, validation {config.val_size} images x {num_slots + 1} passes", flush=True)
+          f"{config.batch_size} per env step, validation {config.val_size} images (1 pass, plus one per slot with a "
+          f"blended seed)", flush=True)
 
     def stacked(action: FactoredAction, n: int) -> FactoredAction:
         return jax.tree.map(lambda a: jnp.full((n,), a), action)
