@@ -230,6 +230,9 @@ def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, A
         "final_val_loss_per_env": [_finite_or_none(v) for v in loss],
         "final_val_accuracy": float(acc.mean()) if has_accuracy else None,
         "final_val_accuracy_per_env": [float(v) for v in acc] if has_accuracy else None,
+        # language models: exp of the final validation loss (of the mean over envs, and per env)
+        "final_val_perplexity": None if has_accuracy else _perplexity(loss.mean()),
+        "final_val_perplexity_per_env": None if has_accuracy else [_perplexity(v) for v in loss],
         "params_added": float(added.mean()),
         "params_added_per_env": [int(v) for v in added],
         "mean_return": float(np.mean(out.episode_return)),
@@ -238,6 +241,10 @@ def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, A
         "fossilized": _per_blueprint(out.fossilized, blueprints),
         "pruned": _per_blueprint(out.pruned, blueprints),
     }
+
+
+def _perplexity(loss: float) -> float | None:
+    return _finite_or_none(math.exp(min(float(loss), 700.0))) if math.isfinite(float(loss)) else None
 
 
 def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
@@ -279,10 +286,13 @@ def markdown_table(payload: dict[str, Any]) -> str:
         pol = payload["policy"]
         lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
+    language_model = any(r.get("final_val_perplexity") is not None for r in payload["controllers"].values())
+    quality, quality_spec = ("final_val_perplexity", ".2f") if language_model else ("final_val_accuracy", ".3f")
     lines += [
         "",
         "| controller | final val loss | vs static, mean [95% CI] (better in) | vs heuristic, mean [95% CI] (better in) "
-        "| val accuracy | params added | return | germinated | fossilized | pruned |",
+        f"| {'val perplexity' if language_model else 'val accuracy'} | params added | return | germinated | fossilized "
+        "| pruned |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     envs = held["num_envs"]
@@ -298,7 +308,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
         lines.append(
             f"| {name} | {loss} | {versus(r, 'static')} | {versus(r, 'heuristic')} | "
-            f"{fmt(r['final_val_accuracy'], '.3f')} | {r['params_added']:.0f} | "
+            f"{fmt(r.get(quality), quality_spec)} | {r['params_added']:.0f} | "
             f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
         )
     lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static / vs "

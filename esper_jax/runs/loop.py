@@ -28,8 +28,8 @@ from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
-                                   metric_rows, prepare_run_dir, read_rows, start_from_scratch, summarize_run,
-                                   truncate_rows, write_json, RunLock)
+                                   language_model_rows, metric_rows, prepare_run_dir, read_rows, start_from_scratch,
+                                   summarize_run, truncate_rows, write_json, RunLock)
 
 # Errors that mean "the user asked for something impossible": the command line prints them as
 # one line and exits 2. Anything else is a bug and keeps its traceback.
@@ -167,6 +167,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 t = time.perf_counter()
                 new_state, metrics = compiled[n](state, built.env_data)
                 rows = metric_rows(jax.device_get(metrics).columns())  # the one host sync per chunk
+                if not built.task.has_accuracy:
+                    rows = language_model_rows(rows)
                 seconds = time.perf_counter() - t
                 append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
                 state, done = new_state, done + n
@@ -234,10 +236,10 @@ def _report(bar, row: dict[str, Any], n: int, steps_per_second: float, log, done
             has_accuracy: bool = True) -> None:
     bar.update(n)
     bar.set_postfix({"steps/s": f"{steps_per_second:.1f}", "return": fmt(row.get("mean_return"))}, refresh=True)
+    quality = (f"accuracy {fmt(row.get('mean_final_val_accuracy'))}" if has_accuracy
+               else f"perplexity {fmt(row.get('mean_final_val_perplexity'), '.2f')}")
     line = (f"update {done}/{total}: return {fmt(row.get('mean_return'))}, final val loss "
-            f"{fmt(row.get('mean_final_val_loss'))}, accuracy "
-            f"{fmt(row.get('mean_final_val_accuracy') if has_accuracy else None)}, "
-            f"{steps_per_second:.1f} env steps/s; checkpoint {done}")
+            f"{fmt(row.get('mean_final_val_loss'))}, {quality}, {steps_per_second:.1f} env steps/s; checkpoint {done}")
     if bar.disable:
         log(line)
     else:

@@ -116,14 +116,17 @@ def _plot_metric(ax, rows, key: str, label: str, members: int, member_labels: Se
 
 def plot_learning_curves(rows: Sequence[dict], path: str, *, note: str | None = None,
                          member_labels: Sequence[str] | None = None) -> str:
-    """Return, final validation loss, final validation accuracy (when recorded) and seeds per
-    episode against updates."""
+    """Return, final validation loss, final validation accuracy (or a language model's perplexity)
+    and seeds per episode against updates."""
     if not rows:
         raise MetricsError("no metric rows to plot")
     members = num_members(rows)
     has_accuracy = bool(_series(rows, "mean_final_val_accuracy")[0])
+    has_perplexity = bool(_series(rows, "mean_final_val_perplexity")[0])  # language-model runs
     panels = [("mean_return", "mean episode return"), ("mean_final_val_loss", "final validation loss")]
-    if has_accuracy:
+    if has_perplexity:
+        panels.append(("mean_final_val_perplexity", "final validation perplexity"))
+    elif has_accuracy:
         panels.append(("mean_final_val_accuracy", "final validation accuracy"))
     panels += [("explained_variance", "value explained variance"), ("approx_kl", "approximate KL")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))

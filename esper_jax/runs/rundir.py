@@ -80,6 +80,24 @@ def metric_rows(metrics: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
+def language_model_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a language-model run: validation perplexity (exp of the final validation loss; for
+    a population's mean row, exp of the members' mean loss) in place of accuracy, which a language
+    model does not have."""
+    def fix(row: dict[str, Any]) -> dict[str, Any]:
+        loss = row.get("mean_final_val_loss")
+        perplexity = None if loss is None else math.exp(min(loss, 700.0))  # exp(700) is near float's end
+        return {**row, "mean_final_val_accuracy": None, "mean_final_val_perplexity": perplexity}
+
+    out = []
+    for row in rows:
+        row = fix(row)
+        if "members" in row:
+            row["members"] = [fix(m) for m in row["members"]]
+        out.append(row)
+    return out
+
+
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "a") as f:
         for row in rows:

@@ -25,6 +25,7 @@ from esper_jax.runs.evaluation import (
     held_out_key,
     markdown_table,
     policy_driver,
+    summarize_episodes,
     write_evaluation,
 )
 from esper_jax.lattice.hosts import CNNHost
@@ -148,6 +149,29 @@ def test_payload_json_and_table(rig, tmp_path):
     assert "SYNTHETIC" in table and "member 1 of 2" in table
     for name in results:
         assert f"| {name} |" in table
+    assert "| val accuracy |" in table and "perplexity" not in table and static["final_val_perplexity"] is None
+
+
+def test_a_language_model_is_summarized_by_perplexity(rig):
+    """A language model's table shows validation perplexity (exp of the final loss) where a
+    classifier's shows accuracy."""
+    import dataclasses
+    import math
+    import types
+
+    env, *_, results = rig
+    lm_task = dataclasses.replace(env.config.task, kind="language_model")
+    lm_env = types.SimpleNamespace(lattice=env.lattice, config=types.SimpleNamespace(task=lm_task))
+    summary = summarize_episodes(lm_env, results["static"])
+    loss = np.asarray(results["static"].final_val_loss, np.float64)
+    assert summary["final_val_accuracy"] is None
+    assert summary["final_val_perplexity"] == pytest.approx(math.exp(loss.mean()))
+    assert summary["final_val_perplexity_per_env"] == pytest.approx(list(np.exp(loss)))
+    payload = {"task": "tinystories", "data": "SYNTHETIC data", "host_params": 1, "run_dir": None,
+               "held_out": {"num_envs": NUM_ENVS, "episode_epochs": EPOCHS, "derivation": "x"},
+               "controllers": {"static": summary}}
+    table = markdown_table(payload)
+    assert "| val perplexity |" in table and f"| {summary['final_val_perplexity']:.2f} |" in table
 
 
 # ---------------------------------------------------------------------------- the command line

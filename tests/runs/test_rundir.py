@@ -63,3 +63,21 @@ def test_a_non_finite_policy_is_recognized():
     broken = types.SimpleNamespace(params={"w": np.array([1.0, np.nan, 0.0])}, obs_stats={"mean": np.zeros(2)})
     handle = types.SimpleNamespace(member_state=lambda m: (finite, broken)[m])
     assert RunHandle.policy_is_finite(handle, 0) and not RunHandle.policy_is_finite(handle, 1)
+
+
+def test_language_model_rows_report_perplexity_not_accuracy():
+    import math
+
+    from esper_jax.runs.rundir import language_model_rows
+
+    rows = population_rows([[0, 0], [0, 0]], [[1.0, 2.0], [3.0, 4.0]])
+    for row in rows:
+        row["mean_final_val_loss"] = 2.0
+        row["mean_final_val_accuracy"] = 0.0
+        for m, entry in enumerate(row["members"]):
+            entry["mean_final_val_loss"] = 1.0 + 2.0 * m
+    out = language_model_rows(rows)
+    assert out[0]["mean_final_val_perplexity"] == pytest.approx(math.exp(2.0))
+    assert [m["mean_final_val_perplexity"] for m in out[0]["members"]] == pytest.approx([math.exp(1.0), math.exp(3.0)])
+    assert out[0]["mean_final_val_accuracy"] is None and out[0]["members"][0]["mean_final_val_accuracy"] is None
+    assert language_model_rows([{"update": 1, "mean_final_val_loss": None}])[0]["mean_final_val_perplexity"] is None
