@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=positive, help=f"newest checkpoints kept (default {d['keep_checkpoints']})")
     g.add_argument("--seed", type=int, help=f"run seed: member i uses SEED+i unless --seeds (default {d['seed']})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per chunk instead)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-update metrics as TensorBoard scalars in DIR/tensorboard (needs the "
+                        "tensorboard extra; view with: tensorboard --logdir DIR/tensorboard)")
     g.add_argument("--compile-cache", default=DEFAULT_CACHE,
                    help="directory of JAX's persistent compilation cache, or 'off' "
                    f"(default $ESPER_JAX_COMPILE_CACHE or {DEFAULT_CACHE})")
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def explicit_settings(args: argparse.Namespace) -> dict:
     """The run settings given on the command line (argparse keeps only what was given)."""
-    skip = {"resume", "run_dir", "no_progress", "compile_cache"}
+    skip = {"resume", "run_dir", "no_progress", "compile_cache", "tensorboard"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
         cache = args.compile_cache
         enable_compile_cache(None if cache == "off" else cache)
         result = train(config, run_dir, resume="resume" in args,
-                       progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
+                       progress=not getattr(args, "no_progress", False) and sys.stderr.isatty(),
+                       tensorboard=getattr(args, "tensorboard", False))
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for long advice
         return 2

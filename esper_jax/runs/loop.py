@@ -27,6 +27,7 @@ from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError
 from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
+from esper_jax.runs.tensorboard import ScalarWriter
 from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
                                    language_model_rows, metric_rows, prepare_run_dir, read_rows, start_from_scratch,
                                    summarize_run, truncate_rows, write_json, RunLock)
@@ -101,18 +102,23 @@ def _chunk_sizes(done: int, total: int, every: int) -> list[int]:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> RunResult:
+          log: Callable[[str], None] = print, tensorboard: bool = False) -> RunResult:
     """Train (or continue, ``resume=True``) the run ``config`` in ``run_dir``.
 
     Ctrl-C (KeyboardInterrupt) is not re-raised: pending saves are finished, the summary of what is
     done is written, and the result says ``interrupted`` and which checkpoint to resume from. The
-    run directory has one writer: a second process training into it is refused (:class:`RunLock`)."""
+    run directory has one writer: a second process training into it is refused (:class:`RunLock`).
+    ``tensorboard``: also write every row as TensorBoard scalars under ``run_dir/tensorboard``."""
     run_dir = Path(run_dir)
+    scalars = ScalarWriter if tensorboard else None
+    if scalars is not None:
+        ScalarWriter.check_available()  # before any work: a missing extra is one line, not a late failure
     with RunLock(run_dir):
-        return _train(config, run_dir, resume, progress, log)
+        return _train(config, run_dir, resume, progress, log, scalars)
 
 
-def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None]) -> RunResult:
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None],
+           scalars=None) -> RunResult:
     if prepare_run_dir(run_dir, resume):  # resumed, but no save had completed: nothing trained to keep
         log(f"{run_dir} has no complete checkpoint (the run stopped before its first save): starting it from "
             f"update 0 with its stored configuration")
@@ -147,6 +153,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 f"the run is complete ({done} updates); give a larger --updates to continue it")
         sizes = _chunk_sizes(done, config.updates, config.checkpoint_every)
         bar = None
+        writer = scalars(run_dir) if scalars is not None else None
         saved = done
         try:
             t0 = time.perf_counter()
@@ -171,6 +178,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                     rows = language_model_rows(rows)
                 seconds = time.perf_counter() - t
                 append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
+                if writer is not None:
+                    writer.write(rows)
                 state, done = new_state, done + n
                 new = {m: u for m, u in diverged_members(rows, config.population).items() if m not in diverged}
                 diverged.update(new)
@@ -197,6 +206,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
         finally:
             if bar is not None:
                 bar.close()
+            if writer is not None:
+                writer.close()
             if not ckpt.failed:  # a failed save was reported already; its remains are not raised again
                 ckpt.wait()  # every pending save is on disk before we go on (also on Ctrl-C)
         latest = ckpt.latest_step()

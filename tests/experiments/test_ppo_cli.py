@@ -137,6 +137,21 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_tensorboard_without_its_extra_is_one_line(capsys, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboardx(name, *args, **kwargs):
+        if name.startswith("tensorboardX"):
+            raise ImportError("No module named 'tensorboardX'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
+    line = error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={tmp_path / 'r'}", "--tensorboard"])
+    assert "pip install -e '.[tensorboard]'" in line and not (tmp_path / "r").exists()
+
+
 def test_unknown_conv_formulation_is_a_config_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ESPER_CONV_IMPL", "winograd")
     line = error_line(capsys, ["--task=cifar10", "--data=synthetic", f"--run-dir={tmp_path / 'r'}"])
@@ -302,9 +317,9 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
-    """4 updates, a checkpoint every 2, never stopped."""
+    """4 updates, a checkpoint every 2, never stopped; TensorBoard scalars too."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    result = cli_run([*TINY, f"--run-dir={run_dir}"], cache)
+    result = cli_run([*TINY, f"--run-dir={run_dir}", "--tensorboard"], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -327,6 +342,12 @@ def test_run_directory(reference):
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2, 4]  # --keep-checkpoints=2
     assert "SYNTHETIC" in result.stdout and "best member: 0" in result.stdout
     assert "preset smoke:" in result.stdout and "update 4/4" in result.stdout
+    # --tensorboard: every row's metrics as scalars, one per update
+    from tests.runs.test_rundir import read_scalars
+
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert sorted(scalars["mean_return"]) == [1, 2, 3, 4]
+    assert scalars["mean_return"][4] == pytest.approx(rows[-1]["mean_return"])
 
 
 def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):

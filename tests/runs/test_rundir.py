@@ -81,3 +81,37 @@ def test_language_model_rows_report_perplexity_not_accuracy():
     assert [m["mean_final_val_perplexity"] for m in out[0]["members"]] == pytest.approx([math.exp(1.0), math.exp(3.0)])
     assert out[0]["mean_final_val_accuracy"] is None and out[0]["members"][0]["mean_final_val_accuracy"] is None
     assert language_model_rows([{"update": 1, "mean_final_val_loss": None}])[0]["mean_final_val_perplexity"] is None
+
+
+def read_scalars(folder) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files in ``folder`` (TFRecord framing:
+    length, its CRC, the Event bytes, their CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_scalars_are_the_rows(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from esper_jax.runs.tensorboard import TENSORBOARD_DIR, ScalarWriter
+
+    rows = population_rows([[0, 0], [0, 0]], [[1.0, 2.0], [3.0, np.nan]])
+    with ScalarWriter(tmp_path) as writer:
+        writer.write(rows)
+    scalars = read_scalars(tmp_path / TENSORBOARD_DIR)
+    assert scalars["mean_return"] == {1: 2.0, 2: 2.0}  # the member mean (the NaN member left out)
+    assert scalars["member_0/mean_return"] == {1: 1.0, 2: 2.0}
+    assert scalars["member_1/mean_return"] == {1: 3.0}  # a non-finite value is not written
+    assert scalars["env_steps"] == {1: 10.0, 2: 20.0} and "update" not in scalars
