@@ -62,9 +62,14 @@ def sort_slot_ids(slot_ids: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(slot_ids, key=slot_sort_key))
 
 
+def split_slot_list(text: str) -> list[str]:
+    """The words of a CLI value like ``"r0c0,r0c1"`` (commas or spaces), as given: not validated."""
+    return [part.strip() for part in text.replace(" ", ",").split(",") if part.strip()]
+
+
 def parse_slot_list(text: str) -> tuple[str, ...]:
     """Parse a CLI value like ``"r0c0,r0c1"`` into validated, row-major sorted ids."""
-    ids = [part.strip() for part in text.replace(" ", ",").split(",") if part.strip()]
+    ids = split_slot_list(text)
     if not ids:
         raise ValueError("no slot ids given: use e.g. --slots r0c0,r0c1")
     for slot_id in ids:

@@ -39,7 +39,7 @@ from esper_jax.env.controllers import CONTROLLERS, make_controller
 from esper_jax.env.environment import EnvData, EnvState, MorphogeneticEnv
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.rewards import parameter_rent
-from esper_jax.runs.rundir import fmt, write_json
+from esper_jax.runs.rundir import fmt, perplexity, write_json
 
 POLICY = "policy"
 EVALUATION_VERSION = 1
@@ -231,8 +231,8 @@ def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, A
         "final_val_accuracy": float(acc.mean()) if has_accuracy else None,
         "final_val_accuracy_per_env": [float(v) for v in acc] if has_accuracy else None,
         # language models: exp of the final validation loss (of the mean over envs, and per env)
-        "final_val_perplexity": None if has_accuracy else _perplexity(loss.mean()),
-        "final_val_perplexity_per_env": None if has_accuracy else [_perplexity(v) for v in loss],
+        "final_val_perplexity": None if has_accuracy else perplexity(float(loss.mean())),
+        "final_val_perplexity_per_env": None if has_accuracy else [perplexity(float(v)) for v in loss],
         "params_added": float(added.mean()),
         "params_added_per_env": [int(v) for v in added],
         "mean_return": float(np.mean(out.episode_return)),
@@ -241,10 +241,6 @@ def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, A
         "fossilized": _per_blueprint(out.fossilized, blueprints),
         "pruned": _per_blueprint(out.pruned, blueprints),
     }
-
-
-def _perplexity(loss: float) -> float | None:
-    return _finite_or_none(math.exp(min(float(loss), 700.0))) if math.isfinite(float(loss)) else None
 
 
 def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:

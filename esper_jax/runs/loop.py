@@ -110,15 +110,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
     run directory has one writer: a second process training into it is refused (:class:`RunLock`).
     ``tensorboard``: also write every row as TensorBoard scalars under ``run_dir/tensorboard``."""
     run_dir = Path(run_dir)
-    scalars = ScalarWriter if tensorboard else None
-    if scalars is not None:
+    if tensorboard:
         ScalarWriter.check_available()  # before any work: a missing extra is one line, not a late failure
     with RunLock(run_dir):
-        return _train(config, run_dir, resume, progress, log, scalars)
+        return _train(config, run_dir, resume, progress, log, tensorboard)
 
 
 def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None],
-           scalars=None) -> RunResult:
+           tensorboard: bool) -> RunResult:
     if prepare_run_dir(run_dir, resume):  # resumed, but no save had completed: nothing trained to keep
         log(f"{run_dir} has no complete checkpoint (the run stopped before its first save): starting it from "
             f"update 0 with its stored configuration")
@@ -129,7 +128,6 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
     checkpoints, metrics_path = run_dir / CHECKPOINT_DIR, run_dir / METRICS_FILE
     started = time.perf_counter()
     programs = make_programs(built)
-    run_dir.mkdir(parents=True, exist_ok=True)
     state = None
     done = 0
     interrupted = False
@@ -153,7 +151,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 f"the run is complete ({done} updates); give a larger --updates to continue it")
         sizes = _chunk_sizes(done, config.updates, config.checkpoint_every)
         bar = None
-        writer = scalars(run_dir) if scalars is not None else None
+        writer = ScalarWriter(run_dir) if tensorboard else None
         saved = done
         try:
             t0 = time.perf_counter()

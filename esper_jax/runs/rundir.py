@@ -80,14 +80,21 @@ def metric_rows(metrics: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
+def perplexity(loss: float | None) -> float | None:
+    """A language model's perplexity, exp of its mean cross-entropy loss; None for a loss that
+    is missing or not finite (exp is capped at exp(700), near the end of float64)."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(float(loss), 700.0))
+
+
 def language_model_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of a language-model run: validation perplexity (exp of the final validation loss; for
     a population's mean row, exp of the members' mean loss) in place of accuracy, which a language
     model does not have."""
     def fix(row: dict[str, Any]) -> dict[str, Any]:
         loss = row.get("mean_final_val_loss")
-        perplexity = None if loss is None else math.exp(min(loss, 700.0))  # exp(700) is near float's end
-        return {**row, "mean_final_val_accuracy": None, "mean_final_val_perplexity": perplexity}
+        return {**row, "mean_final_val_accuracy": None, "mean_final_val_perplexity": perplexity(loss)}
 
     out = []
     for row in rows:

@@ -20,7 +20,7 @@ from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints.registry import blueprint_names
 from esper_jax.lattice.hosts.base import slot_config_for
 from esper_jax.lattice.optim import LR_SCHEDULES
-from esper_jax.lattice.slots import parse_slot_list
+from esper_jax.lattice.slots import parse_slot_list, split_slot_list
 from esper_jax.rl import ppo as ppo_lib
 from esper_jax.runs.config import DataSpec, EnvSpec, RunConfig, RunConfigError
 from esper_jax.runs.population import parse_seeds, parse_sweep, resolve_members
@@ -29,6 +29,9 @@ MAX_SEED = 2**32 - 1
 
 
 _PPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ppo_lib.PPOConfig)}
+# The inner environment's defaults are EnvSpec's (also what a configuration written before a
+# setting existed ran at), except G2's below.
+_ENV_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EnvSpec) if f.default is not dataclasses.MISSING}
 
 # Flat settings with their defaults. ``None`` means "the task's or host's own" (variant, slots,
 # blueprints) or "derived" (population size from the sweeps, seeds from --seed).
@@ -50,21 +53,22 @@ DEFAULTS: dict[str, Any] = {
     "val_size": 256,
     "slots": None,
     "blueprints": None,
-    "reward": "loss",
-    "rent_weight": 0.05,         # parameter rent per epoch: rent_weight * log1p(added / host parameters)
+    "reward": _ENV_DEFAULTS["reward"],
+    # parameter rent per epoch: rent_weight * log1p(added / host parameters)
+    "rent_weight": _ENV_DEFAULTS["rent_weight"],
     "image_size": None,          # CNN tasks: input resolution, a divisor of 32 (None: the host's own, 32)
-    "host_lr": 0.01,             # host SGD learning rate (Esper's)
-    "host_lr_schedule": "constant",  # or "cosine": decayed to 0 over each episode
-    "seed_lr": 0.01,             # every seed's SGD learning rate (Esper's)
-    "max_concurrent_training": 1,  # seeds that may be GERMINATED/TRAINING at once (Esper: 1)
-    "min_prune_age": 1,          # epochs a seed lives before it may be pruned (a fair trial)
+    "host_lr": _ENV_DEFAULTS["host_lr"],  # host SGD learning rate (Esper's 0.01)
+    "host_lr_schedule": _ENV_DEFAULTS["host_lr_schedule"],  # or "cosine": decayed to 0 over each episode
+    "seed_lr": _ENV_DEFAULTS["seed_lr"],  # every seed's SGD learning rate (Esper's 0.01)
+    "max_concurrent_training": _ENV_DEFAULTS["max_concurrent_training"],  # seeds GERMINATED/TRAINING at once (Esper: 1)
+    "min_prune_age": _ENV_DEFAULTS["min_prune_age"],  # epochs a seed lives before it may be pruned (a fair trial)
     # G2's minimum epochs in TRAINING. Esper's 10 is longer than these episodes: a seed could never
     # blend, hold and be fossilized within one, and every controller would end with the same host.
     "min_training_epochs": 2,
     # The lifecycle's mechanical gates (G1-G3) pass by themselves at the end of an epoch, so the
     # controller decides where, what and when to grow and whether to prune or fossilize, but does
     # not have to learn to request each stage change (Esper's controller does not either).
-    "auto_advance": False,
+    "auto_advance": _ENV_DEFAULTS["auto_advance"],
     "seed": 0,
     "checkpoint_every": 4,
     "keep_checkpoints": 3,
@@ -207,13 +211,6 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
 # ---------------------------------------------------------------------------- resolved configuration
 
 
-def _slot_words(value) -> list[str]:
-    """The slot ids of a ``--slots`` value, as given (validated against the host afterwards)."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.replace(" ", ",").split(",") if part.strip()]
-    return list(value)
-
-
 def _build_host(task: TaskConfig, overrides: dict[str, Any]):
     host = task.make_host()
     try:
@@ -272,7 +269,8 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                 raise RunConfigError(f"--{name} is empty; list at least one (e.g. --{name} "
                                      f"{'r0c0' if name == 'slots' else 'norm,conv_small'}) or leave it out")
         # A slot the host lacks, or a legacy name: the message names the host's own ids.
-        slots = slot_config_for(host, _slot_words(slots_value)).slot_ids if slots_value else host.default_slots
+        words = split_slot_list(slots_value) if isinstance(slots_value, str) else list(slots_value or ())
+        slots = slot_config_for(host, words).slot_ids if slots_value else host.default_slots
         bp_value = _per_topology(s["blueprints"], topology)
         blueprints = tuple(_canonical("blueprints", bp_value).split(",")) if bp_value else blueprint_names(topology)
         valid = blueprint_names(topology)
