@@ -4,6 +4,8 @@
         [--envs N] [--updates U] [--population P --lr log:1e-4:1e-3 --ent-coef 0.01,0.05 ...]
         [--run-dir DIR] [--checkpoint-every C] [--keep-checkpoints K]
     python -m experiments.ppo --resume DIR [--updates U]
+    python -m experiments.ppo ... --run-dir DIR --coordinator HOST:PORT --num-processes N --process-id I
+        (one command per process; see the README's "Several processes")
 
 A preset sets a whole configuration; explicit options override it. Everything is resolved,
 written to DIR/config.json and trained by :mod:`esper_jax.runs.loop` (this file only parses flags).
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from esper_jax.runs import settings as run_settings
 from esper_jax.runs.config import RunConfigError, read_config
-from esper_jax.runs.loop import USER_ERRORS, enable_compile_cache, train
+from esper_jax.runs import distributed
+from esper_jax.runs.loop import USER_ERRORS, decided_by_writer, enable_compile_cache, train
 from esper_jax.runs.rundir import default_run_dir, fmt, prepare_run_dir
 from esper_jax.lattice.optim import LR_SCHEDULES
 from esper_jax.runs.population import SWEEP_HELP
@@ -108,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of JAX's persistent compilation cache, or 'off' "
                    f"(default $ESPER_JAX_COMPILE_CACHE or {DEFAULT_CACHE})")
 
+    g = parser.add_argument_group("several processes (JAX's multi-process runtime; one command per process)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's host and a free port there, the same on every process; 'auto': the cluster JAX "
+                        f"detects (SLURM, Open MPI, Kubernetes) (default ${distributed.ENV_COORDINATOR}; none: one process)")
+    g.add_argument("--num-processes", type=positive,
+                   help=f"processes in the run, the same on every process (default ${distributed.ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=non_negative,
+                   help=f"this process's id, 0..N-1; 0 writes the run directory (default ${distributed.ENV_PROCESS_ID})")
+    g.add_argument("--coordinator-timeout", type=positive,
+                   help=f"seconds to wait for every process to join before giving up with an error "
+                        f"(default {distributed.DEFAULT_TIMEOUT_S})")
+
     g = parser.add_argument_group("task and data")
     g.add_argument("--host-variant", help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
     g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
@@ -179,25 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def explicit_settings(args: argparse.Namespace) -> dict:
     """The run settings given on the command line (argparse keeps only what was given)."""
-    skip = {"resume", "run_dir", "no_progress", "compile_cache", "tensorboard"}
+    skip = {"resume", "run_dir", "no_progress", "compile_cache", "tensorboard", *DISTRIBUTED_OPTIONS}
     return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+DISTRIBUTED_OPTIONS = ("coordinator", "num_processes", "process_id", "coordinator_timeout")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_settings(args)
     try:
+        spec = distributed.DistributedSpec.from_options(*(getattr(args, name, None) for name in DISTRIBUTED_OPTIONS))
+        if spec.multi_process and "resume" not in args and "run_dir" not in args:
+            raise RunConfigError("a run over several processes needs --run-dir DIR, the same directory on every "
+                                 "process (a shared file system across hosts)")
+        distributed.initialize(spec)  # before anything touches a device
         if "resume" in args:
             run_dir = Path(args.resume)
             if "run_dir" in args and Path(args.run_dir).absolute() != run_dir.absolute():
                 raise RunConfigError("--resume DIR continues the run in DIR; do not give another --run-dir")
-            prepare_run_dir(run_dir, resume=True)
+            decided_by_writer(lambda: prepare_run_dir(run_dir, resume=True))
             config = run_settings.resume_config(read_config(run_dir), explicit)
         else:
             settings = run_settings.resolve_settings(explicit, explicit.pop("preset", None))
             config = run_settings.resolve_config(settings)
             run_dir = Path(args.run_dir) if "run_dir" in args else default_run_dir(config)
-            prepare_run_dir(run_dir, resume=False)
+            decided_by_writer(lambda: prepare_run_dir(run_dir, resume=False))
         cache = args.compile_cache
         enable_compile_cache(None if cache == "off" else cache)
         result = train(config, run_dir, resume="resume" in args,
@@ -207,6 +230,8 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for long advice
         return 2
     summary = result.summary
+    if not distributed.is_writer():
+        return 0 if not (result.interrupted or result.diverged) else (130 if result.interrupted else 3)
     print(f"run directory: {result.run_dir}")
     for member in summary["members"]:
         final = member["final"] or {}

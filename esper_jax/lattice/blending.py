@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CURVES = ("linear", "cosine", "sigmoid")
 BLEND_OPS = ("add", "multiply", "gate")
@@ -48,10 +49,12 @@ BLEND_STYLE_NAMES = tuple(s.name for s in BLEND_STYLES)
 # Blending durations in epochs (the "tempo" head).
 TEMPOS: tuple[int, ...] = (3, 5, 8)
 
-_CURVE_INDEX = jnp.array([CURVES.index(s.curve) for s in BLEND_STYLES], jnp.int32)
-_STEEPNESS = jnp.array([s.steepness for s in BLEND_STYLES], jnp.float32)
-_OP_INDEX = jnp.array([BLEND_OPS.index(s.op) for s in BLEND_STYLES], jnp.int32)
-_TEMPO_EPOCHS = jnp.array(TEMPOS, jnp.int32)
+# NumPy tables (made device arrays where used): a device array at import would start JAX's backend
+# before a run over several processes can initialize its multi-process runtime.
+_CURVE_INDEX = np.array([CURVES.index(s.curve) for s in BLEND_STYLES], np.int32)
+_STEEPNESS = np.array([s.steepness for s in BLEND_STYLES], np.float32)
+_OP_INDEX = np.array([BLEND_OPS.index(s.op) for s in BLEND_STYLES], np.int32)
+_TEMPO_EPOCHS = np.array(TEMPOS, np.int32)
 
 
 def blend_style_index(name: str) -> int:
@@ -67,11 +70,11 @@ def tempo_index(epochs: int) -> int:
 
 
 def tempo_epochs(index: jax.Array) -> jax.Array:
-    return _TEMPO_EPOCHS[jnp.clip(index, 0, len(TEMPOS) - 1)]
+    return jnp.asarray(_TEMPO_EPOCHS)[jnp.clip(index, 0, len(TEMPOS) - 1)]
 
 
 def blend_op_of(style: jax.Array) -> jax.Array:
-    return _OP_INDEX[jnp.clip(style, 0, len(BLEND_STYLES) - 1)]
+    return jnp.asarray(_OP_INDEX)[jnp.clip(style, 0, len(BLEND_STYLES) - 1)]
 
 
 def curve(style: jax.Array, progress: jax.Array) -> jax.Array:
@@ -81,11 +84,11 @@ def curve(style: jax.Array, progress: jax.Array) -> jax.Array:
     """
     style = jnp.clip(style, 0, len(BLEND_STYLES) - 1)
     t = jnp.clip(progress, 0.0, 1.0)
-    k = jnp.maximum(_STEEPNESS[style], 1e-3)
+    k = jnp.maximum(jnp.asarray(_STEEPNESS)[style], 1e-3)
     lo, hi = jax.nn.sigmoid(-k / 2), jax.nn.sigmoid(k / 2)
     sigmoid = (jax.nn.sigmoid(k * (t - 0.5)) - lo) / (hi - lo)
     cosine = 0.5 * (1.0 - jnp.cos(jnp.pi * t))
-    value = jnp.select([_CURVE_INDEX[style] == 0, _CURVE_INDEX[style] == 1], [t, cosine], sigmoid)
+    value = jnp.select([jnp.asarray(_CURVE_INDEX)[style] == 0, jnp.asarray(_CURVE_INDEX)[style] == 1], [t, cosine], sigmoid)
     return jnp.clip(value, 0.0, 1.0)
 
 

@@ -68,15 +68,17 @@ _VALID = np.zeros((NUM_STAGES, NUM_STAGES), bool)
 for _src, _dsts in TRANSITIONS.items():
     for _dst in _dsts:
         _VALID[_src, _dst] = True
-VALID_TRANSITIONS = jnp.asarray(_VALID)
+# NumPy tables, made device arrays where used: a device array at import would start JAX's backend
+# before a run over several processes can initialize its multi-process runtime.
+VALID_TRANSITIONS = _VALID
 _HAPPY = np.full((NUM_STAGES,), -1, np.int32)
 for _src, _dst in HAPPY_PATH.items():
     _HAPPY[_src] = _dst
-_HAPPY_NEXT = jnp.asarray(_HAPPY)
+_HAPPY_NEXT = _HAPPY
 
 
 def is_valid_transition(src, dst) -> jax.Array:
-    return VALID_TRANSITIONS[src, dst]
+    return jnp.asarray(VALID_TRANSITIONS)[src, dst]
 
 
 def in_stages(stage: jax.Array, stages) -> jax.Array:
@@ -276,7 +278,7 @@ def advance(status: SlotStatus, slot, gates: GateConfig):
     slot = jnp.asarray(slot, jnp.int32)
     in_range = (slot >= 0) & (slot < status.num_slots)
     ok = in_range & _slot_value(gates_passed(status, gates), slot)
-    target = _HAPPY_NEXT[_slot_value(status.stage, slot)]
+    target = jnp.asarray(_HAPPY_NEXT)[_slot_value(status.stage, slot)]
     new = _enter_stage(status, _slot_mask(status, slot), target, gates)
     return select(ok, new, status), ok
 
@@ -359,7 +361,7 @@ def tick(status: SlotStatus, gates: GateConfig) -> SlotStatus:
     next_stage = jnp.where(s.stage == Stage.PRUNED, Stage.EMBARGOED, next_stage)
     if gates.auto_advance:
         auto = gate_g1(s, gates) | gate_g2(s, gates) | gate_g3(s, gates)
-        next_stage = jnp.where(auto, _HAPPY_NEXT[s.stage], next_stage)
+        next_stage = jnp.where(auto, jnp.asarray(_HAPPY_NEXT)[s.stage], next_stage)
     next_stage = jnp.where(ramp_done, Stage.PRUNED, next_stage)
     return _enter_stage(s, next_stage >= 0, next_stage, gates)
 

@@ -114,10 +114,11 @@ class Checkpointer:
         logging.getLogger("absl").addFilter(_QUIET)  # once: a filter is added only if not there yet
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
-        if not read_only:
+        if not read_only and jax.process_index() == 0:
             # A killed save leaves <step>.orbax-checkpoint-tmp-*: never listed as a step; a writer
             # removes it. (Orbax's own cleanup option runs in the background, and a reader after
-            # us could still see the directory.) One writer per run directory is assumed.
+            # us could still see the directory.) One writer per run directory is assumed; over several
+            # processes, process 0 is it.
             for path in incomplete_checkpoints(self.directory):
                 shutil.rmtree(path, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(

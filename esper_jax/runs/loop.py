@@ -12,6 +12,7 @@ Errors a user can cause (bad names, counts, directories, data) are raised as one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -24,6 +25,7 @@ import jax
 
 from esper_jax.data import DatasetNotFoundError
 from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError
+from esper_jax.runs import distributed
 from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
@@ -108,20 +110,56 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
     Ctrl-C (KeyboardInterrupt) is not re-raised: pending saves are finished, the summary of what is
     done is written, and the result says ``interrupted`` and which checkpoint to resume from. The
     run directory has one writer: a second process training into it is refused (:class:`RunLock`).
-    ``tensorboard``: also write every row as TensorBoard scalars under ``run_dir/tensorboard``."""
+    ``tensorboard``: also write every row as TensorBoard scalars under ``run_dir/tensorboard``.
+
+    Over several processes (:mod:`esper_jax.runs.distributed`, initialized before this is called)
+    every process calls ``train`` with the same arguments; process 0 holds the lock, logs and writes
+    the files, all of them compute and checkpoint."""
     run_dir = Path(run_dir)
     if tensorboard:
         ScalarWriter.check_available()  # before any work: a missing extra is one line, not a late failure
-    with RunLock(run_dir):
+    if not distributed.is_writer():
+        log = _silent
+    with contextlib.ExitStack() as stack:
+        def lock() -> int:
+            stack.enter_context(RunLock(run_dir))
+            return 0
+
+        decided_by_writer(lock)
         return _train(config, run_dir, resume, progress, log, tensorboard)
+
+
+def _silent(line: str) -> None:
+    """The log of a process that is not the writer: process 0 says everything once."""
+
+
+def decided_by_writer(action: Callable[[], int]) -> int:
+    """``action()`` run by the writer (process 0) alone and its result on every process. A user
+    error there is raised there and stops the other processes with a line pointing to it, rather
+    than leaving them waiting for a writer that has given up. One process: ``action()``."""
+    if distributed.process_count() == 1:
+        return int(action())
+    result, error = 0, None
+    if distributed.is_writer():
+        try:
+            result = int(action())
+        except USER_ERRORS as raised:
+            result, error = -1, raised
+    result = distributed.agree(result)
+    if error is not None:
+        raise error
+    if result == -1:
+        raise RunConfigError("process 0 could not start the run (its error line says why); nothing was written")
+    return result
 
 
 def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None],
            tensorboard: bool) -> RunResult:
-    if prepare_run_dir(run_dir, resume):  # resumed, but no save had completed: nothing trained to keep
+    writer = distributed.is_writer()
+    if decided_by_writer(lambda: prepare_run_dir(run_dir, resume)):  # resumed, but no save had completed
         log(f"{run_dir} has no complete checkpoint (the run stopped before its first save): starting it from "
             f"update 0 with its stored configuration")
-        start_from_scratch(run_dir)
+        decided_by_writer(lambda: start_from_scratch(run_dir) or 0)
         resume = False
     built = build(config)  # user errors (data, names) surface here, before compiling
     config = built.config  # with the data's origin and (language models) the tokenizer's vocabulary
@@ -140,10 +178,12 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             if done > config.updates:
                 raise RunConfigError(f"--resume {run_dir}: the checkpoint is at update {done}, beyond --updates "
                                      f"{config.updates}; give a larger --updates to continue")
-            truncate_rows(metrics_path, done)  # rows after the checkpoint are computed again
-        else:
+            if writer:
+                truncate_rows(metrics_path, done)  # rows after the checkpoint are computed again
+        elif writer:
             metrics_path.touch()
-        write_json(run_dir / CONFIG_FILE, config.to_json())  # on resume: the new --updates/--keep-checkpoints
+        if writer:
+            write_json(run_dir / CONFIG_FILE, config.to_json())  # on resume: the new --updates/--keep-checkpoints
 
         log(describe(built, run_dir))
         if resume:
@@ -151,7 +191,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 f"the run is complete ({done} updates); give a larger --updates to continue it")
         sizes = _chunk_sizes(done, config.updates, config.checkpoint_every)
         bar = None
-        writer = ScalarWriter(run_dir) if tensorboard else None
+        scalars = ScalarWriter(run_dir) if tensorboard and writer else None
         saved = done
         try:
             t0 = time.perf_counter()
@@ -171,13 +211,14 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             for n in sizes:
                 t = time.perf_counter()
                 new_state, metrics = compiled[n](state, built.env_data)
-                rows = metric_rows(jax.device_get(metrics).columns())  # the one host sync per chunk
+                rows = metric_rows(distributed.fetch(metrics).columns())  # the one host sync per chunk
                 if not built.task.has_accuracy:
                     rows = language_model_rows(rows)
                 seconds = time.perf_counter() - t
-                append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
-                if writer is not None:
-                    writer.write(rows)
+                if writer:
+                    append_rows(metrics_path, rows)  # on disk before the checkpoint that covers them starts
+                if scalars is not None:
+                    scalars.write(rows)
                 state, done = new_state, done + n
                 new = {m: u for m, u in diverged_members(rows, config.population).items() if m not in diverged}
                 diverged.update(new)
@@ -200,15 +241,17 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             interrupted = True
             if state is not None and saved != done:  # rows written, save not started: save now
                 ckpt.save(done, state)
-            truncate_rows(metrics_path, done)  # rows of a chunk cut short are not kept
+            if writer:
+                truncate_rows(metrics_path, done)  # rows of a chunk cut short are not kept
         finally:
             if bar is not None:
                 bar.close()
-            if writer is not None:
-                writer.close()
+            if scalars is not None:
+                scalars.close()
             if not ckpt.failed:  # a failed save was reported already; its remains are not raised again
                 ckpt.wait()  # every pending save is on disk before we go on (also on Ctrl-C)
         latest = ckpt.latest_step()
+    distributed.barrier("metrics written")  # the others read the rows process 0 wrote
     rows = read_rows(metrics_path)
     summary = summarize_run(
         config, rows, complete=not interrupted and len(diverged) < config.population and len(rows) >= config.updates,
@@ -217,7 +260,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
         env_steps=sum(_env_steps(rows[-1], m) for m in range(config.population)) if rows else 0,
         env_steps_per_second=steps_run / train_seconds if train_seconds else None,
         devices=built.placement.describe())
-    write_json(run_dir / SUMMARY_FILE, summary)
+    if writer:
+        write_json(run_dir / SUMMARY_FILE, summary)
     return RunResult(run_dir, summary, interrupted, latest, diverged_members(rows, config.population))
 
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from esper_jax.runs.config import Member
+from esper_jax.runs.config import Member, RunConfigError
 
 RANGE_KINDS = ("log", "lin")
 SWEEP_HELP = ("one value, a comma list with one value per member, or a range drawn per member: "
@@ -155,6 +155,13 @@ class Placement:
         devices = list(jax.devices() if devices is None else devices)
         pop = math.gcd(population, len(devices))
         env = math.gcd(num_envs, len(devices) // pop)
+        processes = len({d.process_index for d in devices})
+        if processes > 1 and pop * env != len(devices):
+            # A process holding no shard would have nothing to compute and nothing to checkpoint.
+            raise RunConfigError(
+                f"{processes} processes with {len(devices)} devices in all cannot share a population of {population} "
+                f"x {num_envs} envs (it splits over {pop * env} of them); choose --population and --envs so that the "
+                f"population axis, then the env axis, split over all {len(devices)}, e.g. --population {len(devices)}")
         if pop * env == 1:
             return cls(None, num_envs)
         return cls(Mesh(np.asarray(devices[:pop * env]).reshape(pop, env), ("pop", "env")), num_envs)
@@ -167,7 +174,9 @@ class Placement:
         if self.mesh is None:
             return f"one device ({jax.devices()[0].platform})"
         shape = self.shape
-        return (f"{shape['pop'] * shape['env']} devices: population axis split {shape['pop']} ways, "
+        processes = len({d.process_index for d in self.mesh.devices.flat})
+        where = f" of {processes} processes" if processes > 1 else ""
+        return (f"{shape['pop'] * shape['env']} devices{where}: population axis split {shape['pop']} ways, "
                 f"env axis {shape['env']} ways")
 
     def replicated(self):
