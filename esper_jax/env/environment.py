@@ -215,7 +215,7 @@ class MorphogeneticEnv:
             divergent_epochs=zeros_i(), rollbacks=zeros_i(), metric_at_germination=jnp.zeros((p, s), jnp.float32),
             last_op=zeros_i(), germinated=zeros_i(nb), fossilized=zeros_i(nb), pruned=zeros_i(nb),
         )
-        return jax.vmap(self._observe)(state), state
+        return jax.vmap(self.observe)(state), state
 
     def reset(self, key: jax.Array, data: EnvData):
         obs, state = self.population_reset(key[None], data)
@@ -266,7 +266,7 @@ class MorphogeneticEnv:
             "germinated": new_state.germinated.sum(-1), "fossilized": new_state.fossilized.sum(-1),
             "pruned": new_state.pruned.sum(-1), "rollbacks": new_state.rollbacks,
         }
-        return jax.vmap(self._observe)(new_state), new_state, reward, done, info
+        return jax.vmap(self.observe)(new_state), new_state, reward, done, info
 
     def _act(self, state: EnvState, action: FactoredAction, keys: jax.Array):
         """Apply each member's (masked) action to its lattice; remember the metric at germination."""
@@ -383,7 +383,8 @@ class MorphogeneticEnv:
             lattice_state, _ = self.lattice.prune(lattice_state, s, ramp=False)
         return lattice_state
 
-    def _observe(self, state: EnvState) -> jax.Array:
+    def observe(self, state: EnvState) -> jax.Array:
+        """One member's observation of its state (what ``reset`` and ``step`` return, per member)."""
         cfg = self.config
         return observations.observe(
             self.lattice, state.train.lattice.status, epoch=state.epoch, episode_epochs=cfg.episode_epochs,
