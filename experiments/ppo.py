@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default auto; the smoke preset uses synthetic)")
     g.add_argument("--data-dir", help="where datasets live (default $ESPER_DATA or ./data)")
     g.add_argument("--tokenizer", help="tinystories: gpt2 or byte (default gpt2)")
+    g.add_argument("--block-size", type=positive, help=f"tinystories: tokens per training window, the host's context "
+                   f"length (default {d['block_size']}, the design's; the smoke preset uses 16)")
 
     g = parser.add_argument_group("environment")
     g.add_argument("--envs", type=positive, help=f"inner environments per learner (default {d['envs']})")

@@ -41,7 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "data": "auto",
     "data_dir": None,
     "tokenizer": "gpt2",
-    "block_size": 64,            # language-model tasks: tokens per training window
+    # Language-model tasks: tokens per training window; the TinyStories design's context of 256.
+    "block_size": 256,
     "synthetic_train": 10_000,   # synthetic data only: examples (images) or tokens (x100 for text)
     "synthetic_test": 1_000,
     "host": {},                  # host field overrides, per topology (presets only)
@@ -78,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "seeds": None,
     **{name: value for name, value in _PPO_DEFAULTS.items() if name not in ("num_envs", "learning_rate", "ent_coef")},
 }
+
+LANGUAGE_MODEL_SETTINGS = ("tokenizer", "block_size")
 
 PPO_SETTINGS = tuple(name for name in _PPO_DEFAULTS if name not in ("num_envs", "learning_rate", "ent_coef"))
 
@@ -204,6 +207,10 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
     unknown = set(settings) - set(DEFAULTS) - {"preset"}
     if unknown:
         raise RunConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    if settings["task"] in TASK_NAMES and get_task(settings["task"]).kind != "language_model":
+        for name in LANGUAGE_MODEL_SETTINGS:
+            if explicit.get(name) is not None:  # a preset sets them for every task; an explicit one is a mistake
+                raise RunConfigError(f"--{name.replace('_', '-')} applies to language-model tasks only (tinystories)")
     return settings
 
 

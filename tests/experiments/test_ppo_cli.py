@@ -92,6 +92,8 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                            ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
         assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
     assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
+    for flag in ("--block-size=32", "--tokenizer=byte"):
+        assert "language-model tasks only" in error_line(capsys, ["--task=cifar10", flag]), flag
     for flag in ("--seed=99999999999", "--seed=-1"):
         assert "--seed must be an integer in 0..4294967295" in error_line(capsys, ["--task=cifar10", flag]), flag
     assert "--seeds: member seed 4294967296 is outside" in error_line(capsys, ["--task=cifar10", "--seeds=0,4294967296"])
@@ -275,6 +277,16 @@ def test_proof_preset_resolves_the_calibrated_problem():
     assert config.host.image_size == 32 and config.host.kernel_size == 3
     config = resolve_config(resolve_settings({"task": "tinystories"}, "proof"))
     assert config.host_variant == "base" and config.options["image_size"] is None
+
+
+def test_language_model_context_length():
+    """The TinyStories design's context of 256 tokens by default, for the host and the data's
+    windows; ``--block-size`` overrides it; the smoke preset uses 16."""
+    config = resolve_config(resolve_settings({"task": "tinystories"}))
+    assert config.host.block_size == 256 and config.env.block_size == 256
+    config = resolve_config(resolve_settings({"task": "tinystories", "block_size": 128, "host_variant": "tiny"}))
+    assert config.host.block_size == 128 and config.env.block_size == 128
+    assert resolve_config(resolve_settings({"task": "tinystories"}, "smoke")).host.block_size == 16
 
 
 def test_settings_layering():
