@@ -1,6 +1,7 @@
 """Train the seed controller with PPO on device, with Orbax checkpoints and hyperparameter populations.
 
     python -m experiments.ppo --task=cifar10 [--preset=smoke|default|full] [--data=auto|synthetic|PATH]
+    python -m experiments.ppo --task=images --data=PATH.npz | --task=tfds:NAME [--data=DIR] [...]
         [--envs N] [--updates U] [--population P --lr log:1e-4:1e-3 --ent-coef 0.01,0.05 ...]
         [--run-dir DIR] [--checkpoint-every C] [--keep-checkpoints K]
     python -m experiments.ppo --resume DIR [--updates U]
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only options given explicitly reach the run settings
     )
     g = parser.add_argument_group("run")
-    g.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (required unless --resume)")
+    g.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (required unless --resume); images: your own "
+                   ".npz file (--data=PATH.npz), tfds:NAME: a dataset tensorflow-datasets has prepared")
     g.add_argument("--preset", help=f"one of {', '.join(run_settings.PRESETS)} (default: {run_settings.DEFAULT_PRESET})")
     g.add_argument("--run-dir", help="where the run is written (default: runs/TASK-PRESET-TIME); must be empty")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest complete checkpoint; "
@@ -124,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {distributed.DEFAULT_TIMEOUT_S})")
 
     g = parser.add_argument_group("task and data")
-    g.add_argument("--host-variant", help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
+    g.add_argument("--host-variant", help="image tasks: baseline|impaired|pointwise; tinystories: base|tiny")
     g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
-                   "(default auto; the smoke preset uses synthetic)")
+                   "(default auto; the smoke preset uses synthetic); --task=images: the .npz file (x_train, y_train, "
+                   "x_test, y_test); --task=tfds:NAME: tfds' data directory (default DATA_DIR/tensorflow_datasets)")
     g.add_argument("--data-dir", help="where datasets live (default $ESPER_DATA or ./data)")
     g.add_argument("--tokenizer", help="tinystories: gpt2 or byte (default gpt2)")
     g.add_argument("--block-size", type=positive, help=f"tinystories: tokens per training window, the host's context "
@@ -142,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blueprints", help="comma-separated blueprints the run may grow, e.g. norm,conv_light "
                    "(default: the preset's subset)")
     g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
-    g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of 32; the data is "
-                   "downsampled to it (default 32; the proof preset uses 16)")
+    g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of the images' "
+                   "size; the data is downsampled to it (default the images' own, 32 for CIFAR; the proof preset uses 16)")
     g.add_argument("--host-lr", type=float, help=f"host SGD learning rate (default {d['host_lr']}, Esper's)")
     g.add_argument("--host-lr-schedule", choices=LR_SCHEDULES,
                    help=f"host learning rate over an episode: constant, or cosine decay to 0 (default {d['host_lr_schedule']})")

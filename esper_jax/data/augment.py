@@ -1,8 +1,10 @@
-"""On-device image preprocessing: normalization and the standard CIFAR crop-and-flip augmentation.
+"""Image preprocessing: per-channel normalization (CIFAR's published statistics, or a dataset's own)
+and the standard CIFAR crop-and-flip augmentation.
 
-Everything here is pure JAX on whole batches, so it can run inside a jitted or
-vmapped training step next to the model instead of in a host-side loader. The
-augmentations are jitted with ``pad`` static (inside an outer jit they inline).
+Everything but :func:`channel_stats` (computed once, in NumPy, when a dataset is loaded) is pure
+JAX on whole batches, so it can run inside a jitted or vmapped training step next to the model
+instead of in a host-side loader. The augmentations are jitted with ``pad`` static (inside an
+outer jit they inline).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # per-channel statistics of the training sets, on the [0, 1] scale
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -28,6 +31,22 @@ def cifar_channel_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     if canonical == "cifar100":
         return CIFAR100_MEAN, CIFAR100_STD
     raise ValueError(f"no channel statistics for {name!r}; expected 'cifar10' or 'cifar100'")
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of uint8 NHWC ``images`` on the [0, 1] scale, for a dataset without
+    published statistics. Summed a chunk of images at a time, so a large set needs no float copy."""
+    channels = images.shape[-1]
+    total, squares = np.zeros(channels), np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        pixels = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += pixels.sum(axis=0)
+        squares += np.square(pixels).sum(axis=0)
+    count = max(images.size // channels, 1)
+    mean = total / count
+    # A constant channel has std 0; one grey level keeps its (constant) normalized value finite.
+    std = np.maximum(np.sqrt(np.maximum(squares / count - mean**2, 0.0)), 1.0 / 255.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def normalize_images(

@@ -38,9 +38,9 @@ from esper_jax.data.datasets import (
     DatasetDownloadError,
     DatasetNotFoundError,
     ImageDataset,
-    OptionalDependencyError,
 )
 from esper_jax.data.paths import PathLike, data_dir_help, resolve_data_dir
+from esper_jax.data.tfds_images import default_tfds_dir, read_splits as read_tfds_splits, tfds_installed
 
 Split = Literal["train", "test"]
 Variant = Literal["binary", "python"]
@@ -351,7 +351,7 @@ def _load(canonical: str, data_dir: PathLike | None, source: Source, splits: tup
         arrays, location = _load_splits(canonical, data_dir, splits)
         return arrays, str(location)
     except DatasetNotFoundError as archive_missing:
-        if source == "archive" or not _tfds_installed():
+        if source == "archive" or not tfds_installed():
             raise
         try:
             return _tfds_splits(canonical, data_dir, splits, full_guidance=False)
@@ -457,56 +457,15 @@ def download_cifar(
 
 # --------------------------------------------------------------------------- tensorflow-datasets route
 
-TFDS_SUBDIR = "tensorflow_datasets"
-
-
-def _tfds_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorflow_datasets") is not None
-
-
-def _import_tfds():  # noqa: ANN202 - the module has no stable type to name
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as exc:
-        raise OptionalDependencyError(
-            "source='tfds' needs tensorflow-datasets, which is not installed. Install the extra with "
-            "`pip install esper-jax[tfds]`, or use the official archives (source='archive'); "
-            "for an offline run pass --data=synthetic."
-        ) from exc
-    return tfds
-
 
 def _tfds_splits(
     canonical: str, data_dir: PathLike | None, splits: tuple[Split, ...], *, full_guidance: bool
 ) -> tuple[dict[Split, LabelledArrays], str]:
-    """Read already-prepared tfds splits; never downloads (offline, tfds retries for minutes).
-
-    tfds' random-access reader (no TensorFlow needed) only reads data prepared in
-    the array_record or parquet formats, not the default tfrecord.
-    """
-    tfds = _import_tfds()
-    tfds_dir = resolve_data_dir(data_dir) / TFDS_SUBDIR
-    arrays: dict[Split, LabelledArrays] = {}
-    for split in splits:
-        try:
-            source = tfds.data_source(canonical, split=split, data_dir=str(tfds_dir), download=False)
-        except Exception as exc:  # tfds signals "not prepared" with AssertionError or its own errors
-            message = f"tensorflow-datasets has no prepared {canonical} in {tfds_dir} ({type(exc).__name__}: {exc})"
-            if full_guidance:
-                message += (
-                    "\nPrepare it there on a machine with network and TensorFlow "
-                    f"(tfds build {canonical} --data_dir={tfds_dir} --file_format=array_record), "
-                    "or use the official archives:\n"
-                    + missing_cifar_message(canonical, data_dir)
-                )
-            raise DatasetNotFoundError(message) from exc
-        records = [source[index] for index in range(len(source))]
-        images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records]) if records else np.zeros((0, 32, 32, 3), np.uint8)
-        labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)  # cifar100: "label" is the fine label
-        arrays[split] = (images, labels)
-    return arrays, f"tfds:{tfds_dir / canonical}"
+    """Read already-prepared tfds splits from ``<data dir>/tensorflow_datasets`` (never downloads;
+    see :mod:`esper_jax.data.tfds_images`)."""
+    guidance = f"\nOr use the official archives:\n{missing_cifar_message(canonical, data_dir)}" if full_guidance else ""
+    arrays, _, source = read_tfds_splits(canonical, default_tfds_dir(data_dir), splits, guidance)
+    return arrays, source  # type: ignore[return-value]
 
 
 def load_cifar_tfds(name: str, data_dir: PathLike | None = None, *, split: Split = "train") -> LabelledArrays:

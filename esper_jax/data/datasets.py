@@ -4,10 +4,14 @@ Real and synthetic data share these dataclasses, so a training run can always
 tell where its arrays came from (``source``) and whether they are real
 (``synthetic``). The checks in ``__post_init__`` pin the shapes and dtypes that
 the rest of the library relies on, for real and synthetic data alike.
+:class:`ImageShape` is what a host needs to know of an image dataset (its
+resolution, channels and classes), which the loaders of users' own datasets can
+tell without reading the images.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,12 +40,9 @@ class OptionalDependencyError(ImportError):
 
 
 def _check_images(field: str, images: np.ndarray) -> None:
-    # CIFAR's 32x32, or a lower resolution made from it by :func:`downsample_images`.
-    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != CIFAR_IMAGE_SHAPE[2]
-            or images.shape[1] != images.shape[2] or CIFAR_IMAGE_SHAPE[0] % images.shape[1]):
-        raise ValueError(
-            f"{field} must be uint8 [N, S, S, 3] with S dividing 32, got {images.dtype} {list(images.shape)}"
-        )
+    # The CNN host takes square images of one size (any size it can pool, any channel count).
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] < 1:
+        raise ValueError(f"{field} must be uint8 [N, S, S, C], got {images.dtype} {list(images.shape)}")
 
 
 def _check_labels(field: str, labels: np.ndarray, count: int, num_classes: int) -> None:
@@ -49,6 +50,19 @@ def _check_labels(field: str, labels: np.ndarray, count: int, num_classes: int) 
         raise ValueError(f"{field} must be int32 [{count}], got {labels.dtype} {list(labels.shape)}")
     if count and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{field} must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What a host needs to know of an image dataset: square ``size`` x ``size`` images with
+    ``channels`` channels, labels in ``[0, num_classes)``."""
+
+    size: int
+    channels: int
+    num_classes: int
+
+    def describe(self) -> str:
+        return f"{self.size}x{self.size}x{self.channels} images, {self.num_classes} classes"
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,8 +81,15 @@ class ImageDataset:
     def __post_init__(self) -> None:
         _check_images("train_images", self.train_images)
         _check_images("test_images", self.test_images)
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise ValueError(f"train and test images differ in shape: {list(self.train_images.shape[1:])} and "
+                             f"{list(self.test_images.shape[1:])}")
         _check_labels("train_labels", self.train_labels, len(self.train_images), self.num_classes)
         _check_labels("test_labels", self.test_labels, len(self.test_images), self.num_classes)
+
+    @property
+    def shape(self) -> ImageShape:
+        return ImageShape(self.train_images.shape[1], self.train_images.shape[3], self.num_classes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,3 +135,13 @@ def downsample_images(dataset: ImageDataset, size: int) -> ImageDataset:
         name=f"{dataset.name}@{size}px", train_images=pool(dataset.train_images), train_labels=dataset.train_labels,
         test_images=pool(dataset.test_images), test_labels=dataset.test_labels, num_classes=dataset.num_classes,
         source=f"{dataset.source}, downsampled to {size}x{size}", synthetic=dataset.synthetic)
+
+
+def image_fingerprint(dataset: ImageDataset) -> str:
+    """A digest of a dataset's arrays (shapes, dtypes and bytes of both splits): a run records it
+    for data the user supplies, so that a resumed or evaluated run can refuse different data."""
+    digest = hashlib.sha256()
+    for array in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]

@@ -37,7 +37,7 @@ from esper_jax.lattice import lifecycle
 from esper_jax.env import observations
 from esper_jax.env.governor import GovernorConfig, Verdict, judge
 from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, FactoredAction, Op, action_masks, apply_action
-from esper_jax.data.augment import cifar_channel_stats, normalize_images, random_crop_flip
+from esper_jax.data.augment import normalize_images, random_crop_flip
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.lattice.optim import LRSchedule, sgd_optimizer
@@ -100,6 +100,9 @@ class EnvConfig:
         for name in ("episode_epochs", "steps_per_epoch", "batch_size", "val_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.task.kind == "classification" and self.task.channel_stats is None:
+            raise ValueError(f"task {self.task.name} has no channel statistics yet: they come from its training "
+                             f"images (get_task(..., channel_stats=channel_stats(images)))")
 
 
 def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateConfig(), blueprints=(), host=None,
@@ -177,7 +180,7 @@ class MorphogeneticEnv:
             images = data.train_x[idx]
             if cfg.augment:  # CIFAR's 4-pixel shifts at 32x32, scaled with the resolution
                 images = random_crop_flip(k_aug, images, pad=max(1, images.shape[1] // 8))
-            return normalize_images(images, *cifar_channel_stats(cfg.task.name)), data.train_y[idx]
+            return normalize_images(images, *cfg.task.channel_stats), data.train_y[idx]
         block = cfg.task.block_size
         starts = jax.random.randint(key, (cfg.batch_size,), 0, data.train_x.shape[0] - block - 1)
         windows = jax.vmap(lambda s: jax.lax.dynamic_slice(data.train_x, (s,), (block + 1,)))(starts).astype(jnp.int32)
@@ -185,7 +188,7 @@ class MorphogeneticEnv:
 
     def _val_inputs(self, data: EnvData):
         if self.config.task.kind == "classification":
-            return normalize_images(data.val_x, *cifar_channel_stats(self.config.task.name))
+            return normalize_images(data.val_x, *self.config.task.channel_stats)
         return data.val_x
 
     def _evaluate(self, train: TrainState, val_x, val_y, disabled=None):

@@ -1,6 +1,10 @@
 """Building a run from its configuration: the data, the environment, the learner, where they
 run (:class:`Built`), and the population programs, jitted with their shardings (:class:`Programs`).
 
+A user's own image dataset (``images``, ``tfds:NAME``) must be the data the run started with: its
+digest is recorded in the configuration when the run is first built, and a resumed or evaluated
+run whose data differs is refused (:func:`check_user_data`).
+
 P learners are one ``jax.vmap`` of the learner (:func:`population_functions`), sharded over the
 devices by :class:`~esper_jax.runs.population.Placement`.
 """
@@ -13,8 +17,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from esper_jax.data import SYNTHETIC, DatasetNotFoundError, load_image_dataset, load_token_dataset
-from esper_jax.data.datasets import CorruptDatasetError, downsample_images
+from esper_jax.data import (SYNTHETIC, DatasetNotFoundError, is_user_image_dataset, load_image_dataset,
+                            load_token_dataset)
+from esper_jax.data.augment import channel_stats
+from esper_jax.data.datasets import CorruptDatasetError, ImageDataset, downsample_images, image_fingerprint
 from esper_jax.env.actions import ActionConfig
 from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.env.rewards import RewardConfig
@@ -61,7 +67,8 @@ class Built:
 
 
 def load_dataset(config: RunConfig, data: str | None = None, data_dir: str | None = None):
-    """The dataset a configuration names (``data``/``data_dir`` override where it is read from)."""
+    """The dataset a configuration names, as read (``data``/``data_dir`` override where it is read
+    from); image datasets at their own resolution (:func:`build` fits them to the host)."""
     try:
         return _load_dataset(config, data, data_dir)
     except (DatasetNotFoundError, CorruptDatasetError):
@@ -78,11 +85,26 @@ def _load_dataset(config: RunConfig, data: str | None, data_dir: str | None):
     if config.topology == "cnn":
         sizes = {"n_train": d.synthetic_train or 10_000,
                  "n_test": max(d.synthetic_test or 1_000, config.env.val_size)} if synthetic else {}
-        dataset = load_image_dataset(config.task, source, data_dir=directory, **sizes)
-        return downsample_images(dataset, config.host.image_size)  # the data follows the host's input
+        return load_image_dataset(config.task, source, data_dir=directory, **sizes)
     sizes = {"n_train_tokens": 100 * (d.synthetic_train or 10_000),
              "n_val_tokens": 100 * (d.synthetic_test or 1_000)} if synthetic else {}
     return load_token_dataset("tinystories", source, tokenizer=d.tokenizer or "gpt2", data_dir=directory, **sizes)
+
+
+def check_user_data(config: RunConfig, dataset: ImageDataset) -> str:
+    """A user's own dataset must fit the run's host (channels, classes, a size its input divides)
+    and, once the run has recorded its digest, be the same data; otherwise one line saying what
+    changed. Returns the dataset's digest."""
+    host, shape = config.host, dataset.shape
+    digest = image_fingerprint(dataset)
+    if config.data.fingerprint is not None and digest != config.data.fingerprint:
+        raise RunConfigError(f"{dataset.source} is not the data this run started with (its arrays differ; it now "
+                             f"holds {shape.describe()}); restore that data, or start a new run")
+    if (shape.channels, shape.num_classes) != (host.in_channels, host.num_classes) or shape.size % host.image_size:
+        raise RunConfigError(f"{dataset.source} holds {shape.describe()}, which the run's host does not take "
+                             f"({host.in_channels} channels, {host.num_classes} classes, {host.image_size}x"
+                             f"{host.image_size} input); use the run's data, or start a new run")
+    return digest
 
 
 def data_label(dataset) -> str:
@@ -91,13 +113,21 @@ def data_label(dataset) -> str:
 
 def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None) -> Built:
     """Load the data and build env, learner and placement for a resolved configuration. The
-    built configuration (``Built.config``) records the data's origin and, for a language model,
-    the vocabulary its tokenizer gave the host."""
+    built configuration (``Built.config``) records the data's origin, for a user's own image
+    dataset its digest, and for a language model the vocabulary its tokenizer gave the host."""
     dataset = load_dataset(config, data, data_dir)
+    user_data = is_user_image_dataset(config.task)
+    fingerprint = check_user_data(config, dataset) if user_data else None
     spec = config.env
     try:
         if config.topology == "cnn":
-            task = get_task(config.task, config.host_variant)
+            native = dataset.shape
+            dataset = downsample_images(dataset, config.host.image_size)  # the data follows the host's input
+            if user_data:  # normalized with its own statistics, at the resolution the host sees
+                task = get_task(config.task, config.host_variant, image=native,
+                                channel_stats=channel_stats(dataset.train_images))
+            else:
+                task = get_task(config.task, config.host_variant)
             host = config.host
         else:
             task = get_task(config.task, config.host_variant, vocab_size=dataset.vocab_size,
@@ -116,7 +146,7 @@ def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = 
         env_data = make_env_data(env_config, dataset)
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
-    config = config.replace(host=host, data=dataclasses.replace(config.data, label=label))
+    config = config.replace(host=host, data=dataclasses.replace(config.data, label=label, fingerprint=fingerprint))
     placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
     env_data = placement.put(env_data, placement.replicated())
     return Built(config, task, env, dataset, env_data, trainer, placement)

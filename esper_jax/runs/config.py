@@ -36,14 +36,18 @@ class RunConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """Where the run's data comes from. ``label`` says so in every output: "SYNTHETIC data", or
-    the real data's origin (filled in when the data is loaded)."""
+    the real data's origin (filled in when the data is loaded). ``fingerprint``: for a user's own
+    image dataset (``images``, ``tfds:NAME``), the digest of its arrays when the run started
+    (:func:`~esper_jax.data.datasets.image_fingerprint`), so that a resumed or evaluated run refuses
+    data that changed since."""
 
-    source: str                      # "auto" (the data dir), "synthetic", or a directory
+    source: str                      # "auto" (the data dir), "synthetic", a directory, or (images) the .npz file
     data_dir: str | None = None
     tokenizer: str | None = None     # language-model tasks: "gpt2" | "byte"
     synthetic_train: int | None = None
     synthetic_test: int | None = None
     label: str | None = None
+    fingerprint: str | None = None
 
     @property
     def synthetic(self) -> bool:

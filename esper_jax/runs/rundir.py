@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,8 @@ def truncate_rows(path: Path, updates: int) -> None:
 
 def default_run_dir(config: RunConfig) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.task}-{config.preset}-{stamp}"
+    task = re.sub(r"[^A-Za-z0-9._-]+", "_", config.task)  # one folder, even for tfds:NAME/CONFIG
+    return Path("runs") / f"{task}-{config.preset}-{stamp}"
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:

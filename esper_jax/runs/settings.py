@@ -3,7 +3,9 @@
 A run is described by flat *settings*, the command line's options (:data:`DEFAULTS`): a preset
 (:data:`PRESETS`) replaces some of them, explicit options replace the preset's
 (:func:`resolve_settings`). :func:`resolve_config` checks them all, without loading data or
-compiling anything, and builds the typed configuration. :func:`check_resume_settings` compares the
+compiling anything, and builds the typed configuration (a user's own image dataset, ``images`` or
+``tfds:NAME``, gives the host its input size, channels and classes: only its labels and metadata
+are read here). :func:`check_resume_settings` compares the
 options given with ``--resume`` with those the run was resolved from.
 """
 
@@ -13,9 +15,9 @@ import dataclasses
 import math
 from typing import Any
 
-from esper_jax.data import SYNTHETIC
+from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.env.rewards import REWARD_KINDS
-from esper_jax.env.tasks import TASK_NAMES, TaskConfig, get_task
+from esper_jax.env.tasks import TASK_NAMES, TaskConfig, get_task, host_variants
 from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints.registry import blueprint_names
 from esper_jax.lattice.hosts.base import slot_config_for
@@ -57,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "reward": _ENV_DEFAULTS["reward"],
     # parameter rent per epoch: rent_weight * log1p(added / host parameters)
     "rent_weight": _ENV_DEFAULTS["rent_weight"],
-    "image_size": None,          # CNN tasks: input resolution, a divisor of 32 (None: the host's own, 32)
+    "image_size": None,          # CNN tasks: input resolution, a divisor of the data's (None: the data's own)
     "host_lr": _ENV_DEFAULTS["host_lr"],  # host SGD learning rate (Esper's 0.01)
     "host_lr_schedule": _ENV_DEFAULTS["host_lr_schedule"],  # or "cosine": decayed to 0 over each episode
     "seed_lr": _ENV_DEFAULTS["seed_lr"],  # every seed's SGD learning rate (Esper's 0.01)
@@ -218,12 +220,21 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
 # ---------------------------------------------------------------------------- resolved configuration
 
 
-def _build_host(task: TaskConfig, overrides: dict[str, Any]):
-    host = task.make_host()
+def _build_host(task: TaskConfig, overrides: dict[str, Any], data: str | None = None):
+    """The task's host with ``overrides``; ``data`` names a user's own dataset, whose images the
+    host takes, in the message when it cannot."""
     try:
-        return dataclasses.replace(host, **overrides) if overrides else host
+        return task.make_host(**overrides)
     except (TypeError, ValueError) as error:
+        if data is not None:
+            size = overrides.get("image_size", task.image_size)
+            raise RunConfigError(f"the {task.host_variant} {task.topology} host cannot take the images of {data} at "
+                                 f"{size}x{size}: {error}") from None
         raise RunConfigError(f"host overrides {overrides} are not valid for the {task.topology} host: {error}") from None
+
+
+def _divisors(size: int) -> str:
+    return ", ".join(str(d) for d in range(size, 0, -1) if size % d == 0)
 
 
 def _check_number(name: str, value: Any, allow_zero: bool) -> None:
@@ -253,17 +264,30 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     try:
-        topology = get_task(s["task"]).topology
-        task = get_task(s["task"], _per_topology(s["host_variant"], topology), block_size=s["block_size"])
+        host_variants(s["task"])  # an unknown task is named before anything is read
+        user_data = is_user_image_dataset(s["task"])
+        # A user's own images give the host its input and classes (labels and metadata are read, not images).
+        image = describe_image_dataset(s["task"], s["data"], data_dir=s["data_dir"]) if user_data else None
+        topology = get_task(s["task"], image=image).topology
+        task = get_task(s["task"], _per_topology(s["host_variant"], topology), block_size=s["block_size"], image=image)
         image_size = _per_topology(s["image_size"], topology)
         host_overrides = dict(_per_topology(s["host"], topology) or {})
         if image_size is not None:
             if topology != "cnn":
-                raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100)")
-            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or 32 % image_size:
-                raise RunConfigError(f"--image-size must divide 32 (32, 16, 8, ...), got {image_size!r}")
+                raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100, images, tfds:NAME)")
+            native = task.image_size
+            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or native % image_size:
+                from_preset = _per_topology(PRESETS[s["preset"]].settings.get("image_size"), topology) == image_size
+                given = f" (the {s['preset']} preset's; choose one with --image-size)" if from_preset else ""
+                raise RunConfigError(f"--image-size must divide {native}, the images' size ({_divisors(native)}), "
+                                     f"got {image_size!r}{given}")
             host_overrides["image_size"] = image_size
-        host = _build_host(task, host_overrides)
+        location = str(user_image_location(s["task"], s["data"], s["data_dir"])) if user_data else None
+        # The user's file or tfds directory is recorded absolute, to be found again from anywhere; tfds'
+        # default directory stays "auto" (the data directory's, which --data-dir may move on resume).
+        data_source = location if user_data and str(s["data"]) != AUTO else str(s["data"])
+        host = _build_host(task, host_overrides, None if location is None else
+                           location if s["task"] == IMAGES else f"{s['task']} in {location}")
         _check_number("host_lr", s["host_lr"], allow_zero=False)
         _check_number("seed_lr", s["seed_lr"], allow_zero=False)
         _check_number("rent_weight", s["rent_weight"], allow_zero=True)
@@ -307,11 +331,10 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         raise
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
-    data_source = str(s["data"])
     synthetic = data_source == SYNTHETIC
     language_model = task.kind == "language_model"
-    options = {**s, "image_size": host.image_size if topology == "cnn" else None, "slots": list(slots),
-               "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
+    options = {**s, "data": data_source, "image_size": host.image_size if topology == "cnn" else None,
+               "slots": list(slots), "blueprints": list(blueprints), "host": _per_topology(s["host"], topology) or {},
                "host_variant": task.host_variant, "population": len(members), "seeds": [m.seed for m in members]}
     return RunConfig(
         task=task.name, host_variant=task.host_variant, host=host,

@@ -25,10 +25,17 @@ def test_downsampling_averages_blocks_and_says_so():
             downsample_images(dataset, bad)
 
 
-def test_image_containers_accept_square_divisors_of_32_only():
+def test_image_containers_take_square_uint8_images_of_one_shape():
+    """Any square size and channel count (a user's own data: 28x28 grayscale, 12x12 RGB...), the
+    same in both splits; not rectangles, other dtypes or missing channel axes."""
     labels = np.zeros(2, np.int32)
-    for shape in ((2, 16, 16, 3), (2, 32, 32, 3)):
-        ImageDataset("x", np.zeros(shape, np.uint8), labels, np.zeros(shape, np.uint8), labels, 10, "test", True)
-    for shape in ((2, 16, 8, 3), (2, 12, 12, 3), (2, 16, 16, 1)):
-        with pytest.raises(ValueError, match="S dividing 32"):
-            ImageDataset("x", np.zeros(shape, np.uint8), labels, np.zeros(shape, np.uint8), labels, 10, "test", True)
+    for shape in ((2, 16, 16, 3), (2, 32, 32, 3), (2, 12, 12, 3), (2, 28, 28, 1), (2, 8, 8, 4)):
+        dataset = ImageDataset("x", np.zeros(shape, np.uint8), labels, np.zeros(shape, np.uint8), labels, 10, "test", True)
+        assert (dataset.shape.size, dataset.shape.channels, dataset.shape.num_classes) == (shape[1], shape[3], 10)
+    for shape, dtype in (((2, 16, 8, 3), np.uint8), ((2, 16, 16), np.uint8), ((2, 16, 16, 0), np.uint8),
+                         ((2, 16, 16, 3), np.float32)):
+        with pytest.raises(ValueError, match=r"must be uint8 \[N, S, S, C\]"):
+            ImageDataset("x", np.zeros(shape, dtype), labels, np.zeros(shape, dtype), labels, 10, "test", True)
+    with pytest.raises(ValueError, match="train and test images differ in shape"):
+        ImageDataset("x", np.zeros((2, 8, 8, 3), np.uint8), labels, np.zeros((2, 8, 8, 1), np.uint8), labels, 10,
+                     "test", True)

@@ -37,7 +37,8 @@ class CNNHost:
         if not 0 <= self.pool_blocks <= self.num_blocks:
             raise ValueError(f"pool_blocks must be in [0, {self.num_blocks}], got {self.pool_blocks}")
         if self.image_size % (2 ** self.pool_blocks):
-            raise ValueError(f"image size {self.image_size} cannot be pooled {self.pool_blocks} times")
+            raise ValueError(f"image size {self.image_size} cannot be pooled {self.pool_blocks} times (each 2x2 "
+                             f"max-pooling halves it: it must be a multiple of {2 ** self.pool_blocks})")
 
     @classmethod
     def baseline(cls, num_classes: int = 10, **overrides) -> "CNNHost":
@@ -47,7 +48,7 @@ class CNNHost:
     @classmethod
     def impaired(cls, num_classes: int = 10, **overrides) -> "CNNHost":
         """Esper's impaired host: base width 1 and 1×1 kernels, so growth has a lot to add."""
-        return cls(num_classes=num_classes, base_width=1, kernel_size=1, **overrides)
+        return cls(**{"num_classes": num_classes, "base_width": 1, "kernel_size": 1, **overrides})
 
     @classmethod
     def pointwise(cls, num_classes: int = 10, **overrides) -> "CNNHost":
@@ -55,7 +56,7 @@ class CNNHost:
         a seed that brings a spatial kernel has something real to add, and where it is grown
         (which resolution, how many channels) changes how much. Impaired in kind rather than in
         width, unlike :meth:`impaired`, whose single channel leaves a seed nothing to work with."""
-        return cls(num_classes=num_classes, kernel_size=1, **overrides)
+        return cls(**{"num_classes": num_classes, "kernel_size": 1, **overrides})
 
     def width(self, block: int) -> int:
         return self.base_width * 2 ** block
