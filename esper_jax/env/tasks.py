@@ -68,6 +68,9 @@ class TaskConfig:
 TASK_NAMES = (*HOST_VARIANTS, TFDS_TASK)
 
 
+LANGUAGE_MODEL_TASKS = ("tinystories",)
+
+
 def host_variants(name: str) -> tuple[str, ...]:
     """The host variants of a task (``tfds:NAME`` has the CNN's), or ValueError listing the tasks."""
     if name.startswith(TFDS_PREFIX):

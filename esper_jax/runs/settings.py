@@ -17,7 +17,7 @@ from typing import Any
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.env.rewards import REWARD_KINDS
-from esper_jax.env.tasks import TASK_NAMES, TaskConfig, get_task, host_variants
+from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
 from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints.registry import blueprint_names
 from esper_jax.lattice.hosts.base import slot_config_for
@@ -209,10 +209,11 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
     unknown = set(settings) - set(DEFAULTS) - {"preset"}
     if unknown:
         raise RunConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    if settings["task"] in TASK_NAMES and get_task(settings["task"]).kind != "language_model":
+    if settings["task"] is not None and settings["task"] not in LANGUAGE_MODEL_TASKS:
         for name in LANGUAGE_MODEL_SETTINGS:
             if explicit.get(name) is not None:  # a preset sets them for every task; an explicit one is a mistake
-                raise RunConfigError(f"--{name.replace('_', '-')} applies to language-model tasks only (tinystories)")
+                raise RunConfigError(f"--{name.replace('_', '-')} applies to language-model tasks only "
+                                     f"({', '.join(LANGUAGE_MODEL_TASKS)})")
     return settings
 
 
