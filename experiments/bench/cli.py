@@ -20,6 +20,7 @@ from experiments.bench.flops import bench_flops
 from experiments.bench.host import bench_conv, bench_lattice, bench_population
 from experiments.bench.ppo import bench_ppo, print_ppo_table
 from experiments.bench.torch_reference import bench_torch_reference
+from experiments.bench.transformer import bench_transformer, print_transformer_table
 
 SECTIONS = {
     "lattice": bench_lattice,
@@ -30,6 +31,7 @@ SECTIONS = {
     "conv": bench_conv,
     "population": bench_population,
     "breakdown": bench_breakdown,
+    "transformer": bench_transformer,
 }
 QUICK_SECTIONS = ("lattice", "env", "ppo", "reference", "flops")
 QUICK_BLUEPRINTS = ("conv_light",)
@@ -43,6 +45,9 @@ TARGETS = {
     "torch_reference_ratio": (">= 3", lambda v: v >= 3.0),
     "flop_utilization": (">= 0.25 (aim)", lambda v: v >= 0.25),
     "compile_seconds[env_step]": ("< 60 s", lambda v: v < 60.0),
+    "transformer_dormant_overhead[tiny]": ("<= 1.15", lambda v: v <= 1.15),
+    "transformer_dormant_overhead[base]": ("<= 1.15", lambda v: v <= 1.15),
+    "compile_seconds[transformer_env_step]": ("< 60 s", lambda v: v < 60.0),
     "compile_seconds[ppo_update]": ("< 60 s", lambda v: v < 60.0),
     "wall_seconds[--quick]": ("< 90 s", lambda v: v < 90.0),
 }
@@ -66,6 +71,7 @@ def summarize_bench(output: dict, quick: bool, wall_seconds: float) -> dict:
     s: dict = {}
     lattice, env, ppo = output.get("lattice"), output.get("env"), output.get("ppo")
     reference, flops = output.get("reference"), output.get("flops")
+    transformer = (output.get("transformer") or {}).get("hosts", {})
     if lattice:
         s["dormant_overhead"] = lattice["dormant_overhead"]
         s["live_seed_overhead"] = lattice["live_seed_overhead"]
@@ -91,6 +97,10 @@ def summarize_bench(output: dict, quick: bool, wall_seconds: float) -> dict:
     if ppo:
         for name, r in ppo["presets"].items():
             compile_seconds[f"ppo_update[{name}]"] = r["compile_seconds"]["total"]
+    for variant, r in transformer.items():
+        s.setdefault("transformer_dormant_overhead", {})[variant] = r["dormant_overhead"]
+        s.setdefault("transformer_live_depth_overhead", {})[variant] = r["live_depth_overhead"]
+        compile_seconds[f"transformer_env_step[{variant}]"] = r["compile_seconds"]["env_step"]["total"]
     s["compile_seconds"] = compile_seconds
     s["wall_seconds"] = wall_seconds
 
@@ -104,6 +114,10 @@ def summarize_bench(output: dict, quick: bool, wall_seconds: float) -> dict:
         "compile_seconds[ppo_update]": max((v for k, v in compile_seconds.items() if k.startswith("ppo_update")),
                                            default=None),
         "wall_seconds[--quick]": wall_seconds if quick else None,
+        "transformer_dormant_overhead[tiny]": transformer.get("tiny", {}).get("dormant_overhead"),
+        "transformer_dormant_overhead[base]": transformer.get("base", {}).get("dormant_overhead"),
+        "compile_seconds[transformer_env_step]": max((v for k, v in compile_seconds.items()
+                                                       if k.startswith("transformer_env_step")), default=None),
     }
     s["targets"] = {name: {"target": target, "value": values[name],
                            "met": None if values[name] is None else bool(test(values[name]))}
@@ -152,6 +166,8 @@ def print_section(name: str, result: dict):
         return print_ppo_table(result)
     if name == "breakdown":
         return print_breakdown_table(result)
+    if name == "transformer":
+        return print_transformer_table(result)
     print(f"\n## {name}")
     for key, value in result.items():
         if isinstance(value, dict):
@@ -201,6 +217,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "backend's, esper_jax.lattice.strategy.PopulationStrategy.for_backend)")
     parser.add_argument("--ppo-presets", default=None,
                         help="ppo section: run presets (default smoke,default,proof; --quick smoke)")
+    parser.add_argument("--transformer-block", type=int, default=256,
+                        help="transformer section: tokens per window (default 256, the TinyStories design's context)")
+    parser.add_argument("--transformer-batch", type=int, default=8, help="transformer section: windows per batch")
     parser.add_argument("--reference-envs", type=int, default=8, help="reference section: environments (population size)")
     parser.add_argument("--reference-batches", type=int, default=4, help="reference section: training batches per env")
     parser.add_argument("--reference-batch", type=int, default=64, help="reference section: batch size")
@@ -223,7 +242,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     except ValueError as error:
         raise UsageError(str(error)) from None
     for name in ("batch", "env_steps_per_epoch", "env_batch", "env_val_size", "reference_envs", "reference_batches",
-                 "reference_batch"):
+                 "reference_batch", "transformer_block", "transformer_batch"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.env_rounds is None:
