@@ -225,17 +225,20 @@ class Rig:
         :mod:`esper_jax.lattice.model` and :mod:`esper_jax.lattice.blending`, and its gradients:
         ``f(host_params, units, x, y, alpha, multiply, isolate) -> ((loss, out), (g_host, g_units))``
         with ``out = h + alpha*r`` (or ``h*(1 + alpha*tanh(r))`` when ``multiply``) and the seed
-        reading ``stop_gradient(h)`` when ``isolate``."""
+        reading ``h``, or at a parallel point the input ``u`` of the segment before it,
+        through ``stop_gradient`` when ``isolate``."""
         cache_key = ("manual", slot_id, blueprint)
         if cache_key not in self._cache:
             host, bp = self.host, get_blueprint(self.host.topology, blueprint)
 
             def loss(host_params, units, x, y, alpha, multiply, isolate):
-                h = x
+                h = host.stem(host_params, x)
                 for index, point in enumerate(host.injection_points):
+                    u = h
                     h = host.segment(host_params, index, h)
                     if point.slot_id == slot_id:
-                        r = bp.apply(units, jnp.where(isolate, jax.lax.stop_gradient(h), h))
+                        read = u if point.parallel else h
+                        r = bp.apply(units, jnp.where(isolate, jax.lax.stop_gradient(read), read))
                         h = jnp.where(multiply, h * (1.0 + alpha * jnp.tanh(r)), h + alpha * r)
                 out = host.head(host_params, h)
                 return host.loss(out, y), out
@@ -336,6 +339,9 @@ CNN_BATCH = 4
 CNN_MEMBERS = 7
 CNN_SLOTS = ("r1c0",)  # after the second block: width 16, 4x4 maps for 8x8 inputs
 TRANSFORMER_BATCH, TRANSFORMER_LENGTH = 2, 8
+# Both kinds of transformer point: beside layer 0's attention (a parallel point, whose seed reads
+# the stem's output, the stream entering the attention) and the stream after layer 1.
+TRANSFORMER_SLOTS = ("r0c1", "r1c0")
 
 
 @pytest.fixture(scope="session")
@@ -359,7 +365,7 @@ def cnn(cnn_host) -> Rig:
 def transformer(transformer_host) -> Rig:
     shape = (TRANSFORMER_BATCH, TRANSFORMER_LENGTH + 1)
     tokens = to_device(np.random.default_rng(102).integers(0, transformer_host.vocab_size, shape).astype(np.int32))
-    return _build_rig("transformer", transformer_host, tokens[:, :-1], tokens[:, 1:])
+    return _build_rig("transformer", transformer_host, tokens[:, :-1], tokens[:, 1:], slot_ids=TRANSFORMER_SLOTS)
 
 
 @pytest.fixture(scope="session", params=["cnn", "transformer"])

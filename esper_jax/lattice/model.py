@@ -8,7 +8,10 @@ explicit, the model's :class:`~esper_jax.lattice.strategy.PopulationStrategy` de
 members run (one after another, or batched with a blueprint computed only when some member uses
 it) and skips the lattice altogether while no member computes any slot.
 
-Per member and slot, by stage (``r`` is the blueprint residual, see :mod:`esper_jax.lattice.blending`):
+Per member and slot, by stage; ``h`` is the host activation at the slot and ``r`` the
+blueprint's residual of what the seed reads (see :mod:`esper_jax.lattice.blending`): ``h``
+itself, or at a ``parallel`` point (:class:`~esper_jax.lattice.slots.SlotSpec`) the input of the
+host segment that ends there, with the same stop-gradients as below:
 
 * TRAINING: the seed reads ``stop_gradient(h)`` and joins straight-through,
   ``out = h + (s - stop_gradient(s))`` with ``s = blend(sg(h), r, 1)``: the forward value is the
@@ -97,29 +100,43 @@ class MorphogeneticModel:
         """The forward with the members batched (``vmap``) and no skipping: the host with its
         slots, or (``with_slots=False``) the host alone. Same arguments as :meth:`population_apply`."""
         slot_ids = self.lattice.slots.slot_ids
-        h = x
+
+        def stem_and_first_segment(p, a):
+            # One call: under vmap a shared input stays unbatched until the first segment reads
+            # it (a stem vmapped alone would copy the validation batch per member); the stem's
+            # output, needed only by a parallel first point, is dropped by XLA otherwise.
+            stemmed = self.host.stem(p, a)
+            return stemmed, self.host.segment(p, 0, stemmed)
+
         for index, point in enumerate(self.host.injection_points):
-            in_axes = (0, None) if (index == 0 and shared_input) else (0, 0)
-            h = over_members(lambda p, a, i=index: self.host.segment(p, i, a), host_params, h, in_axes=in_axes)
+            if index == 0:
+                segment_input, h = over_members(stem_and_first_segment, host_params, x,
+                                                in_axes=(0, None) if shared_input else (0, 0))
+            else:
+                segment_input = h
+                h = over_members(lambda p, a, i=index: self.host.segment(p, i, a), host_params, h)
             if with_slots and point.slot_id in slot_ids:
                 s = slot_ids.index(point.slot_id)
                 off = None if disabled is None else disabled[:, s]
-                h = self.apply_slot(lattice_state, s, h, off)
+                h = self.apply_slot(lattice_state, s, h, off, source=segment_input if point.parallel else None)
         return over_members(self.host.head, host_params, h)
 
-    def apply_slot(self, state: LatticeState, s: int, h: jax.Array, disabled: jax.Array | None = None) -> jax.Array:
-        """Slot ``s`` for a population; ``h`` is ``[P, B, ...]``."""
+    def apply_slot(self, state: LatticeState, s: int, h: jax.Array, disabled: jax.Array | None = None,
+                   source: jax.Array | None = None) -> jax.Array:
+        """Slot ``s`` for a population; ``h`` is ``[P, B, ...]``. The seed reads ``source`` (a
+        parallel point's segment input, same shape) or, when it is ``None``, ``h`` itself; its
+        residual is blended into ``h`` either way."""
         st = state.status
         stage = st.stage[:, s]
         computed = lifecycle.in_stages(stage, lifecycle.COMPUTED_STAGES)
         if disabled is not None:
             computed &= ~disabled
 
-        def active(h):
+        def active(h, source):
             training = stage == Stage.TRAINING
             blended = lifecycle.in_stages(stage, lifecycle.BLENDED_STAGES)
             isolated = training | (blended & (stage != Stage.FOSSILIZED) & self.isolate_blending)
-            seed_in = jnp.where(expand_to(isolated, h), jax.lax.stop_gradient(h), h)
+            seed_in = jnp.where(expand_to(isolated, source), jax.lax.stop_gradient(source), source)
             units = self.lattice.unit_params(state, s)
             r = self.strategy.seed_residual(self.lattice.blueprints, units, seed_in, st.blueprint[:, s], computed)
 
@@ -143,7 +160,9 @@ class MorphogeneticModel:
         # (dormant) branch still wrote zero-filled copies of every blueprint's intermediates; with
         # checkpointing the residuals are only the branch inputs. Measured on the baseline CNN
         # step: all-dormant overhead 4.4x -> 1.4x of the plain host.
-        return jax.lax.cond(jnp.any(computed), jax.checkpoint(active), lambda h: h, h)
+        if source is None:  # one operand: the stream point's seed reads h itself
+            return jax.lax.cond(jnp.any(computed), jax.checkpoint(lambda h: active(h, h)), lambda h: h, h)
+        return jax.lax.cond(jnp.any(computed), jax.checkpoint(active), lambda h, source: h, h, source)
 
     # ------------------------------------------------------------------ losses
 

@@ -221,3 +221,36 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Multi-head causal attention; q, k, v are ``[B, T, H, Dh]`` (the layout of
     ``jax.nn.dot_product_attention``, which picks the backend's implementation)."""
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def causal_self_attention(x: jax.Array, qkv: jax.Array, num_heads: int, qkv_bias: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention of ``x`` (``[B, T, D]``) through one fused query/key/value
+    projection ``qkv`` (``[D, 3W]``) split into ``num_heads`` heads: ``[B, T, W]``, before any
+    output projection."""
+    b, t, _ = x.shape
+    projected = x @ qkv
+    if qkv_bias is not None:
+        projected = projected + qkv_bias
+    q, k, v = jnp.split(projected, 3, axis=-1)
+    width = q.shape[-1]
+    heads = lambda y: y.reshape(b, t, num_heads, width // num_heads)
+    return causal_attention(heads(q), heads(k), heads(v)).reshape(b, t, width)
+
+
+# A pre-norm transformer layer is ``h + A(h)`` then ``h + M(h)``, each branch reading a
+# LayerNorm of the stream. Its parameters: ``ln1``/``ln2`` ({scale, bias}), ``qkv``/``qkv_b``,
+# ``proj``/``proj_b`` (attention) and ``fc``/``fc_b``, ``out``/``out_b`` (MLP); the host's
+# layers and the depth blueprint share these functions, so a fossilized depth block computes
+# what a host layer does.
+
+
+def attention_branch(p: dict, h: jax.Array, num_heads: int) -> jax.Array:
+    """``A(h)``: LayerNorm, causal self-attention, output projection."""
+    x = layer_norm(h, p["ln1"]["scale"], p["ln1"]["bias"])
+    return causal_self_attention(x, p["qkv"], num_heads, p["qkv_b"]) @ p["proj"] + p["proj_b"]
+
+
+def mlp_branch(p: dict, h: jax.Array) -> jax.Array:
+    """``M(h)``: LayerNorm, GELU MLP, output projection."""
+    x = layer_norm(h, p["ln2"]["scale"], p["ln2"]["bias"])
+    return jax.nn.gelu(x @ p["fc"] + p["fc_b"]) @ p["out"] + p["out_b"]

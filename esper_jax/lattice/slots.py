@@ -81,11 +81,18 @@ def parse_slot_list(text: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
-    """One injection point: its id, the feature width there, and the host topology."""
+    """One injection point: its id, the feature width there, and the host topology.
+
+    ``parallel`` says what a seed there reads. ``False``: the activation at the point, its
+    residual added to it (a new stage in depth). ``True``: the input of the host segment that
+    ends at the point, its residual joining that segment's output, so the seed runs beside the
+    segment and widens it (extra attention heads beside a transformer layer's attention).
+    """
 
     slot_id: str
     dim: int
     topology: Topology
+    parallel: bool = False
 
     def __post_init__(self):
         validate_slot_id(self.slot_id)
@@ -93,6 +100,8 @@ class SlotSpec:
             raise ValueError(f"unknown topology {self.topology!r}; expected one of {TOPOLOGIES}")
         if self.dim <= 0:
             raise ValueError(f"slot {self.slot_id}: dim must be positive, got {self.dim}")
+        if not isinstance(self.parallel, bool):
+            raise TypeError(f"slot {self.slot_id}: parallel must be True or False, got {self.parallel!r}")
 
 
 @dataclasses.dataclass(frozen=True)

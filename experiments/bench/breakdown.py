@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from esper_jax.data import SYNTHETIC
+from esper_jax.lattice.hosts import host_forward
 from experiments.bench.host import LIVE_BLUEPRINT, with_live_seed
 from experiments.bench.timing import Timer, image_batch
 from esper_jax.trees import add_axis
@@ -80,8 +81,8 @@ def bench_breakdown(args) -> dict:
     params, opt_state = jax.jit(host_init)(jax.random.key(1))
     x, y = image_batch(config.batch_size, 1)
     x, y = x[0], y[0]
-    host_forward = jax.jit(lambda p, x: model.host.head(p, _segments(model.host, p, x)))
-    host_grad = jax.jit(jax.grad(lambda p, x, y: model.host.loss(model.host.head(p, _segments(model.host, p, x)), y)))
+    plain_forward = jax.jit(lambda p, x: host_forward(model.host, p, x))
+    host_grad = jax.jit(jax.grad(lambda p, x, y: model.host.loss(host_forward(model.host, p, x), y)))
     host_train = jax.jit(host_step)
 
     timer = Timer(args.rounds, args.calls)
@@ -92,7 +93,7 @@ def bench_breakdown(args) -> dict:
         timer.add(f"{name}: validation", lambda s=s: validate(s.train))
         timer.add(f"{name}: validation, every pass", lambda s=s: every_pass(s.train))
     timer.add("sampling", lambda: sample(key))
-    timer.add("host forward", lambda: host_forward(params, x))
+    timer.add("host forward", lambda: plain_forward(params, x))
     timer.add("host forward + backward", lambda: host_grad(params, x, y))
     timer.add("host training step", lambda: host_train(params, opt_state, x, y))
 
@@ -131,12 +132,6 @@ def bench_breakdown(args) -> dict:
     result["ppo"] = {"update_s": update_s, "parts_s": {"rollout": rollout_s, "learning": update_s - rollout_s},
                      "shares": {"rollout": rollout_s / update_s, "learning": (update_s - rollout_s) / update_s}}
     return result
-
-
-def _segments(host, params, x):
-    for index in range(len(host.injection_points)):
-        x = host.segment(params, index, x)
-    return x
 
 
 def print_breakdown_table(result: dict):

@@ -124,10 +124,11 @@ def seed_alone_step(model: MorphogeneticModel, slot: int, blueprint: str, batch:
 
 
 def _activation_at(model: MorphogeneticModel, x, slot: int):
-    """The host activation a slot reads (shape only is used)."""
+    """The host activation at a slot (shape only is used: a parallel point's seed reads one of
+    the same shape)."""
     params = model.host.init(jax.random.key(0))
     target = model.lattice.slots.slot_ids[slot]
-    h = x
+    h = model.host.stem(params, x)
     for index, point in enumerate(model.host.injection_points):
         h = model.host.segment(params, index, h)
         if point.slot_id == target:

@@ -23,8 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.runs.config import Member, RunConfigError, read_config
 from esper_jax.runs.load import load_run
 from esper_jax.runs.rundir import write_json
@@ -112,6 +115,9 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
         assert "--" + flag.split("=")[0].lstrip("-") in error_line(capsys, ["--task=cifar10", flag])
     assert "cnn blueprints are:" in error_line(capsys, ["--task=cifar10", "--blueprints=norm,lora"])
     assert "transformer blueprints are:" in error_line(capsys, ["--task=tinystories", "--blueprints=conv_small"])
+    assert "cnn blueprints are:" in error_line(capsys, ["--task=cifar10", "--blueprints=depth"])
+    line = error_line(capsys, ["--task=tinystories", "--host-variant=tiny", "--slots=r0c1,r1c3"])
+    assert "r1c3 does not exist on this transformer host" in line and "r0c0, r0c1, r0c2, r1c0, r1c1, r1c2" in line
     assert "invalid choice" in error_line(capsys, ["--task=cifar10", "--reward=shaped"])
     assert "lists 2 values but the population has 3" in error_line(
         capsys, ["--task=cifar10", "--population=3", "--lr=1e-3,3e-4"])
@@ -287,6 +293,18 @@ def test_language_model_context_length():
     config = resolve_config(resolve_settings({"task": "tinystories", "block_size": 128, "host_variant": "tiny"}))
     assert config.host.block_size == 128 and config.env.block_size == 128
     assert resolve_config(resolve_settings({"task": "tinystories"}, "smoke")).host.block_size == 16
+
+
+def test_the_tiny_tinystories_host_takes_every_column_and_the_depth_block():
+    config = resolve_config(resolve_settings(
+        {"task": "tinystories", "host_variant": "tiny", "slots": "r1c2,r0c1,r0c0", "blueprints": "depth,attention,mlp"}))
+    assert (config.host.d_model, config.host.num_layers) == (64, 2)
+    assert config.env.slots == ("r0c0", "r0c1", "r1c2") and config.env.blueprints == ("depth", "attention", "mlp")
+    model = MorphogeneticModel.build(config.host, slot_ids=config.env.slots, blueprints=config.env.blueprints)
+    assert [s.parallel for s in model.lattice.slots.slots] == [False, True, True]
+    host_params, state = jax.eval_shape(model.init, jax.random.key(0))
+    out = jax.eval_shape(model.apply, host_params, state, jax.ShapeDtypeStruct((2, 16), jnp.int32))
+    assert out.shape == (2, 16, config.host.vocab_size)
 
 
 def test_settings_layering():

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from esper_jax.lattice.blueprints import blueprint_names, blueprints_for, get_blueprint
+from esper_jax.lattice.blueprints.transformer import depth_heads
+from esper_jax.lattice.hosts import TransformerHost
 from esper_jax.lattice.lifecycle import Stage
 
 from tests.conftest import perturb_zero_leaves
@@ -131,3 +133,20 @@ def test_mlp_expansions():
     for name, expansion in (("mlp_small", 2), ("mlp", 4)):
         shapes = jax.eval_shape(lambda k: get_blueprint("transformer", name).init(k, 48), jax.random.key(0))
         assert shapes["w1"].shape == (48, expansion * 48) and shapes["w2"].shape == (expansion * 48, 48)
+
+
+def test_depth_block_is_a_layer_shaped_like_the_hosts():
+    """Its parameters are a host layer's, shape for shape (so a fossilized block is a layer),
+    with both output projections and their biases zero at germination."""
+    host = TransformerHost(vocab_size=64, d_model=64, num_heads=2, num_layers=1, block_size=8)
+    layer = jax.eval_shape(host.init, jax.random.key(0))["layer0"]
+    block = jax.eval_shape(lambda k: get_blueprint("transformer", "depth").init(k, 64), jax.random.key(0))
+    assert jax.tree.map(lambda a: a.shape, block) == jax.tree.map(lambda a: a.shape, layer)
+    fresh = jax.jit(lambda k: get_blueprint("transformer", "depth").init(k, 8))(jax.random.key(0, impl="rbg"))
+    for name in ("proj", "proj_b", "out", "out_b"):
+        assert not np.any(np.asarray(fresh[name])), name
+
+
+@pytest.mark.parametrize("dim, heads", [(256, 4), (64, 1), (32, 1), (192, 3), (200, 2), (512, 8)])
+def test_depth_heads_are_64_wide_where_the_width_allows(dim, heads):
+    assert depth_heads(dim) == heads and dim % heads == 0

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from esper_jax.lattice import ops
 from esper_jax.lattice.hosts import CNNHost, TransformerHost, host_forward, slot_config_for
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.lattice.model import MorphogeneticModel
@@ -34,7 +35,7 @@ def count(tree) -> int:
 def abstract_forward(host, batch_shape, dtype=jnp.float32):
     """Output shape and the activation shape at every injection point, without compiling."""
     params = param_shapes(host)
-    h = jax.ShapeDtypeStruct(batch_shape, dtype)
+    h = jax.eval_shape(host.stem, params, jax.ShapeDtypeStruct(batch_shape, dtype))
     at_points = []
     for index in range(len(host.injection_points)):
         h = jax.eval_shape(functools.partial(host.segment, index=index), params, h=h)
@@ -56,6 +57,7 @@ def test_cnn_baseline_is_esper_weak_host():
     assert [p.slot_id for p in points] == ["r0c0", "r0c1", "r1c0", "r1c1", "r2c0"]
     assert [p.dim for p in points] == [8, 8, 16, 16, 32]
     assert {p.topology for p in points} == {"cnn"} and host.topology == "cnn"
+    assert not any(p.parallel for p in points)
     assert host.default_slots == ("r0c0", "r1c0", "r2c0")
 
 
@@ -114,21 +116,53 @@ def test_cnn_host_treats_samples_independently(cnn):
 
 
 def test_transformer_output_and_injection_points(transformer):
+    """Per layer, in forward order: beside the attention (c1), beside the MLP (c2), after the
+    layer (c0); only c0 is a point whose seed reads the stream there, and the default slots are
+    the c0 points (the stream after each layer)."""
     host = transformer.host
     _, out, _ = transformer.reference
     assert out.shape == (2, 8, host.vocab_size)
     assert np.all(np.isfinite(np.asarray(out)))
-    assert [p.slot_id for p in host.injection_points] == ["r0c0", "r1c0"]
-    assert {p.dim for p in host.injection_points} == {host.d_model}
+    points = host.injection_points
+    assert [p.slot_id for p in points] == ["r0c1", "r0c2", "r0c0", "r1c1", "r1c2", "r1c0"]
+    assert [p.parallel for p in points] == [True, True, False] * 2
+    assert {p.dim for p in points} == {host.d_model}
     assert host.default_slots == ("r0c0", "r1c0") and host.topology == "transformer"
+
+
+def test_transformer_segments_are_the_layers_attention_and_mlp(transformer):
+    """Segments c1, c2 then c0 of a layer are its attention (``h + A(h)``), its MLP
+    (``h + M(h)``) and nothing: their composition is one pre-norm layer, written out here."""
+    host, params = transformer.host, transformer.host_params
+    h = np.random.default_rng(4).standard_normal((2, 8, host.d_model)).astype(np.float32)
+
+    @jax.jit
+    def both(params, h):
+        p = params["layer1"]
+        x = ops.layer_norm(h, p["ln1"]["scale"], p["ln1"]["bias"])
+        q, k, v = jnp.split(x @ p["qkv"] + p["qkv_b"], 3, axis=-1)
+        heads = lambda y: y.reshape(2, 8, host.num_heads, host.d_model // host.num_heads)
+        mid = h + jax.nn.dot_product_attention(heads(q), heads(k), heads(v), is_causal=True).reshape(h.shape) @ p["proj"] + p["proj_b"]
+        x = ops.layer_norm(mid, p["ln2"]["scale"], p["ln2"]["bias"])
+        written = mid + jax.nn.gelu(x @ p["fc"] + p["fc_b"]) @ p["out"] + p["out_b"]
+        after_attention = host.segment(params, 3, h)  # r1c1 follows it
+        after_mlp = host.segment(params, 4, after_attention)  # r1c2
+        after_layer = host.segment(params, 5, after_mlp)  # r1c0
+        return (mid, written, written), (after_attention, after_mlp, after_layer)
+
+    expected, segments = both(params, to_device(h))
+    for want, got in zip(expected, segments):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_transformer_tinystories_host_shapes():
     host = TransformerHost.tinystories()
-    assert [p.slot_id for p in host.injection_points] == ["r0c0", "r1c0", "r2c0", "r3c0"]
+    assert [p.slot_id for p in host.injection_points if not p.parallel] == ["r0c0", "r1c0", "r2c0", "r3c0"]
+    assert sorted(p.slot_id for p in host.injection_points) == sorted(f"r{i}c{c}" for i in range(4) for c in range(3))
+    assert host.default_slots == ("r0c0", "r1c0", "r2c0", "r3c0")
     out, at_points = abstract_forward(host, (3, 16), jnp.int32)
     assert out == (3, 16, 50257)
-    assert at_points == [(3, 16, 256)] * 4
+    assert at_points == [(3, 16, 256)] * 12
 
 
 def test_transformer_is_causal(transformer):
@@ -192,11 +226,21 @@ def test_slot_config_rejects_a_slot_the_cnn_host_lacks(slot_id):
         assert valid in message
 
 
-@pytest.mark.parametrize("slot_id", ["r2c0", "r0c1"])
+@pytest.mark.parametrize("slot_id", ["r2c0", "r0c3", "r2c1"])
 def test_slot_config_rejects_a_slot_the_transformer_host_lacks(transformer_host, slot_id):
     with pytest.raises(ValueError) as error:
         MorphogeneticModel.build(transformer_host, slot_ids=[slot_id])
-    assert slot_id in str(error.value) and "r0c0" in str(error.value) and "r1c0" in str(error.value)
+    message = str(error.value)
+    assert slot_id in message and "does not exist on this transformer host" in message
+    for valid in ("r0c0", "r0c1", "r0c2", "r1c0", "r1c1", "r1c2"):
+        assert valid in message
+
+
+def test_slot_config_accepts_every_column_of_the_transformer_grid(transformer_host):
+    config = slot_config_for(transformer_host, ["r1c2", "r0c1", "r1c0", "r0c0"])
+    assert config.slot_ids == ("r0c0", "r0c1", "r1c0", "r1c2")  # row-major: the action order
+    assert config.execution_order == ("r0c1", "r0c0", "r1c2", "r1c0")  # the forward's order
+    assert [s.parallel for s in config.slots] == [False, True, False, True]
 
 
 @pytest.mark.parametrize("legacy, cnn, transformer", [("early", "r0c0", "r0c0"), ("mid", "r1c0", "r1c0"),

@@ -21,7 +21,9 @@ from esper_jax.lattice import blending
 from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.blueprints import blueprint_names, get_blueprint
 from esper_jax.lattice.grid import GATE
+from esper_jax.lattice.hosts import TransformerHost
 from esper_jax.lattice.lifecycle import COMPUTED_STAGES, Stage
+from esper_jax.lattice.model import MorphogeneticModel
 
 from tests.conftest import (
     add_member_axis,
@@ -98,6 +100,46 @@ def test_skipping_the_dormant_lattice_is_the_plain_host(rig):
         assert_trees_close(g_seed, exp_seed, rtol=GRAD_RTOL, atol=GRAD_ATOL)
     _, (_, dormant_seed_grads) = value_and_grads(rig.host_params, rig.state, rig.x, rig.y)
     assert_all_zero(dormant_seed_grads, "seed params of a skipped lattice")
+
+
+def _primitives(jaxpr) -> list[str]:
+    """Every primitive of a jaxpr, sub-jaxprs (cond branches, checkpoints, calls) expanded in place."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names += _primitives(inner)
+    return names
+
+
+def _forward_branches(model, x_shape) -> tuple[list[str], list[str]]:
+    """The primitives of the two branches of the forward's outer ``lax.cond``
+    (``PopulationStrategy.unless_dormant``): (no slot computed, some slot computed)."""
+    host_params, state = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct(x_shape, jnp.int32)
+    closed = jax.make_jaxpr(model.apply)(host_params, state, x)
+    (outer,) = [eqn for eqn in closed.jaxpr.eqns if eqn.primitive.name == "cond"]
+    dormant, live = outer.params["branches"]  # ordered by the predicate: False, True
+    return _primitives(dormant.jaxpr), _primitives(live.jaxpr)
+
+
+def test_dormant_slots_of_every_column_are_out_of_the_skipped_forward():
+    """With ``skip_dormant``, a dormant lattice costs the forward nothing, whichever columns are
+    configured: the skipped branch has no seed in it (no per-slot cond) and is the same program
+    for the default slot (r0c0) as for every point of the grid. Traced, not compiled."""
+    host = TransformerHost(vocab_size=64, d_model=32, num_heads=2, num_layers=1, block_size=8)
+    every = tuple(p.slot_id for p in host.injection_points)
+    strategy = PopulationStrategy(Execution.MAPPED, skip_dormant=True)
+    build = lambda slots: MorphogeneticModel.build(host, slot_ids=slots, strategy=strategy)
+    shape = (2, host.block_size)
+    dormant_default, _ = _forward_branches(build(None), shape)
+    dormant_every, live_every = _forward_branches(build(every), shape)
+    assert live_every.count("cond") >= len(every), "the live branch has a cond per slot"
+    assert "cond" not in dormant_every and "dot_general" in dormant_every
+    assert dormant_every == dormant_default
 
 
 @pytest.mark.parametrize(
@@ -315,7 +357,7 @@ def test_cnn_fossilized_seed_is_part_of_the_host(cnn):
 
 def test_transformer_blending_seed_co_adapts_with_the_host(transformer):
     assert not transformer.model.isolate_blending
-    slot_id, blueprint, alpha = "r0c0", "lora", 0.37
+    slot_id, blueprint, alpha = "r0c1", "lora", 0.37  # a parallel point: the seed reads the attention's input
     state = transformer.plant(transformer.state, slot_id, blueprint, Stage.BLENDING, alpha=alpha)
     _, out, g_host, g_seed = transformer.run(state)
     units = transformer.units(state.params, slot_id)[blueprint]
@@ -398,7 +440,7 @@ def test_transformer_with_live_seeds_stays_causal(transformer, stage):
 
 
 def test_transformer_gated_blending_stays_causal(transformer):
-    slot_id, blueprint = "r0c0", "lora"
+    slot_id, blueprint = "r0c1", "lora"
     state = transformer.plant(transformer.state, slot_id, blueprint, Stage.BLENDING, alpha=0.5, style="gate")
     units = transformer.units(state.params, slot_id)
     w = np.random.default_rng(3).standard_normal(units[GATE]["w"].shape).astype(np.float32)

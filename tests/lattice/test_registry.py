@@ -11,7 +11,7 @@ from esper_jax.lattice.blueprints import blueprint_index, blueprint_names, bluep
 from esper_jax.lattice.blueprints import registry
 
 CNN = ("noop", "norm", "attention", "depthwise", "bottleneck", "conv_small", "conv_light", "conv_heavy")
-TRANSFORMER = ("norm", "lora", "lora_large", "attention", "mlp_small", "mlp")
+TRANSFORMER = ("norm", "lora", "lora_large", "attention", "mlp_small", "mlp", "depth")
 
 
 @pytest.fixture
@@ -36,7 +36,8 @@ def test_each_topology_lists_its_blueprints_in_action_order():
 
 
 @pytest.mark.parametrize("topology, name, owner", [("transformer", "conv_light", "cnn"), ("cnn", "lora", "transformer"),
-                                                   ("transformer", "noop", "cnn"), ("cnn", "mlp", "transformer")])
+                                                   ("transformer", "noop", "cnn"), ("cnn", "mlp", "transformer"),
+                                                   ("cnn", "depth", "transformer")])
 def test_blueprint_of_the_other_topology_is_a_clear_error(topology, name, owner):
     with pytest.raises(ValueError) as info:
         blueprint_index(topology, name)
@@ -123,6 +124,9 @@ def test_duplicate_and_reserved_names_raise(scratch_registry):
         ("transformer", "lora", 64, 64 * 8 + 8 * 64),
         ("transformer", "lora_large", 64, 64 * 32 + 32 * 64),
         ("transformer", "norm", 64, 2 * 64),
+        # a host layer's count, 12 d^2 + 13 d: 789,760 at the TinyStories base width 256
+        ("transformer", "depth", 256, 789_760),
+        ("transformer", "depth", 64, 12 * 64 * 64 + 13 * 64),
     ],
 )
 def test_num_params_is_exact(topology, name, dim, expected):

@@ -115,6 +115,9 @@ def test_slot_spec_validation():
     for dim in (0, -4):
         with pytest.raises(ValueError, match="dim"):
             spec("r0c0", dim)
+    assert not spec("r0c0").parallel and SlotSpec("r0c1", 8, "transformer", parallel=True).parallel
+    with pytest.raises(TypeError, match="parallel"):
+        SlotSpec("r0c1", 8, "transformer", parallel="yes")
 
 
 def test_slot_config_properties_and_index():

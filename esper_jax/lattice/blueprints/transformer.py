@@ -60,11 +60,7 @@ class ExtraAttention:
 
     @staticmethod
     def apply(params, h):
-        b, t, _ = h.shape
-        width = params["out"].shape[0]
-        q, k, v = jnp.split(ops.layer_norm(h) @ params["qkv"], 3, axis=-1)
-        heads = lambda x: x.reshape(b, t, ATTENTION_SEED_HEADS, width // ATTENTION_SEED_HEADS)
-        return ops.causal_attention(heads(q), heads(k), heads(v)).reshape(b, t, width) @ params["out"]
+        return ops.causal_self_attention(ops.layer_norm(h), params["qkv"], ATTENTION_SEED_HEADS) @ params["out"]
 
 
 def _mlp_init(key, dim, expansion):
@@ -92,3 +88,45 @@ class Mlp:
         return _mlp_init(key, dim, 4)
 
     apply = staticmethod(_mlp_apply)
+
+
+DEPTH_HEAD_WIDTH = 64  # GPT-2's head width, and the TinyStories base host's (4 heads at width 256)
+DEPTH_MLP_RATIO = 4
+
+
+def depth_heads(dim: int) -> int:
+    """Attention heads of a depth block at width ``dim``: heads of width 64 (the blueprint is
+    given only the width, not the host's head count), at least one, and a divisor of ``dim``:
+    4 at the base host's 256, where the host has 4 too; 1 at the ``tiny`` host's 64 (it has 2)."""
+    heads = max(1, dim // DEPTH_HEAD_WIDTH)
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
+@register_blueprint("depth", "transformer",
+                    "A whole pre-norm transformer layer (causal self-attention with heads of width 64, then a 4x "
+                    "GELU MLP), both output projections zero-initialized; at r{i}c0 it is a new layer of depth.")
+class Depth:
+    """The residual ``layer(h) - h`` of a layer shaped like the host's, computed as its two
+    branches ``A(h) + M(h + A(h))`` (no cancellation): exactly zero while both output projections
+    and their biases are zero, and a full extra layer once fossilized."""
+
+    @staticmethod
+    def init(key, dim):
+        hidden = DEPTH_MLP_RATIO * dim
+        k_attention, k_mlp = ops.split_key(key, 2)
+        norm = lambda: {"scale": jnp.ones((dim,)), "bias": jnp.zeros((dim,))}
+        return {
+            "ln1": norm(),
+            "qkv": ops.lecun_normal(k_attention, (dim, 3 * dim), dim), "qkv_b": jnp.zeros((3 * dim,)),
+            "proj": jnp.zeros((dim, dim)), "proj_b": jnp.zeros((dim,)),
+            "ln2": norm(),
+            "fc": ops.lecun_normal(k_mlp, (dim, hidden), dim), "fc_b": jnp.zeros((hidden,)),
+            "out": jnp.zeros((hidden, dim)), "out_b": jnp.zeros((dim,)),
+        }
+
+    @staticmethod
+    def apply(params, h):
+        attended = ops.attention_branch(params, h, depth_heads(h.shape[-1]))
+        return attended + ops.mlp_branch(params, h + attended)

@@ -1,8 +1,14 @@
 """What the morphogenetic forward needs from a host: injection points and segment forwards.
 
-A host's forward is ``head(segment_{n-1}(... segment_0(x)))``; injection point ``k`` sits
-right after ``segment_k``. Hosts are frozen (hashable) configuration objects whose methods
-are pure functions of explicit parameters, so they can be closed over by ``jit``.
+A host's forward is ``head(segment_{n-1}(... segment_0(stem(x))))``; injection point ``k``
+sits right after ``segment_k``, and a seed there reads either the activation at the point or,
+at a ``parallel`` point (:class:`~esper_jax.lattice.slots.SlotSpec`), the input of
+``segment_k``. The stem maps the raw input to the first activation (token ids to embeddings)
+so that every segment, and so every seed, works on activations. A segment may be the identity
+where two points sit at the same place in the forward (a transformer layer's output: the point
+beside its MLP, then the point after the layer). Hosts are frozen (hashable) configuration
+objects whose methods are pure functions of explicit parameters, so they can be closed over by
+``jit``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ class Host(Protocol):
         """Every injection point of this host, in forward execution order."""
         ...
 
+    @property
+    def default_slots(self) -> tuple[str, ...]:
+        """The slots a run grows in when none are chosen."""
+        ...
+
+    def stem(self, params: Params, x: jax.Array) -> jax.Array:
+        """The first activation, the input of ``segment_0``."""
+        ...
+
     def segment(self, params: Params, index: int, h: jax.Array) -> jax.Array: ...
 
     def head(self, params: Params, h: jax.Array) -> jax.Array: ...
@@ -37,7 +52,7 @@ class Host(Protocol):
 
 def host_forward(host: Host, params: Params, x: jax.Array) -> jax.Array:
     """The host alone, without any slot."""
-    h = x
+    h = host.stem(params, x)
     for index in range(len(host.injection_points)):
         h = host.segment(params, index, h)
     return host.head(params, h)
@@ -65,7 +80,7 @@ def slot_config_for(host: Host, slot_ids) -> SlotConfig:
         if slot_id not in points:
             raise ValueError(
                 f"slot {slot_id} does not exist on this {host.topology} host; "
-                f"its injection points are: {', '.join(points)}"
+                f"its injection points are: {', '.join(sort_slot_ids(points))}"
             )
         chosen.append(slot_id)
     ordered = sort_slot_ids(chosen)

@@ -101,6 +101,9 @@ class CNNHost:
         }
         return params
 
+    def stem(self, params: dict, x: jax.Array) -> jax.Array:
+        return x  # the first block convolves the image itself
+
     def segment(self, params: dict, index: int, h: jax.Array) -> jax.Array:
         kind, block, _ = self._layout[index]
         if kind == "pool":

@@ -1,7 +1,21 @@
 """GPT-style transformer host: token + learned position embeddings, pre-norm causal blocks,
-a final LayerNorm and an output layer tied to the token embedding. Injection point ``r{i}c0``
-is the residual stream after layer ``i``. Deterministic (no dropout), so a forward is a pure
-function of parameters and input."""
+a final LayerNorm and an output layer tied to the token embedding. Deterministic (no dropout),
+so a forward is a pure function of parameters and input.
+
+Row ``i`` of the slot grid is layer ``i``; its three columns (in forward order c1, c2, c0):
+
+* ``r{i}c1``, pre-attention (parallel): the seed reads the stream entering the layer's
+  attention and its residual joins where the attention's output does, so it adds attention
+  heads to the layer (the ``attention`` blueprint: extra heads).
+* ``r{i}c2``, post-FFN (parallel): the seed reads the stream entering the layer's MLP and its
+  residual joins the MLP's output, so it adds MLP width to the layer (``mlp``, ``mlp_small``).
+* ``r{i}c0``, the residual stream after layer ``i`` (after any seed at ``r{i}c2``): the seed
+  reads it and adds to it, a new stage in depth (``depth``: a whole extra layer).
+
+Every transformer blueprint may grow at every column (the blueprint and slot heads of the
+action are chosen independently); the blueprints named above are what each column was made
+for. The default slots are the ``r{i}c0``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +27,11 @@ import optax
 
 from esper_jax.lattice import ops
 from esper_jax.lattice.slots import SlotSpec, Topology, format_slot_id
+
+
+# A layer's segments in forward order, and the column of the slot after each (module docstring).
+_PARTS = ("attention", "mlp", "output")
+_COLUMNS = {"attention": 1, "mlp": 2, "output": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +56,21 @@ class TransformerHost:
         return cls(vocab_size=vocab_size, **overrides)
 
     @property
+    def _layout(self) -> tuple[tuple[str, int], ...]:
+        """(part, layer) per segment, in forward order; the slot after it is in ``_COLUMNS``."""
+        return tuple((part, layer) for layer in range(self.num_layers) for part in _PARTS)
+
+    @property
     def injection_points(self) -> tuple[SlotSpec, ...]:
-        return tuple(SlotSpec(format_slot_id(i, 0), self.d_model, "transformer") for i in range(self.num_layers))
+        return tuple(
+            SlotSpec(format_slot_id(layer, _COLUMNS[part]), self.d_model, "transformer", parallel=part != "output")
+            for part, layer in self._layout
+        )
 
     @property
     def default_slots(self) -> tuple[str, ...]:
-        return tuple(p.slot_id for p in self.injection_points)
+        """The residual stream after each layer."""
+        return tuple(format_slot_id(layer, 0) for layer in range(self.num_layers))
 
     def init(self, key: jax.Array) -> dict:
         d, hidden = self.d_model, self.mlp_ratio * self.d_model
@@ -66,23 +94,19 @@ class TransformerHost:
             }
         return params
 
-    def _layer(self, p: dict, h: jax.Array) -> jax.Array:
-        b, t, d = h.shape
-        x = ops.layer_norm(h, p["ln1"]["scale"], p["ln1"]["bias"])
-        q, k, v = jnp.split(x @ p["qkv"] + p["qkv_b"], 3, axis=-1)
-        heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        attn = ops.causal_attention(heads(q), heads(k), heads(v)).reshape(b, t, d)
-        h = h + attn @ p["proj"] + p["proj_b"]
-        x = ops.layer_norm(h, p["ln2"]["scale"], p["ln2"]["bias"])
-        return h + jax.nn.gelu(x @ p["fc"] + p["fc_b"]) @ p["out"] + p["out_b"]
+    def stem(self, params: dict, tokens: jax.Array) -> jax.Array:
+        if tokens.shape[1] > self.block_size:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds block size {self.block_size}")
+        return params["tok_emb"][tokens] + params["pos_emb"][: tokens.shape[1]]
 
     def segment(self, params: dict, index: int, h: jax.Array) -> jax.Array:
-        if index == 0:
-            tokens = h
-            if tokens.shape[1] > self.block_size:
-                raise ValueError(f"sequence length {tokens.shape[1]} exceeds block size {self.block_size}")
-            h = params["tok_emb"][tokens] + params["pos_emb"][: tokens.shape[1]]
-        return self._layer(params[f"layer{index}"], h)
+        part, layer = self._layout[index]
+        p = params[f"layer{layer}"]
+        if part == "attention":
+            return h + ops.attention_branch(p, h, self.num_heads)
+        if part == "mlp":
+            return h + ops.mlp_branch(p, h)
+        return h  # the layer's output: r{i}c2's seed has joined, r{i}c0's reads it
 
     def head(self, params: dict, h: jax.Array) -> jax.Array:
         h = ops.layer_norm(h, params["ln_f"]["scale"], params["ln_f"]["bias"])
