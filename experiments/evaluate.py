@@ -2,7 +2,7 @@
 
     python -m experiments.evaluate --run-dir DIR [--envs N] [--member best|all|K]
         [--controllers policy,heuristic,random,static] [--stochastic] [--step U] [--eval-seed S]
-        [--data synthetic|PATH] [--data-dir PATH]
+        [--data synthetic|PATH] [--data-dir PATH] [--efficiency | --no-efficiency] [--timing-rounds R]
 
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
 heuristic, random and static controllers for one episode each on the same ``N`` held-out
@@ -15,12 +15,22 @@ Populations: ``--member best`` (default) evaluates the member ``summary.json`` n
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
 adds every other member as ``policy_m{K}``. The policy takes each head's most likely valid
 action unless ``--stochastic``.
+
+Language-model runs also answer the efficiency question (on by default; ``--no-efficiency`` skips
+the second compile it needs): every controller's episode is timed after a warm-up (the median of
+``--timing-rounds`` interleaved rounds, default 1), and a large static reference (the host with
+twice the layers, under the static controller, on the same held-out envs) runs too;
+``evaluation.json`` gets an ``"efficiency"`` section (final loss, parameters, seconds and
+parameter-seconds per controller, and the paired difference from the reference) and
+``evaluation.md`` its table. See :mod:`esper_jax.runs.efficiency`. Image runs have no such section;
+``--efficiency`` on one is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -44,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base of the held-out seed stream (default: the run's seed)")
     parser.add_argument("--data", default=None, help="read the data from elsewhere than the run did: synthetic or a path")
     parser.add_argument("--data-dir", default=None, help="directory of the real dataset, if it moved")
+    parser.add_argument("--efficiency", action=argparse.BooleanOptionalAction, default=None,
+                        help="language-model runs: time every controller and compare with a large static reference "
+                             "(the host with twice the layers; a second compile). Default: on for language-model runs")
+    parser.add_argument("--timing-rounds", type=positive, default=1,
+                        help="with --efficiency: time every episode this many times, interleaved, and take the median "
+                             "(default 1)")
     return parser
 
 
@@ -71,6 +87,15 @@ def parse_member(text: str, population: int, best: int) -> tuple[int, bool]:
     return member, False
 
 
+def efficiency_enabled(flag: bool | None, task_kind: str) -> bool:
+    """Whether to answer the efficiency question: ``--efficiency``/``--no-efficiency``, by default
+    for language-model runs only; asked of an image run, a ValueError."""
+    if flag and task_kind != "language_model":
+        raise ValueError(f"--efficiency is for language-model runs (its large static reference is a deeper "
+                         f"transformer); this run's task is {task_kind}: drop --efficiency")
+    return task_kind == "language_model" if flag is None else flag
+
+
 def _selection(option: str, summary: dict | None) -> str:
     if option not in ("best", "all"):
         return "chosen with --member"
@@ -84,8 +109,10 @@ def main(argv=None) -> int:
     # Orbax logs a warning for every read-only checkpoint directory it opens; it is not news here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
+    from esper_jax.env.tasks import get_task
+    from esper_jax.runs import efficiency as eff
     from esper_jax.runs.checkpoint import CheckpointError
-    from esper_jax.runs.config import CONFIG_FILE, RunConfigError
+    from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
 
@@ -94,7 +121,12 @@ def main(argv=None) -> int:
         if not (Path(args.run_dir) / CONFIG_FILE).is_file():
             raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
+        config = read_config(args.run_dir)
+        efficiency = efficiency_enabled(args.efficiency, get_task(config.task, config.host_variant).kind)
+        if args.timing_rounds > 1 and not efficiency:
+            raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
         handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)
+        large_env = eff.large_static_env(handle) if efficiency else None
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
         if ev.POLICY in controllers:
             for m in (range(handle.population) if all_members else (member,)):
@@ -132,12 +164,33 @@ def main(argv=None) -> int:
     print(f"evaluating run {handle.run_dir} (checkpoint after update {handle.step}; task {handle.config.task} on "
           f"{handle.data_label}): {args.envs} held-out envs x {env.config.episode_epochs} epochs, "
           f"held-out seed stream fold_in(key({seed}), {ev.EVAL_STREAM:#x})")
-    results = {}
-    for label, name, run_inputs in runs:
-        start = time.perf_counter()
-        results[label] = evaluator.run(name, handle.env_data, key, run_inputs)
-        first = " (including compilation)" if len(results) == 1 else ""
-        print(f"  {label}: {time.perf_counter() - start:.1f} s{first}", flush=True)
+    episodes = {label: functools.partial(evaluator.run, name, handle.env_data, key, run_inputs)
+                for label, name, run_inputs in runs}
+    section = None
+    if not efficiency:
+        results = {}
+        for label, episode in episodes.items():
+            start = time.perf_counter()
+            results[label] = episode()
+            first = " (including compilation)" if len(results) == 1 else ""
+            print(f"  {label}: {time.perf_counter() - start:.1f} s{first}", flush=True)
+    else:
+        large = ev.Evaluator(large_env, args.envs, (eff.STATIC,))
+        episodes[eff.LARGE_STATIC] = functools.partial(large.run, eff.STATIC, handle.env_data, key)
+        # Timed episodes are compiled ones: compile (and run) each of the two programs once first.
+        for label, what in ((runs[0][0], "the controllers"),
+                            (eff.LARGE_STATIC, f"{eff.LARGE_STATIC} ({large_env.model.host.num_layers} layers, "
+                                               f"{large_env.host_param_count} parameters)")):
+            start = time.perf_counter()
+            episodes[label]()
+            print(f"  compiled the episode of {what} and ran it once: {time.perf_counter() - start:.1f} s",
+                  flush=True)
+        results, seconds = eff.time_episodes(episodes, args.timing_rounds)
+        for label, secs in seconds.items():
+            print(f"  {label}: {secs:.2f} s per episode (median of {args.timing_rounds})", flush=True)
+        large_out, large_seconds = results.pop(eff.LARGE_STATIC), seconds.pop(eff.LARGE_STATIC)
+        section = eff.efficiency_section(env, results, seconds, large_env, large_out, large_seconds,
+                                         args.timing_rounds)
 
     policy_info = None
     if use_policy:
@@ -150,9 +203,12 @@ def main(argv=None) -> int:
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
-    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload)
+    if section is not None:
+        payload["efficiency"] = section
+    markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
+    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown)
     print()
-    print(ev.markdown_table(payload))
+    print(markdown)
     if handle.synthetic:
         print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
     print(f"wrote {json_path} and {md_path}; plots: python -m experiments.report --run-dir {handle.run_dir}")

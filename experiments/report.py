@@ -6,7 +6,8 @@ From ``metrics.jsonl`` (written by ``python -m experiments.ppo``): learning curv
 validation loss and accuracy, explained variance, seeds per episode) and entropy per head, one
 line per member for populations. From ``evaluation.json`` (written by
 ``python -m experiments.evaluate``): the controller comparison, the held-out validation loss per
-controller, and a seed timeline per controller with a panel per held-out env. ``--no-eval``
+controller, a seed timeline per controller with a panel per held-out env, and for language-model
+runs the final loss against parameter-seconds (``efficiency.png``). ``--no-eval``
 plots the learning curves only (e.g. while a run is still training).
 """
 
@@ -78,6 +79,8 @@ def make_report(run_dir: str, *, with_eval: bool = True, max_envs: int = 16) -> 
     if evaluation is not None:
         written.append(plots.plot_comparison(evaluation, os.path.join(out, "evaluation.png"), note=note))
         written.append(plots.plot_eval_loss(evaluation, os.path.join(out, "evaluation_val_loss.png"), note=note))
+        if evaluation.get("efficiency"):  # language-model runs
+            written.append(plots.plot_efficiency(evaluation, os.path.join(out, "efficiency.png"), note=note))
         for name, tl in evaluation["timelines"].items():
             final = evaluation["controllers"].get(name, {}).get("final_val_loss_per_env")
             written.append(plots.plot_seed_timeline(tl, os.path.join(out, f"timeline_{_safe(name)}.png"),

@@ -27,7 +27,7 @@ from esper_jax.env.rewards import RewardConfig
 from esper_jax.env.tasks import TaskConfig, get_task
 from esper_jax.lattice.lifecycle import GateConfig
 from esper_jax.rl import ppo as ppo_lib
-from esper_jax.runs.config import RunConfig, RunConfigError
+from esper_jax.runs.config import Host, RunConfig, RunConfigError
 from esper_jax.runs.population import Placement, stack_hyperparams
 from esper_jax.trees import add_axis, drop_axis
 
@@ -111,13 +111,12 @@ def data_label(dataset) -> str:
     return "SYNTHETIC data" if dataset.synthetic else f"real data from {dataset.source}"
 
 
-def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None) -> Built:
-    """Load the data and build env, learner and placement for a resolved configuration. The
-    built configuration (``Built.config``) records the data's origin, for a user's own image
-    dataset its digest, and for a language model the vocabulary its tokenizer gave the host."""
-    dataset = load_dataset(config, data, data_dir)
+def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, MorphogeneticEnv, Any]:
+    """The task, the host, the environment a configuration makes on a loaded dataset, and the
+    dataset as that environment takes it (images at the host's resolution; a language model's
+    host takes the dataset's vocabulary). :class:`RunConfigError` for settings the environment
+    refuses."""
     user_data = is_user_image_dataset(config.task)
-    fingerprint = check_user_data(config, dataset) if user_data else None
     spec = config.env
     try:
         if config.topology == "cnn":
@@ -133,20 +132,33 @@ def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = 
             task = get_task(config.task, config.host_variant, vocab_size=dataset.vocab_size,
                             block_size=spec.block_size)
             host = dataclasses.replace(config.host, vocab_size=dataset.vocab_size)
-        label = data_label(dataset)
         env_config = make_env_config(
             task, spec.slots, blueprints=spec.blueprints, host=host, episode_epochs=spec.episode_epochs,
             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size, val_size=spec.val_size,
             reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight),
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
             actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age),
-            host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr, data_label=label)
-        env = MorphogeneticEnv(env_config)
-        trainer = ppo_lib.make_train(config.ppo, env, config.checkpoint_every)
-        env_data = make_env_data(env_config, dataset)
+            host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr,
+            data_label=data_label(dataset))
+        return task, host, MorphogeneticEnv(env_config), dataset
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
-    config = config.replace(host=host, data=dataclasses.replace(config.data, label=label, fingerprint=fingerprint))
+
+
+def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None) -> Built:
+    """Load the data and build env, learner and placement for a resolved configuration. The
+    built configuration (``Built.config``) records the data's origin, for a user's own image
+    dataset its digest, and for a language model the vocabulary its tokenizer gave the host."""
+    dataset = load_dataset(config, data, data_dir)
+    fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
+    task, host, env, dataset = build_env(config, dataset)
+    try:
+        trainer = ppo_lib.make_train(config.ppo, env, config.checkpoint_every)
+        env_data = make_env_data(env.config, dataset)
+    except (ValueError, TypeError) as error:
+        raise RunConfigError(str(error)) from None
+    config = config.replace(host=host, data=dataclasses.replace(config.data, label=env.config.data_label,
+                                                                 fingerprint=fingerprint))
     placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
     env_data = placement.put(env_data, placement.replicated())
     return Built(config, task, env, dataset, env_data, trainer, placement)

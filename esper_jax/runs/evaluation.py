@@ -18,6 +18,9 @@ What this module returns and writes:
 * :class:`EpisodeOutput`: arrays of one episode per env (``[N]``, ``[N, E]``, ``[N, E, S]``);
 * :func:`summarize_episodes` / :func:`timeline`: JSON-ready dicts of one controller's results;
 * :func:`write_evaluation`: ``evaluation.json`` and ``evaluation.md`` (the comparison table).
+
+Language-model runs also answer the efficiency question (loss against parameters x seconds, with
+a large static reference): :mod:`esper_jax.runs.efficiency`.
 """
 
 from __future__ import annotations
@@ -329,10 +332,12 @@ def write_json_and_markdown(json_path: str | os.PathLike, payload: dict[str, Any
         f.write(markdown)
 
 
-def write_evaluation(run_dir: str, payload: dict[str, Any]) -> tuple[str, str]:
-    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``; returns their paths."""
+def write_evaluation(run_dir: str, payload: dict[str, Any], markdown: str | None = None) -> tuple[str, str]:
+    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``; returns their paths.
+    ``markdown``: the text of ``evaluation.md`` when it has more than :func:`markdown_table` (the
+    efficiency section of :mod:`esper_jax.runs.efficiency`)."""
     json_path = os.path.join(run_dir, "evaluation.json")
-    write_json_and_markdown(json_path, payload, markdown_table(payload))
+    write_json_and_markdown(json_path, payload, markdown_table(payload) if markdown is None else markdown)
     return json_path, os.path.join(run_dir, "evaluation.md")
 
 

@@ -7,7 +7,9 @@
   added per controller, from ``evaluation.json``;
 * :func:`plot_eval_loss`: validation loss over the held-out episode per controller;
 * :func:`plot_seed_timeline`: one panel per held-out env, a row per slot, the stage over epochs
-  as coloured spans labelled with the blueprint.
+  as coloured spans labelled with the blueprint;
+* :func:`plot_efficiency`: language-model runs' final validation loss against parameter-seconds
+  per controller and the large static reference (``evaluation.json``'s ``efficiency`` section).
 
 Functions take already-parsed data (lists of metric rows, the evaluation dict) and write one
 PNG each; reading the files is :func:`read_metrics` / :func:`read_json`. Plots of runs on
@@ -196,6 +198,34 @@ def plot_comparison(evaluation: dict[str, Any], path: str, *, note: str | None =
         ax.grid(alpha=0.3, axis="y")
     held = evaluation["held_out"]
     _title(fig, f"Controllers on {held['num_envs']} held-out envs x {held['episode_epochs']} epochs", note)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_efficiency(evaluation: dict[str, Any], path: str, *, note: str | None = None) -> str:
+    """Final validation loss against parameter-seconds (log scale), one marker per controller and
+    the large static reference, with error bars over the held-out envs (std of both)."""
+    section = evaluation["efficiency"]
+    reference = section["reference"]["name"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (name, r) in enumerate(section["controllers"].items()):
+        if r["final_val_loss"] is None or not r["param_seconds"] > 0:
+            continue  # a diverged episode has no loss to place; nothing ran in no time
+        big = name == reference
+        ax.errorbar(r["param_seconds"], r["final_val_loss"], xerr=r["param_seconds_std"],
+                    yerr=r["final_val_loss_std"] or 0.0, fmt="s" if big else "o", ms=8 if big else 7,
+                    color="black" if big else f"C{i}", capsize=4)
+        ax.annotate(name, (r["param_seconds"], r["final_val_loss"]), textcoords="offset points", xytext=(6, 6),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters x seconds (parameter-epochs x seconds per epoch; log scale)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3, which="both")
+    held = evaluation["held_out"]
+    _title(fig, f"Loss against parameter-seconds: {held['num_envs']} held-out envs x {held['episode_epochs']} epochs "
+                f"(bars: std over envs)", note)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -18,7 +18,7 @@ import pytest
 
 from esper_jax.env.environment import MorphogeneticEnv, make_env_config
 from esper_jax.runs.evaluation import EpisodeOutput, evaluation_payload, write_evaluation
-from esper_jax.lattice.hosts import CNNHost
+from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.tasks import get_task
 from esper_jax.runs.rundir import write_json
@@ -110,6 +110,31 @@ def test_population_report(tmp_path, env, capsys):
     for name in expected:
         assert os.path.join(run, "plots", name) in out
         assert_png(os.path.join(run, "plots", name))
+
+
+def test_language_model_report_plots_efficiency(tmp_path, env, capsys):
+    """evaluation.json with an efficiency section (a language-model run's) adds efficiency.png:
+    final loss against parameter-seconds, the large static reference among the controllers."""
+    from esper_jax.runs import efficiency as eff
+
+    run = make_run(tmp_path / "run", env)
+    path = os.path.join(run, "evaluation.json")
+    with open(path) as f:
+        payload = json.load(f)
+    rng = np.random.default_rng(1)
+    episodes = {name: _episode(rng, grow=name != "static") for name in payload["controllers"]}
+    task = get_task("tinystories", vocab_size=17, block_size=8)
+    lm_env, large_env = (MorphogeneticEnv(make_env_config(
+        task, ("r0c0", "r1c0"), blueprints=("norm", "lora"), episode_epochs=6,
+        host=TransformerHost(vocab_size=17, d_model=8, num_heads=2, num_layers=layers, block_size=8)))
+        for layers in (2, 4))
+    seconds = {name: 1.0 + i for i, name in enumerate(episodes)}
+    payload["efficiency"] = eff.efficiency_section(lm_env, episodes, seconds, large_env, _episode(rng, grow=False), 5.0)
+    write_json(path, payload)
+    assert report.main(["--run-dir", run]) == 0
+    out = capsys.readouterr().out
+    assert os.path.join(run, "plots", "efficiency.png") in out
+    assert_png(os.path.join(run, "plots", "efficiency.png"))
 
 
 def test_curves_only_while_training(tmp_path, env, capsys):
