@@ -34,7 +34,7 @@ def build_parser() -> Parser:
     parser.add_argument("--host-variant", default=None, help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
     parser.add_argument("--data", default="auto", help="auto (real data from the data dir), synthetic, or a data directory")
     parser.add_argument("--data-dir", default=None, help="where datasets live (default $ESPER_DATA or ./data)")
-    parser.add_argument("--tokenizer", default="gpt2", help="tinystories: gpt2 or byte")
+    parser.add_argument("--tokenizer", default=None, help="tinystories: gpt2 or byte (default gpt2)")
     parser.add_argument("--controller", default="all", help=f"one of {', '.join(CONTROLLERS)} or all")
     parser.add_argument("--envs", type=positive, default=4)
     parser.add_argument("--episode-epochs", type=positive, default=12)

@@ -56,6 +56,10 @@ def _fake_output(torch: bool) -> dict:
                                        "compile_seconds": {"total": 70.0}}}},
         "reference": reference,
         "flops": {"flop_utilization": 0.3},
+        "transformer": {"hosts": {
+            "tiny": {"dormant_overhead": 1.0, "live_depth_overhead": 1.5, "compile_seconds": {"env_step": {"total": 30.0}}},
+            "base": {"dormant_overhead": 1.2, "live_depth_overhead": 1.4, "compile_seconds": {"env_step": {"total": 65.0}}},
+        }},
     }
 
 
@@ -71,7 +75,11 @@ def test_summary_checks_each_target():
         "compile_seconds[env_step]": True,
         "compile_seconds[ppo_update]": False,      # 70 s
         "wall_seconds[--quick]": True,
+        "transformer_dormant_overhead[tiny]": True,
+        "transformer_dormant_overhead[base]": False,   # 1.2 > 1.15
+        "compile_seconds[transformer_env_step]": False,  # the base host's 65 s
     }
+    assert summary["transformer_live_depth_overhead"] == {"tiny": 1.5, "base": 1.4}
     assert summary["ppo_env_steps_per_s"] == 100.0 and summary["ppo_train_images_per_s"] == {"smoke": 3200.0}
 
 
@@ -82,6 +90,7 @@ def test_summary_without_torch_says_why_and_measures_nothing_for_it():
     assert summary["targets"]["wall_seconds[--quick]"]["met"] is None  # only judged for --quick
 
 
+@pytest.mark.slow  # ~20 s of compiling the lattice section's programs
 def test_lattice_section_end_to_end(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert cli.main(["--only", "lattice", "--blueprints", "conv_light", "--batch", "4", "--json", str(path)]) == 0

@@ -432,6 +432,7 @@ def test_evaluate_with_a_damaged_summary_is_one_line(reference, tmp_path, capsys
     assert len(err.strip().splitlines()) == 1 and "summary.json is damaged" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # ~40 s: three CLI runs that compile a learner
 def test_a_diverged_learner_is_reported_never_best_and_never_saved(tmp_path, monkeypatch, capsys):
     """Through the real training loop: a population of two whose member 1 goes non-finite in
     update 1 and member 0 in update 2. The on-device check flags each at its update, member 1 is
