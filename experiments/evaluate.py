@@ -109,7 +109,6 @@ def main(argv=None) -> int:
     # Orbax logs a warning for every read-only checkpoint directory it opens; it is not news here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
-    from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS
     from esper_jax.runs import efficiency as eff
     from esper_jax.runs.checkpoint import CheckpointError
     from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
             raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
         config = read_config(args.run_dir)
-        efficiency = efficiency_enabled(args.efficiency, "language_model" if config.task in LANGUAGE_MODEL_TASKS else "classification")
+        efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
             raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
         handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)

@@ -234,9 +234,16 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for long advice
         return 2
+    if distributed.is_writer():  # over several processes, process 0 reports for all
+        report(result)
+    if result.interrupted:
+        return 130
+    return 3 if result.diverged else 0
+
+
+def report(result) -> None:
+    """What a finished (or interrupted, or diverged) run prints: its members and where it stands."""
     summary = result.summary
-    if not distributed.is_writer():
-        return 0 if not (result.interrupted or result.diverged) else (130 if result.interrupted else 3)
     print(f"run directory: {result.run_dir}")
     for member in summary["members"]:
         final = member["final"] or {}
@@ -249,11 +256,8 @@ def main(argv=None) -> int:
         print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
     if result.interrupted:
         print(interrupted_message(result.run_dir, result.checkpoint), file=sys.stderr)
-        return 130
-    if result.diverged:
+    elif result.diverged:
         print(diverged_message(result.diverged, summary["population"], result.checkpoint), file=sys.stderr)
-        return 3
-    return 0
 
 
 def diverged_message(diverged: dict[int, int], population: int, checkpoint: int | None) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from esper_jax.data import SYNTHETIC
 from esper_jax.env.rewards import RewardKind
+from esper_jax.env.tasks import TaskKind
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.optim import LRSchedule
 from esper_jax.lattice.slots import Topology
@@ -108,6 +109,11 @@ class RunConfig:
     @property
     def topology(self) -> Topology:
         return self.host.topology
+
+    @property
+    def kind(self) -> TaskKind:
+        """Every transformer task is a language model, every CNN task a classification."""
+        return "language_model" if self.topology == "transformer" else "classification"
 
     @property
     def population(self) -> int:

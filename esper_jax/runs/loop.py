@@ -121,9 +121,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike[str], *, resume: bool = 
     if not distributed.is_writer():
         log = _silent
     with contextlib.ExitStack() as stack:
-        def lock() -> int:
+        def lock() -> None:
             stack.enter_context(RunLock(run_dir))
-            return 0
 
         decided_by_writer(lock)
         return _train(config, run_dir, resume, progress, log, tensorboard)
@@ -133,16 +132,16 @@ def _silent(line: str) -> None:
     """The log of a process that is not the writer: process 0 says everything once."""
 
 
-def decided_by_writer(action: Callable[[], int]) -> int:
-    """``action()`` run by the writer (process 0) alone and its result on every process. A user
-    error there is raised there and stops the other processes with a line pointing to it, rather
-    than leaving them waiting for a writer that has given up. One process: ``action()``."""
+def decided_by_writer(action: Callable[[], int | bool | None]) -> int:
+    """``action()`` run by the writer (process 0) alone and its result (None counts as 0) on every
+    process. A user error there is raised there and stops the other processes with a line pointing
+    to it, rather than leaving them waiting for a writer that has given up. One process: ``action()``."""
     if distributed.process_count() == 1:
-        return int(action())
+        return int(action() or 0)
     result, error = 0, None
     if distributed.is_writer():
         try:
-            result = int(action())
+            result = int(action() or 0)
         except USER_ERRORS as raised:
             result, error = -1, raised
     result = distributed.agree(result)
@@ -159,7 +158,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
     if decided_by_writer(lambda: prepare_run_dir(run_dir, resume)):  # resumed, but no save had completed
         log(f"{run_dir} has no complete checkpoint (the run stopped before its first save): starting it from "
             f"update 0 with its stored configuration")
-        decided_by_writer(lambda: start_from_scratch(run_dir) or 0)
+        decided_by_writer(lambda: start_from_scratch(run_dir))
         resume = False
     built = build(config)  # user errors (data, names) surface here, before compiling
     config = built.config  # with the data's origin and (language models) the tokenizer's vocabulary
