@@ -30,7 +30,7 @@ from esper_jax.runs.config import RunConfigError, read_config
 from esper_jax.runs import distributed
 from esper_jax.runs.loop import USER_ERRORS, decided_by_writer, enable_compile_cache, train
 from esper_jax.runs.rundir import default_run_dir, fmt, prepare_run_dir
-from esper_jax.lattice.optim import LR_SCHEDULES
+from esper_jax.lattice.optim import LR_SCHEDULES, OPTIMIZERS
 from esper_jax.runs.population import SWEEP_HELP
 from esper_jax.rl.ppo import PPOConfig
 from esper_jax.env.rewards import REWARD_KINDS
@@ -147,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
     g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of the images' "
                    "size; the data is downsampled to it (default the images' own, 32 for CIFAR; the proof preset uses 16)")
-    g.add_argument("--host-lr", type=float, help=f"host SGD learning rate (default {d['host_lr']}, Esper's)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"what host and seeds train with: Esper's SGD (momentum 0.9) or AdamW (default {d['optimizer']}; "
+                        "the TinyStories proof preset: adamw)")
+    g.add_argument("--host-lr", type=float, help=f"host learning rate (default {d['host_lr']}, Esper's)")
     g.add_argument("--host-lr-schedule", choices=LR_SCHEDULES,
                    help=f"host learning rate over an episode: constant, or cosine decay to 0 (default {d['host_lr_schedule']})")
-    g.add_argument("--seed-lr", type=float, help=f"seed SGD learning rate (default {d['seed_lr']}, Esper's)")
+    g.add_argument("--seed-lr", type=float, help=f"seed learning rate (default {d['seed_lr']}, Esper's)")
     g.add_argument("--max-concurrent-training", type=positive,
                    help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
                         "policy learn coordination from outcomes)")

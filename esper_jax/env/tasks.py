@@ -21,7 +21,7 @@ TaskKind = Literal["classification", "language_model"]
 ChannelStats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, on the [0, 1] scale
 
 CNN_VARIANTS = ("baseline", "impaired", "pointwise")
-HOST_VARIANTS = {"cifar10": CNN_VARIANTS, "cifar100": CNN_VARIANTS, "tinystories": ("base", "tiny"),
+HOST_VARIANTS = {"cifar10": CNN_VARIANTS, "cifar100": CNN_VARIANTS, "tinystories": ("base", "tiny", "pointwise"),
                  IMAGES: CNN_VARIANTS}
 TFDS_TASK = f"{TFDS_PREFIX}NAME"
 # An achievable loss of a user's task, as a fraction of a uniform guess's ln(classes): CIFAR-10's
@@ -57,9 +57,10 @@ class TaskConfig:
                                                                                          CNNHost.baseline)
             return factory(**{"num_classes": self.num_classes, "in_channels": self.in_channels,
                               "image_size": self.image_size, **overrides})
-        if self.host_variant == "tiny":
+        if self.host_variant in ("tiny", "pointwise"):
+            # pointwise: the tiny host's widths without attention (a bigram model; see TransformerHost)
             host = TransformerHost(vocab_size=self.num_classes, d_model=64, num_heads=2, num_layers=2,
-                                   block_size=self.block_size)
+                                   block_size=self.block_size, attention=self.host_variant == "tiny")
         else:
             host = TransformerHost.tinystories(vocab_size=self.num_classes, block_size=self.block_size)
         return dataclasses.replace(host, **overrides) if overrides else host

@@ -20,7 +20,7 @@ from esper_jax.data import SYNTHETIC
 from esper_jax.env.rewards import RewardKind
 from esper_jax.env.tasks import TaskKind
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
-from esper_jax.lattice.optim import LRSchedule
+from esper_jax.lattice.optim import LRSchedule, OptimizerKind
 from esper_jax.lattice.slots import Topology
 from esper_jax.rl.ppo import PPOConfig
 
@@ -75,6 +75,7 @@ class EnvSpec:
     host_lr: float = 0.01
     host_lr_schedule: LRSchedule = "constant"
     seed_lr: float = 0.01
+    optimizer: OptimizerKind = "sgd"  # host and seeds
     block_size: int | None = None    # language-model tasks: tokens per training window
 
 

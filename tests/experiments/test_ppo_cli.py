@@ -281,8 +281,17 @@ def test_proof_preset_resolves_the_calibrated_problem():
     # explicit options still win, and the per-topology preset values do not leak into other tasks
     config = resolve_config(resolve_settings({"task": "cifar10", "image_size": 32, "host_variant": "baseline"}, "proof"))
     assert config.host.image_size == 32 and config.host.kernel_size == 3
+    # TinyStories has its own calibrated problem: the position-wise host under AdamW, on bytes
     config = resolve_config(resolve_settings({"task": "tinystories"}, "proof"))
-    assert config.host_variant == "base" and config.options["image_size"] is None
+    assert config.host_variant == "pointwise" and not config.host.attention and config.host.d_model == 32
+    assert config.options["image_size"] is None and config.data.tokenizer == "byte" and config.data.synthetic
+    env = config.env
+    assert (env.optimizer, env.host_lr, env.seed_lr, env.batch_size, env.block_size) == ("adamw", 3e-3, 3e-3, 32, 16)
+    assert "depth" in env.blueprints and env.slots == ("r0c0", "r0c1", "r1c0")
+    # a per-topology value explicitly overridden, and one a topology leaves out (the default)
+    config = resolve_config(resolve_settings({"task": "tinystories", "optimizer": "sgd", "host_lr": 0.1}, "proof"))
+    assert (config.env.optimizer, config.env.host_lr) == ("sgd", 0.1)
+    assert resolve_config(resolve_settings({"task": "cifar10"}, "proof")).env.optimizer == "sgd"
 
 
 def test_language_model_context_length():

@@ -2,6 +2,11 @@
 a final LayerNorm and an output layer tied to the token embedding. Deterministic (no dropout),
 so a forward is a pure function of parameters and input.
 
+With ``attention=False`` the host is *position-wise*: its layers keep their MLPs but have no
+attention, so each position sees its own token (and place) only, a bigram model. It is the
+language-model counterpart of the pointwise CNN host (1x1 kernels): context is then something a
+seed can bring (``attention``, ``depth``) and the host cannot learn by itself.
+
 Row ``i`` of the slot grid is layer ``i``; its three columns (in forward order c1, c2, c0):
 
 * ``r{i}c1``, pre-attention (parallel): the seed reads the stream entering the layer's
@@ -42,6 +47,7 @@ class TransformerHost:
     num_layers: int = 4
     block_size: int = 256
     mlp_ratio: int = 4
+    attention: bool = True      # False: position-wise layers (module docstring)
     topology: Topology = dataclasses.field(default="transformer", init=False)
 
     def __post_init__(self):
@@ -84,14 +90,18 @@ class TransformerHost:
         }
         for i in range(self.num_layers):
             k = keys[2 + 4 * i: 6 + 4 * i]
-            params[f"layer{i}"] = {
-                "ln1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-                "qkv": 0.02 * jax.random.normal(k[0], (d, 3 * d)), "qkv_b": jnp.zeros((3 * d,)),
-                "proj": residual_std * jax.random.normal(k[1], (d, d)), "proj_b": jnp.zeros((d,)),
+            layer = {
                 "ln2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
                 "fc": 0.02 * jax.random.normal(k[2], (d, hidden)), "fc_b": jnp.zeros((hidden,)),
                 "out": residual_std * jax.random.normal(k[3], (hidden, d)), "out_b": jnp.zeros((d,)),
             }
+            if self.attention:
+                layer.update({
+                    "ln1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+                    "qkv": 0.02 * jax.random.normal(k[0], (d, 3 * d)), "qkv_b": jnp.zeros((3 * d,)),
+                    "proj": residual_std * jax.random.normal(k[1], (d, d)), "proj_b": jnp.zeros((d,)),
+                })
+            params[f"layer{i}"] = layer
         return params
 
     def stem(self, params: dict, tokens: jax.Array) -> jax.Array:
@@ -103,7 +113,7 @@ class TransformerHost:
         part, layer = self._layout[index]
         p = params[f"layer{layer}"]
         if part == "attention":
-            return h + ops.attention_branch(p, h, self.num_heads)
+            return h + ops.attention_branch(p, h, self.num_heads) if self.attention else h
         if part == "mlp":
             return h + ops.mlp_branch(p, h)
         return h  # the layer's output: r{i}c2's seed has joined, r{i}c0's reads it
