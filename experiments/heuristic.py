@@ -31,7 +31,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m experiments.heuristic",
                     description="Run rule-based controllers over a population of growing networks.")
     parser.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
-    parser.add_argument("--host-variant", default=None, help="cifar: baseline|impaired|pointwise; tinystories: base|tiny")
+    parser.add_argument("--host-variant", default=None, help="cifar: baseline|impaired|pointwise; tinystories: base|tiny|pointwise")
     parser.add_argument("--data", default="auto", help="auto (real data from the data dir), synthetic, or a data directory")
     parser.add_argument("--data-dir", default=None, help="where datasets live (default $ESPER_DATA or ./data)")
     parser.add_argument("--tokenizer", default=None, help="tinystories: gpt2 or byte (default gpt2)")

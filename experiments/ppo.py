@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {distributed.DEFAULT_TIMEOUT_S})")
 
     g = parser.add_argument_group("task and data")
-    g.add_argument("--host-variant", help="image tasks: baseline|impaired|pointwise; tinystories: base|tiny")
+    g.add_argument("--host-variant", help="image tasks: baseline|impaired|pointwise; tinystories: base|tiny|pointwise")
     g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
                    "(default auto; the smoke preset uses synthetic); --task=images: the .npz file (x_train, y_train, "
                    "x_test, y_test); --task=tfds:NAME: tfds' data directory (default DATA_DIR/tensorflow_datasets)")

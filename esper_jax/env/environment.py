@@ -40,7 +40,7 @@ from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, Factor
 from esper_jax.data.augment import normalize_images, random_crop_flip
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.lattice.model import MorphogeneticModel
-from esper_jax.lattice.optim import LRSchedule, OptimizerKind, make_optimizer
+from esper_jax.lattice.optim import LRSchedule, OptimizerKind, inner_optimizer
 from esper_jax.env.rewards import RewardConfig, RewardSignals, compute_reward
 from esper_jax.env.tasks import TaskConfig
 from esper_jax.lattice.strategy import PopulationStrategy
@@ -111,17 +111,17 @@ def make_env_config(task: TaskConfig, slot_ids=None, gates: GateConfig = GateCon
                     optimizer: OptimizerKind = "sgd", **kwargs) -> EnvConfig:
     """``blueprints``: names of the blueprints this run may grow (default: all of the topology's);
     ``host``: a host to use instead of the task's own (tests and smoke runs use small ones);
-    ``host_lr``/``host_lr_schedule``: the host's SGD rate, constant or cosine-decayed to 0 over the
-    episode; ``seed_lr``: every seed's SGD rate, constant (a seed lives for part of an episode, so a
+    ``host_lr``/``host_lr_schedule``: the host's learning rate, constant or cosine-decayed to 0 over the
+    episode; ``seed_lr``: every seed's rate, constant (a seed lives for part of an episode, so a
     per-episode decay does not fit it; Esper: 0.01 for host and seeds); ``optimizer``: what host
     and seeds train with (:data:`~esper_jax.lattice.optim.OPTIMIZERS`; Esper's SGD by default);
     ``strategy``: how a population of environments runs (default: the backend's,
     :meth:`~esper_jax.lattice.strategy.PopulationStrategy.for_backend`)."""
     model = MorphogeneticModel.build(host or task.make_host(), slot_ids, gates, blueprints=blueprints,
-                                     seed_optimizer=make_optimizer(optimizer, seed_lr), strategy=strategy)
+                                     seed_optimizer=inner_optimizer(optimizer, seed_lr), strategy=strategy)
     episode_steps = (kwargs.get("episode_epochs", EnvConfig.episode_epochs)
                      * kwargs.get("steps_per_epoch", EnvConfig.steps_per_epoch))
-    kwargs.setdefault("host_optimizer", make_optimizer(optimizer, host_lr, host_lr_schedule, episode_steps))
+    kwargs.setdefault("host_optimizer", inner_optimizer(optimizer, host_lr, host_lr_schedule, episode_steps))
     reward = kwargs.pop("reward", None) or RewardConfig()
     reward = dataclasses.replace(reward, baseline_loss=task.baseline_loss, target_loss=task.target_loss,
                                  typical_loss_delta_std=task.typical_loss_delta_std)

@@ -106,9 +106,13 @@ class SlotLayout:
 
 def _masked(element_mask: jax.Array, new, old):
     """Select ``new`` where the mask holds in every optimizer-state leaf shaped like the raveled
-    parameters; other leaves (step counts) take ``new``."""
+    parameters; other leaves (a step count, such as Adam's bias correction reads) take ``new`` only
+    where the mask holds anywhere: a slot's count restarts when its seed does and ticks only while
+    it learns, so germinating or training one slot never moves another's."""
     size = element_mask.shape[0]
-    return jax.tree.map(lambda n, o: jnp.where(element_mask, n, o) if n.shape == (size,) else n, new, old)
+    anywhere = element_mask.any()
+    return jax.tree.map(lambda n, o: jnp.where(element_mask, n, o) if n.shape == (size,) else jnp.where(anywhere, n, o),
+                        new, old)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@ parameter-second than a large static model?
 
 **The large static reference** (:func:`large_static_config`, :func:`large_static_env`) is the
 run's own host with ``LAYER_FACTOR`` (2) times the layers — the TinyStories design's base model of
-4 layers is to grow to 8 or more — and the same width, heads, vocabulary and block size, trained
+4 layers is to grow to 8 or more — and the same width, heads, vocabulary, block size and attention, trained
 under the static controller (it never grows) on the same held-out envs as the other controllers:
 the same data and the same per-epoch keys, so the same batches in the same order. Its initial
 weights necessarily differ, since the model differs. It is a second environment, built from the
@@ -145,7 +145,7 @@ def efficiency_section(env: MorphogeneticEnv, results: Mapping[str, EpisodeOutpu
             "run_host_params": env.host_param_count,
             "slots": list(reference_env.lattice.slots.slot_ids),
             "definition": (f"the run's host with {LAYER_FACTOR}x the layers ({host.num_layers} -> {large.num_layers}), "
-                           "the same width, heads, vocabulary and block size, under the static controller on the same "
+                           "the same width, heads, vocabulary, block size and attention, under the static controller on the same "
                            "held-out envs: the same data and per-epoch keys (the same batches); its initial weights "
                            "differ, since the model differs"),
         },

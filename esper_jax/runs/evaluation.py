@@ -287,12 +287,13 @@ def markdown_table(payload: dict[str, Any]) -> str:
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
     language_model = any(r.get("final_val_perplexity") is not None for r in payload["controllers"].values())
     quality, quality_spec = ("final_val_perplexity", ".2f") if language_model else ("final_val_accuracy", ".3f")
+    compared = [base for base in BASELINES if base in payload["controllers"]]
     lines += [
         "",
-        "| controller | final val loss | vs static, mean [95% CI] (better in) | vs heuristic, mean [95% CI] (better in) "
-        f"| {'val perplexity' if language_model else 'val accuracy'} | params added | return | germinated | fossilized "
+        "| controller | final val loss | " + "".join(f"vs {base}, mean [95% CI] (better in) | " for base in compared)
+        + f"{'val perplexity' if language_model else 'val accuracy'} | params added | return | germinated | fossilized "
         "| pruned |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|" + "---|" * len(compared) + "---|---|---|---|---|---|",
     ]
     envs = held["num_envs"]
 
@@ -306,12 +307,12 @@ def markdown_table(payload: dict[str, Any]) -> str:
     for name, r in payload["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
         lines.append(
-            f"| {name} | {loss} | {versus(r, 'static')} | {versus(r, 'heuristic')} | "
+            f"| {name} | {loss} | " + "".join(f"{versus(r, base)} | " for base in compared) +
             f"{fmt(r.get(quality), quality_spec)} | {r['params_added']:.0f} | "
             f"{r['mean_return']:.3f} | {_counts(r['germinated'])} | {_counts(r['fossilized'])} | {_counts(r['pruned'])} |"
         )
-    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs static / vs "
-              "heuristic: mean over envs of the final loss minus that baseline's on the same env (negative = better), "
+    lines += ["", "Losses and accuracy: mean (± std) over held-out envs at the end of the episode; vs "
+              f"{' / vs '.join(compared)}: mean over envs of the final loss minus that baseline's on the same env (negative = better), "
               "its 95% Student-t confidence interval, and in how many envs it was lower; params added: mean per env of "
               "parameters in computed seeds; seed counts: totals over all envs, per blueprint."]
     align = payload.get("return_alignment")
@@ -341,7 +342,9 @@ def write_evaluation(run_dir: str, payload: dict[str, Any], markdown: str | None
     return json_path, os.path.join(run_dir, "evaluation.md")
 
 
-BASELINES = ("static", "heuristic")
+# What every controller is compared with, pairwise on the same envs: never growing, Esper's rules,
+# and growing at random (a learned controller has to beat chance, not only the rules).
+BASELINES = ("static", "heuristic", "random")
 
 
 def paired_ci(differences: np.ndarray, level: float = 0.95) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                            ("--host-lr=nan", "--host-lr must be a positive number"),
                            ("--seed-lr=-1", "--seed-lr must be a positive number"),
                            ("--host-lr-schedule=linear", "invalid choice"),
+                           ("--optimizer=lamb", "invalid choice"),
                            ("--max-concurrent-training=0", "--max-concurrent-training"),
                            ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
         assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
@@ -526,3 +527,13 @@ def test_a_second_writer_is_refused_while_a_real_run_trains(tmp_path, cache):
     assert [r["update"] for r in rows] == [1, 2, 3, 4]
     assert json.loads((run_dir / "summary.json").read_text())["complete"]
     assert json.loads((run_dir / "config.json").read_text())["ppo"]["learning_rate"] == 3e-4
+
+
+def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():
+    """A run written before a setting existed has no option for it: giving the value the run used
+    is accepted on resume, another value is refused by name."""
+    config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
+    old = config.replace(options={k: v for k, v in config.options.items() if k != "optimizer"})
+    check_resume_settings(old, {"optimizer": "sgd"})
+    with pytest.raises(RunConfigError, match="--optimizer=adamw does not match the run's --optimizer=sgd"):
+        check_resume_settings(old, {"optimizer": "adamw"})

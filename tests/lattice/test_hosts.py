@@ -7,6 +7,7 @@ session rigs of ``conftest.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -174,6 +175,24 @@ def test_transformer_is_causal(transformer):
     _, changed, _ = transformer.host_only(x=x)
     np.testing.assert_allclose(np.asarray(changed[:, :t]), np.asarray(out[:, :t]), rtol=0, atol=1e-6)
     assert not np.allclose(np.asarray(changed[:, t:]), np.asarray(out[:, t:]), atol=1e-4)
+
+
+def test_position_wise_transformer_sees_one_token_at_a_time():
+    """Without attention the host is a bigram model: a position's logits depend on its own token and
+    place only, it has no attention parameters, and it keeps the same injection points."""
+    host = TransformerHost(vocab_size=11, d_model=8, num_heads=2, num_layers=2, block_size=6, attention=False)
+    params = host.init(jax.random.key(0))
+    assert all(set(params[f"layer{i}"]) == {"ln2", "fc", "fc_b", "out", "out_b"} for i in range(2))
+    with_attention = dataclasses.replace(host, attention=True)
+    assert count(params) < count(param_shapes(with_attention))
+    assert [p.slot_id for p in host.injection_points] == [p.slot_id for p in with_attention.injection_points]
+    x = np.arange(12).reshape(2, 6) % 11
+    out = host_forward(host, params, jnp.asarray(x))
+    for t in range(6):
+        changed = x.copy()
+        changed[:, t] = (changed[:, t] + 3) % 11
+        moved = np.abs(np.asarray(host_forward(host, params, jnp.asarray(changed)) - out)).max(axis=(0, 2))
+        assert moved[t] > 1e-4 and np.all(np.delete(moved, t) == 0)
 
 
 def test_transformer_output_layer_is_the_token_embedding(transformer):

@@ -16,6 +16,7 @@ from esper_jax.lattice import blending, lifecycle
 from esper_jax.lattice.hosts import CNNHost, slot_config_for
 from esper_jax.lattice.grid import GATE, Lattice, LatticeState
 from esper_jax.lattice.lifecycle import GateConfig, Stage
+from esper_jax.lattice.optim import inner_optimizer
 
 SLOTS = slot_config_for(CNNHost.baseline(), ["r0c0", "r1c0", "r2c0"])
 # Short gates so states in later stages are a few requests away.
@@ -281,3 +282,24 @@ def test_jit_vmap_germinate_over_a_population_equals_members():
         assert same_tree(got, want), f"member {m} differs between vmap and a single jitted call"
         if not bool(applied):
             assert same_tree(got, states[m]), f"refused member {m} changed"
+
+
+def test_a_slots_optimizer_step_count_is_its_own():
+    """Adam's step count (its bias correction) restarts only in the slot that germinates and ticks
+    only where a seed learns: germinating or training one slot leaves every other slot's optimizer
+    state as it was (SGD's state has no count, so only a counting optimizer can see this)."""
+    lat = Lattice(SLOTS, gates=LAT.gates, seed_optimizer=inner_optimizer("adamw", 1e-3), blueprint_names=("norm",))
+    shapes = jax.eval_shape(lat.init, key(0))
+    rng = np.random.default_rng(1)
+    fill = lambda leaf: jnp.asarray(rng.normal(size=leaf.shape) if jnp.issubdtype(leaf.dtype, jnp.floating)
+                                    else np.full(leaf.shape, 7), leaf.dtype)
+    state = LatticeState(status=lifecycle.init_status(SLOTS.num_slots), params=jax.tree.map(fill, shapes.params),
+                         opt_state=jax.tree.map(fill, shapes.opt_state))
+    counts = lambda st, s: [int(leaf) for leaf in jax.tree.leaves(st.opt_state[s]) if leaf.ndim == 0]
+    assert counts(state, 0) and all(c == 7 for c in counts(state, 0))
+    grown, applied = jax.jit(lat.germinate)(state, 1, lat.blueprint_index("norm"), LINEAR, 0, key(2))
+    assert bool(applied) and all(c == 0 for c in counts(grown, 1))
+    assert same_tree(grown.opt_state[0], state.opt_state[0]) and same_tree(grown.opt_state[2], state.opt_state[2])
+    # nothing learns yet (GERMINATED): a step moves no slot's state, its count included
+    stepped = jax.jit(lat.apply_gradients)(grown, random_grads(grown.params, 3))
+    assert all(same_tree(stepped.opt_state[s], grown.opt_state[s]) for s in range(SLOTS.num_slots))

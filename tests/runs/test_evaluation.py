@@ -252,5 +252,11 @@ def test_paired_differences(rig):
         expected = np.mean(results[name].final_val_loss.astype(np.float64) - results["static"].final_val_loss)
         assert r["final_val_loss_minus_static"] == pytest.approx(expected, abs=1e-9)
         assert 0 <= r["envs_better_than_heuristic"] <= NUM_ENVS
+        # and against random growth, which a learned controller has to beat too
+        expected = np.mean(results[name].final_val_loss.astype(np.float64) - results["random"].final_val_loss)
+        assert r["final_val_loss_minus_random"] == pytest.approx(expected, abs=1e-9)
     assert payload["controllers"]["static"]["final_val_loss_minus_static"] == 0.0
+    table = markdown_table(payload)
+    assert "| vs static, mean [95% CI] (better in) | vs heuristic, mean [95% CI] (better in) | vs random" in table
+    assert all(line.count("|") == table.splitlines()[4].count("|") for line in table.splitlines() if line.startswith("| "))
     assert payload["controllers"]["static"]["envs_better_than_static"] == 0

@@ -17,7 +17,7 @@ from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_en
 from esper_jax.runs.evaluation import Evaluator
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import GateConfig, Stage
-from esper_jax.runs.settings import PRESETS, resolve_settings
+from esper_jax.runs.settings import PRESETS, resolve_config, resolve_settings
 from esper_jax.env.tasks import get_task
 
 
@@ -48,9 +48,12 @@ def epochs_to_fossilize(gates: GateConfig, tempo_epochs: int, germinate_at: int 
 LEARNING_PRESETS = ("proof", "full")
 
 
+@pytest.mark.parametrize("task", ["cifar10", "tinystories"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_a_seed_can_be_fossilized_within_every_presets_episode(preset):
-    settings = resolve_settings({"task": "cifar10"}, preset)
+def test_a_seed_can_be_fossilized_within_every_presets_episode(preset, task):
+    config = resolve_config(resolve_settings({"task": task}, preset))
+    settings = {"min_training_epochs": config.env.min_training_epochs, "auto_advance": config.env.auto_advance,
+                "episode_epochs": config.env.episode_epochs}
     gates = GateConfig(min_training_epochs=settings["min_training_epochs"], auto_advance=settings["auto_advance"])
     episode = settings["episode_epochs"]
     tempo = min(blending.TEMPOS)
