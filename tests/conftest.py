@@ -24,6 +24,7 @@ jaxlib 0.10.2 on CPU, so compiler options stay at their defaults.)
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 from typing import Any, Callable
 
@@ -38,6 +39,19 @@ from esper_jax.lattice.hosts import CNNHost, TransformerHost, host_forward
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.lattice.strategy import Execution, PopulationStrategy
 from esper_jax.lattice.model import MorphogeneticModel
+
+
+def block_imports(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make every import of ``package`` (and its submodules) fail as if it were not installed, even
+    where it is, for the tests of the one-line message a missing optional extra gets."""
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)
 
 
 def key(seed: int) -> jax.Array:

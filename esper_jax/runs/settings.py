@@ -189,10 +189,11 @@ POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "ba
                      "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
 
 
-def _per_topology(value: Any, topology: str) -> Any:
-    """Preset values may be given per topology: ``{"cnn": ..., "transformer": ...}``."""
+def _per_topology(value: Any, topology: str, default: Any = None) -> Any:
+    """Preset values may be given per topology: ``{"cnn": ..., "transformer": ...}``; a topology
+    left out gets ``default``."""
     if isinstance(value, dict) and set(value) <= {"cnn", "transformer"} and value:
-        return value.get(topology)
+        return value.get(topology, default)
     return value
 
 
@@ -291,9 +292,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         # A user's own images give the host its input and classes (labels and metadata are read, not images).
         image = describe_image_dataset(s["task"], s["data"], data_dir=s["data_dir"]) if user_data else None
         topology = get_task(s["task"], image=image).topology
-        # A preset's per-topology values; a topology it leaves out gets the default.
-        s = {name: _per_topology(value, topology) if _per_topology(value, topology) is not None or value is None
-             else DEFAULTS[name] for name, value in s.items()}
+        s = {name: _per_topology(value, topology, DEFAULTS.get(name)) for name, value in s.items()}
         for name in POSITIVE_SETTINGS:
             value = s[name]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

@@ -10,7 +10,6 @@ learner, so they are ``slow``.
 
 from __future__ import annotations
 
-import builtins
 import json
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError, read_config
 from esper_jax.runs.rundir import default_run_dir, write_json
 from esper_jax.runs.settings import resolve_config, resolve_settings
+from tests.conftest import block_imports
 from tests.data.test_data_npz import CHANNELS, CLASSES, N_TEST, N_TRAIN, SIZE, image_arrays, write_npz
 from tests.experiments.test_ppo_cli import REPO, error_line
 
@@ -80,14 +80,7 @@ def test_bad_image_files_are_one_line_each(capsys, tmp_path):
 
 
 def test_tfds_without_its_extra_is_one_line(capsys, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_tfds(name, *args, **kwargs):
-        if name.startswith("tensorflow_datasets"):
-            raise ImportError("No module named 'tensorflow_datasets'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tfds)
+    block_imports(monkeypatch, "tensorflow_datasets")
     line = bad(capsys, tmp_path, ["--task=tfds:mnist", f"--data-dir={tmp_path}"])
     assert "needs tensorflow-datasets, which is not installed" in line and "pip install esper-jax[tfds]" in line
 

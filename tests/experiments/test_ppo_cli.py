@@ -32,6 +32,7 @@ from esper_jax.runs.config import Member, RunConfigError, read_config
 from esper_jax.runs.load import load_run
 from esper_jax.runs.rundir import write_json
 from esper_jax.runs.settings import check_resume_settings, resolve_config, resolve_settings
+from tests.conftest import block_imports
 from experiments import ppo as cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,16 +148,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
 
 
 def test_tensorboard_without_its_extra_is_one_line(capsys, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tensorboardx(name, *args, **kwargs):
-        if name.startswith("tensorboardX"):
-            raise ImportError("No module named 'tensorboardX'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
+    block_imports(monkeypatch, "tensorboardX")
     line = error_line(capsys, ["--task=cifar10", "--preset=smoke", f"--run-dir={tmp_path / 'r'}", "--tensorboard"])
     assert "pip install -e '.[tensorboard]'" in line and not (tmp_path / "r").exists()
 

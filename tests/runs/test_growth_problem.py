@@ -51,11 +51,9 @@ LEARNING_PRESETS = ("proof", "full")
 @pytest.mark.parametrize("task", ["cifar10", "tinystories"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_a_seed_can_be_fossilized_within_every_presets_episode(preset, task):
-    config = resolve_config(resolve_settings({"task": task}, preset))
-    settings = {"min_training_epochs": config.env.min_training_epochs, "auto_advance": config.env.auto_advance,
-                "episode_epochs": config.env.episode_epochs}
-    gates = GateConfig(min_training_epochs=settings["min_training_epochs"], auto_advance=settings["auto_advance"])
-    episode = settings["episode_epochs"]
+    env = resolve_config(resolve_settings({"task": task}, preset)).env
+    gates = GateConfig(min_training_epochs=env.min_training_epochs, auto_advance=env.auto_advance)
+    episode = env.episode_epochs
     tempo = min(blending.TEMPOS)
     assert epochs_to_fossilize(gates, tempo) <= episode
     late = epochs_to_fossilize(gates, tempo, germinate_at=episode // 3)
