@@ -159,7 +159,9 @@ class MorphogeneticModel:
         # under reverse-mode a lax.cond returns the union of both branches' residuals, so a skipped
         # (dormant) branch still wrote zero-filled copies of every blueprint's intermediates; with
         # checkpointing the residuals are only the branch inputs. Measured on the baseline CNN
-        # step: all-dormant overhead 4.4x -> 1.4x of the plain host.
+        # step: all-dormant overhead 4.4x -> 1.4x of the plain host. The skipped branch still
+        # writes one zero-filled copy of the branch input; a hand-written VJP without it (inputs
+        # as residuals, the backward in a cond of its own) measured the same within noise.
         if source is None:  # one operand: the stream point's seed reads h itself
             return jax.lax.cond(jnp.any(computed), jax.checkpoint(lambda h: active(h, h)), lambda h: h, h)
         return jax.lax.cond(jnp.any(computed), jax.checkpoint(active), lambda h, source: h, h, source)

@@ -17,6 +17,10 @@ One env step (a population of one, the baseline CNN host with its three slots):
 
 One PPO update (the smoke preset): the whole update and its rollout alone; learning (GAE and the
 minibatch epochs) is the difference.
+
+Then the profile (:mod:`experiments.bench.profile`): the env step with a live seed and the PPO
+update, traced, their thunk time summed by what the code was doing (convolution forward and
+backward, normalization, pooling, optimizers, seeds, the lattice, copies and control flow, ...).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 from esper_jax.data import SYNTHETIC
 from esper_jax.lattice.hosts import host_forward
 from experiments.bench.host import LIVE_BLUEPRINT, with_live_seed
+from experiments.bench.profile import Profile, print_profile, profile_categories
 from experiments.bench.timing import Timer, image_batch
 from esper_jax.trees import add_axis
 
@@ -131,7 +136,18 @@ def bench_breakdown(args) -> dict:
     update_s, rollout_s = t["ppo: update"], t["ppo: rollout"]
     result["ppo"] = {"update_s": update_s, "parts_s": {"rollout": rollout_s, "learning": update_s - rollout_s},
                      "shares": {"rollout": rollout_s / update_s, "learning": (update_s - rollout_s) / update_s}}
+
+    print("  profiling the env step (live seed) and the PPO update (smoke)", flush=True)
+    profiles = {"env step (live seed)": profile_categories(step, key, states["live"], wait, data),
+                "PPO update (smoke)": profile_categories(update, runner, built.env_data)}
+    result["profile"] = {name: _profile_json(p, whole) for (name, p), whole
+                         in zip(profiles.items(), (t["live: env step"], update_s))}
     return result
+
+
+def _profile_json(profile: Profile, untraced_s: float) -> dict:
+    return {"untraced_wall_s": untraced_s, "traced_wall_s": profile.wall_s, "thunk_s": profile.thunk_s,
+            "seconds": profile.seconds, "shares": {k: v / profile.thunk_s for k, v in profile.seconds.items()}}
 
 
 def print_breakdown_table(result: dict):
@@ -150,3 +166,6 @@ def print_breakdown_table(result: dict):
     p = result["ppo"]
     print(f"  PPO update (smoke) {p['update_s'] * 1e3:.1f} ms: rollout {p['shares']['rollout']:.0%}, "
           f"learning {p['shares']['learning']:.0%}")
+    for name, profiled in result.get("profile", {}).items():
+        print(f"  profile of the {name} ({profiled['untraced_wall_s'] * 1e3:.1f} ms untraced), thunk time by category:")
+        print_profile(name, Profile(profiled["seconds"], profiled["traced_wall_s"], profiled["thunk_s"]))

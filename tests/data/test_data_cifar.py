@@ -429,3 +429,19 @@ def test_pad_zero_only_flips() -> None:
     same = np.all(out == np.asarray(images), axis=(1, 2, 3))
     mirrored = np.all(out == np.asarray(images)[:, :, ::-1], axis=(1, 2, 3))
     assert np.all(same | mirrored) and same.any() and mirrored.any()
+
+
+def test_gather_crop_flip_reads_the_indexed_images_like_pad_slice_and_mirror() -> None:
+    """Against NumPy: zero-pad, slice the window, mirror; images picked by index (repeats too)."""
+    dataset = _batch()
+    rng = np.random.default_rng(5)
+    index = rng.integers(0, BATCH, size=BATCH)
+    index[:3] = 7
+    offsets = rng.integers(0, 9, size=(BATCH, 2))
+    flips = rng.random(BATCH) < 0.5
+    out = np.asarray(jax.jit(augment.gather_crop_flip, static_argnames="pad")(
+        dataset, jnp.asarray(index), jnp.asarray(offsets), jnp.asarray(flips), pad=4))
+    padded = np.pad(np.asarray(dataset), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for b in range(BATCH):
+        window = padded[index[b], offsets[b, 0]:offsets[b, 0] + 32, offsets[b, 1]:offsets[b, 1] + 32]
+        np.testing.assert_array_equal(out[b], window[:, ::-1] if flips[b] else window, err_msg=f"image {b}")
