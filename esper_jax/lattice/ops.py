@@ -22,12 +22,15 @@ conv_light seed, batch 64, 8 members mapped: 17.0 ms per member vs 23.3 ms with 
 139 ms with ``lax``. Elsewhere im2col, as measured before lax_vjp existed (no accelerator has
 been measured since). ``ESPER_CONV_IMPL`` overrides the choice (read at trace time).
 
-Tried and not kept (2-core x86-64 CPU, batch 64, interleaved with PyTorch in one process): the
+Tried and not kept (one-off comparisons on a 2-core x86-64 CPU, batch 64, each variant timed in
+one process interleaved with the others and with PyTorch; the variants are not in the suite): the
 image layer's forward (3 -> 8 channels at 32x32) as a direct sum of shifted channels ran 5x
 faster than ``lax.conv`` alone (0.49 vs 2.5 ms) but made the host's training step 2.2x slower
 (31 vs 14 ms): XLA fused the elementwise sum into each consumer (the normalization's statistics,
 the pooling) and recomputed it there. Hand-written VJPs for normalization + ReLU and for the
-2x2 pooling, and XLA:CPU's XNNPACK and oneDNN fusion flags, left the step within noise.
+2x2 pooling left the step within noise; so did XLA:CPU's XNNPACK fusion flags (dot, eltwise,
+reduce; graph fusion) in processes of their own, alternated over three rounds, and its oneDNN
+fusions failed to compile this program.
 """
 from __future__ import annotations
 
