@@ -39,6 +39,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2 and err == "error: argument --envs: must be positive, got 0"
 
 
+@pytest.mark.slow  # ~14 s of compiling and running schedules; the default suite keeps the argument checks
 def test_headroom_runs_schedules_against_static_on_the_held_out_envs(tmp_path, capsys):
     out = tmp_path / "headroom.json"
     argv = ["--task=cifar10", "--preset=smoke", "--envs=3", "--schedules=conv_small@r0c0@e0,norm@r0c0@e1",
