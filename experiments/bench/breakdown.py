@@ -32,7 +32,7 @@ from esper_jax.data import SYNTHETIC
 from esper_jax.lattice.hosts import host_forward
 from experiments.bench.host import LIVE_BLUEPRINT, with_live_seed
 from experiments.bench.profile import Profile, print_profile, profile_categories
-from experiments.bench.timing import Timer, image_batch
+from experiments.bench.timing import Timer, compile_timed, image_batch
 from esper_jax.trees import add_axis
 
 SCENARIOS = ("dormant", "live", "blending")
@@ -67,7 +67,10 @@ def bench_breakdown(args) -> dict:
         stage=status.stage.at[1].set(Stage.BLENDING), alpha=status.alpha.at[1].set(0.5))))
     states = {"dormant": fresh, "live": fresh.replace(train=live_train), "blending": fresh.replace(train=blending)}
 
-    step = jax.jit(env.step)
+    wait = jax.tree.map(jnp.asarray, __import__("esper_jax.env.actions", fromlist=["FactoredAction"]).FactoredAction.wait())
+    key = jax.random.key(7)
+    # Compiled once, for the timing and the profile alike (every state has the same shapes).
+    step, step_compile = compile_timed(jax.jit(env.step), key, states["live"], wait, data)
     train_epoch = jax.jit(lambda train, key: env._train_epoch(add_axis(train), key[None], data))
     sample = jax.jit(lambda key: jax.vmap(lambda k: env._sample_batch(k, data))(
         jax.random.split(key, config.steps_per_epoch)))
@@ -79,8 +82,6 @@ def bench_breakdown(args) -> dict:
         return jax.lax.map(lambda off: env._evaluate(train, val_x, data.val_y, off[None]), rows)
 
     every_pass = jax.jit(every_pass)
-    wait = jax.tree.map(jnp.asarray, __import__("esper_jax.env.actions", fromlist=["FactoredAction"]).FactoredAction.wait())
-    key = jax.random.key(7)
 
     host_init, host_step = make_host_train_step(model.host, config.host_optimizer)
     params, opt_state = jax.jit(host_init)(jax.random.key(1))
@@ -91,9 +92,10 @@ def bench_breakdown(args) -> dict:
     host_train = jax.jit(host_step)
 
     timer = Timer(args.rounds, args.calls)
+    timer.compile_seconds["env step"] = step_compile["total"]
     for name in SCENARIOS:
         s = states[name]
-        timer.add(f"{name}: env step", lambda s=s: step(key, s, wait, data))
+        timer.add(f"{name}: env step", lambda s=s: step(key, s, wait, data), compiled=True)
         timer.add(f"{name}: training (with sampling)", lambda s=s: train_epoch(s.train, key))
         timer.add(f"{name}: validation", lambda s=s: validate(s.train))
         timer.add(f"{name}: validation, every pass", lambda s=s: every_pass(s.train))
@@ -107,9 +109,10 @@ def bench_breakdown(args) -> dict:
         {"task": "cifar10", "checkpoint_every": 1, "data": SYNTHETIC}, "smoke")))
     trainer = built.trainer
     runner = jax.jit(trainer.init)(jax.random.key(0), ppo_lib.Hyperparams.default(built.ppo_config), built.env_data)
-    update = jax.jit(trainer.train_chunk)
+    update, update_compile = compile_timed(jax.jit(trainer.train_chunk), runner, built.env_data)
+    timer.compile_seconds["ppo: update"] = update_compile["total"]
     rollout = jax.jit(trainer.rollout)
-    timer.add("ppo: update", lambda: update(runner, built.env_data))
+    timer.add("ppo: update", lambda: update(runner, built.env_data), compiled=True)
     timer.add("ppo: rollout", lambda: rollout(runner, built.env_data, key))
     print(f"  timing {len(timer.candidates)} parts in {args.rounds} interleaved rounds", flush=True)
     t = timer.run()

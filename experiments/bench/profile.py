@@ -24,7 +24,7 @@ import json
 import re
 import tempfile
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 
@@ -140,10 +140,9 @@ class Profile(NamedTuple):
     thunk_s: float              # summed thunk seconds per call (all categories)
 
 
-def profile_categories(fn: Callable, *args, calls: int = 5) -> Profile:
-    """Trace ``calls`` calls of the jitted ``fn`` on ``args`` (compiled first) and sum each
-    category's thunk time per call."""
-    compiled = fn.lower(*args).compile()
+def profile_categories(compiled: jax.stages.Compiled, *args, calls: int = 5) -> Profile:
+    """Trace ``calls`` calls of the compiled program (``jax.jit(f).lower(*args).compile()``) on
+    ``args`` and sum each category's thunk time per call."""
     names = attribute(compiled.as_text())
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
