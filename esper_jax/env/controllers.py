@@ -16,7 +16,7 @@ vmappable, taking only actions their masks allow.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,26 +159,54 @@ class Schedule:
         return cls(parts[0], parts[1], epoch, **defaults)
 
 
-def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule):
+def parse_schedules(text: str, **defaults) -> tuple[Schedule, ...]:
+    """One fixed growth schedule of one or more seeds: ``a@slot@eN+b@slot2@eM`` (``+`` between
+    seeds, planted in the order written; each in a slot of its own)."""
+    seeds = tuple(Schedule.parse(part, **defaults) for part in text.split("+"))
+    slots = [s.slot for s in seeds]
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"schedule {text!r} plants two seeds in one slot; give each seed a slot of its own")
+    return seeds
+
+
+def schedule_name(seeds: Schedule | Sequence[Schedule]) -> str:
+    seeds = (seeds,) if isinstance(seeds, Schedule) else tuple(seeds)
+    return "+".join(s.name for s in seeds)
+
+
+def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequence[Schedule]):
+    """A fixed schedule of one seed or several (planted in order, each at its epoch or as soon
+    after as the masks allow). Each epoch: fossilize a seed whose G5 passed, else advance one
+    the gates allow (not out of HOLDING, which leaves by FOSSILIZE), else plant the next seed."""
+    seeds = (schedule,) if isinstance(schedule, Schedule) else tuple(schedule)
+    if not seeds:
+        raise ValueError("a schedule needs at least one seed")
     lattice = env.lattice
-    slot = lattice.slots.index(schedule.slot)
-    blueprint = lattice.blueprint_index(schedule.blueprint)
-    blend = blending.blend_style_index(schedule.blend_style)
-    tempo = blending.tempo_index(schedule.tempo_epochs)
-    if not 0 <= schedule.epoch < env.config.episode_epochs:
-        raise ValueError(f"schedule {schedule.name}: epoch {schedule.epoch} is outside the episode's "
-                         f"0..{env.config.episode_epochs - 1}")
+    slots = jnp.asarray([lattice.slots.index(s.slot) for s in seeds], jnp.int32)
+    blueprints = jnp.asarray([lattice.blueprint_index(s.blueprint) for s in seeds], jnp.int32)
+    blends = jnp.asarray([blending.blend_style_index(s.blend_style) for s in seeds], jnp.int32)
+    tempos = jnp.asarray([blending.tempo_index(s.tempo_epochs) for s in seeds], jnp.int32)
+    epochs = jnp.asarray([s.epoch for s in seeds], jnp.int32)
+    for s in seeds:
+        if not 0 <= s.epoch < env.config.episode_epochs:
+            raise ValueError(f"schedule {s.name}: epoch {s.epoch} is outside the episode's "
+                             f"0..{env.config.episode_epochs - 1}")
 
     def controller(key: jax.Array, state: EnvState) -> FactoredAction:
         del key  # deterministic
         masks = action_masks(lattice, state.train.lattice, env.config.actions)
-        stage = state.train.lattice.status.stage[slot]
-        germinate = (masks.slot_given_op[Op.GERMINATE][slot] & (state.epoch >= schedule.epoch)
-                     & (jnp.sum(state.germinated) == 0))
-        advance = masks.slot_given_op[Op.ADVANCE][slot] & (stage != Stage.HOLDING)  # HOLDING leaves by FOSSILIZE
-        op = jnp.where(masks.slot_given_op[Op.FOSSILIZE][slot], Op.FOSSILIZE,
-                       jnp.where(advance, Op.ADVANCE, jnp.where(germinate, Op.GERMINATE, Op.WAIT)))
-        return FactoredAction.make(op, slot, blueprint, blend, tempo, 2)
+        stage = state.train.lattice.status.stage[slots]
+        planted = jnp.sum(state.germinated)           # seeds are planted in order
+        nxt = jnp.clip(planted, 0, len(seeds) - 1)
+        germinate = ((planted < len(seeds)) & masks.slot_given_op[Op.GERMINATE][slots[nxt]]
+                     & (state.epoch >= epochs[nxt]))
+        fossilize = masks.slot_given_op[Op.FOSSILIZE][slots]
+        advance = masks.slot_given_op[Op.ADVANCE][slots] & (stage != Stage.HOLDING)
+        first = lambda mask: jnp.argmax(mask)
+        op = jnp.where(fossilize.any(), Op.FOSSILIZE,
+                       jnp.where(advance.any(), Op.ADVANCE, jnp.where(germinate, Op.GERMINATE, Op.WAIT)))
+        k = jnp.where(fossilize.any(), first(fossilize), jnp.where(advance.any(), first(advance), nxt))
+        return FactoredAction.make(op, slots[k], blueprints[k], blends[k], tempos[k], 2)
 
     return controller
 

@@ -278,8 +278,8 @@ class MorphogeneticEnv:
         split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
         act_keys, train_keys = split[:, 0], split[:, 1]
         before = state.train.lattice.status
-        lattice, applied, metric_at_germination = self._act(state, action, act_keys)
-        train, fit = self._train_epoch(state.train.replace(lattice=lattice), train_keys, data)
+        lattice_trained, applied, metric_at_germination = self._act(state, action, act_keys)
+        train, fit = self._train_epoch(state.train.replace(lattice=lattice_trained), train_keys, data)
         validation = self._validate(train, data)
         verdict = judge(self.config.governor, validation.val_loss, fit.loss, state.recent_val_losses,
                         state.divergent_epochs)
@@ -294,6 +294,8 @@ class MorphogeneticEnv:
             "val_loss": new_state.val_loss, "val_accuracy": new_state.val_accuracy, "train_loss": train_loss,
             "applied": applied, "rolled_back": verdict.rolled_back, "added_params": added,
             "contribution": validation.contribution,
+            # each slot's stage while this epoch trained (after the action, before the tick): what was computed
+            "trained_stage": lattice_trained.status.stage,
             # the episode's counts so far, for learners that report them when an episode ends
             "germinated": new_state.germinated.sum(-1), "fossilized": new_state.fossilized.sum(-1),
             "pruned": new_state.pruned.sum(-1), "rollbacks": new_state.rollbacks,

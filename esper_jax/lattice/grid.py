@@ -199,6 +199,18 @@ class Lattice:
             opt_state.append(_masked(reset, self.seed_optimizer.init(fresh), state.opt_state[s]))
         return LatticeState(status, tuple(params), tuple(opt_state)), applied
 
+    def build_in(self, state: LatticeState, slot: int, blueprint, key: jax.Array) -> LatticeState:
+        """A fresh ``blueprint`` seed at ``slot`` that is part of the network from the start:
+        FOSSILIZED at alpha 1 (linear blend), so it is computed, blended and trained with the
+        host from the first batch. How a static network with a grown architecture built in is
+        made (the frontier of :mod:`esper_jax.runs.frontier`); not a lifecycle transition."""
+        state, _ = self.germinate(state, slot, blueprint, 0, 0, key)
+        here = jnp.arange(self.slots.num_slots) == slot
+        st = state.status
+        one = jnp.where(here, 1.0, st.alpha)
+        return state.replace(status=st.replace(stage=jnp.where(here, int(Stage.FOSSILIZED), st.stage), alpha=one,
+                                               alpha_start=one, alpha_target=one))
+
     def _index_of(self, name: str) -> int:
         return -1 if name == GATE else self.blueprint_index(name)
 

@@ -59,12 +59,18 @@ def held_out_key(run_seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(run_seed), EVAL_STREAM)
 
 
-def episode_keys(key: jax.Array, num_envs: int, epochs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def episode_keys(key: jax.Array, num_envs: int, epochs: int, repeats: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The keys of one evaluation episode: reset keys ``[N]`` (initial weights), environment step
-    keys ``[E, N]`` (batches, augmentation, seed initialization) and controller keys ``[E]``."""
+    keys ``[E, N]`` (batches, augmentation, seed initialization) and controller keys ``[E]``.
+    ``repeats``: every env's keys ``repeats`` times in a row (``[N * repeats]``), for members
+    that see the same env under different settings (a learning-rate sweep); the envs are those
+    of ``repeats=1``."""
     reset_key, env_key, act_key = jax.random.split(key, 3)
     step_keys = jax.vmap(lambda k: jax.random.split(k, num_envs))(jax.random.split(env_key, epochs))
-    return jax.random.split(reset_key, num_envs), step_keys, jax.random.split(act_key, epochs)
+    reset_keys = jax.random.split(reset_key, num_envs)
+    if repeats > 1:
+        reset_keys, step_keys = jnp.repeat(reset_keys, repeats, axis=0), jnp.repeat(step_keys, repeats, axis=1)
+    return reset_keys, step_keys, jax.random.split(act_key, epochs)
 
 
 class Driver(NamedTuple):
@@ -117,6 +123,7 @@ class EpisodeOutput:
     final_stage: jax.Array          # [N, S]
     final_blueprint: jax.Array      # [N, S]
     stage: jax.Array                # [N, E, S]
+    trained_stage: jax.Array        # [N, E, S] while the epoch trained (after the action, before the tick)
     blueprint: jax.Array            # [N, E, S] (-1 empty)
     val_loss: jax.Array             # [N, E]
     val_accuracy: jax.Array         # [N, E]
@@ -135,15 +142,22 @@ class Evaluator:
     ``controllers``: rule-based controller names (:data:`esper_jax.env.controllers.CONTROLLERS`);
     ``policy``: an optional :func:`policy_driver`, evaluated under the name ``"policy"``;
     ``scripted``: more ``(key, EnvState) -> FactoredAction`` controllers by name (e.g. the fixed
-    growth schedules of :func:`esper_jax.env.controllers.make_scripted_controller`).
+    growth schedules of :func:`esper_jax.env.controllers.make_scripted_controller`);
+    ``repeats``: run every env that many times side by side (outputs lead with ``num_envs x
+    repeats`` members, env-major), each copy changed by ``prepare``;
+    ``prepare``: ``(population EnvState) -> EnvState`` applied once after the reset (set up each
+    member's variant: a learning-rate scale, an architecture built in).
     """
 
     def __init__(self, env: MorphogeneticEnv, num_envs: int, controllers: Sequence[str] = CONTROLLERS,
-                 policy: Driver | None = None, scripted: Mapping[str, Callable] | None = None):
-        if num_envs <= 0:
-            raise ValueError(f"num_envs must be positive, got {num_envs}")
+                 policy: Driver | None = None, scripted: Mapping[str, Callable] | None = None, repeats: int = 1,
+                 prepare: Callable[[EnvState], EnvState] | None = None):
+        if num_envs <= 0 or repeats <= 0:
+            raise ValueError(f"num_envs and repeats must be positive, got {num_envs} and {repeats}")
         self.env = env
-        self.num_envs = num_envs
+        self.num_envs = num_envs * repeats
+        self.repeats = repeats
+        self.prepare = prepare
         drivers = {POLICY: policy} if policy is not None else {}
         for name in controllers:
             drivers[name] = controller_driver(make_controller(name, env))
@@ -162,8 +176,11 @@ class Evaluator:
     def _episode_impl(self, index, inputs, key, data: EnvData) -> EpisodeOutput:
         env, n = self.env, self.num_envs
         epochs = env.config.episode_epochs
-        reset_keys, step_keys, act_keys = episode_keys(key, n, epochs)
+        reset_keys, step_keys, act_keys = episode_keys(key, n // self.repeats, epochs, self.repeats)
         obs, state = env.population_reset(reset_keys, data)
+        if self.prepare is not None:
+            state = self.prepare(state)
+            obs = jax.vmap(env.observe)(state)
 
         def branch(driver):
             def run(operands):
@@ -180,19 +197,21 @@ class Evaluator:
             action, carry = jax.lax.switch(index, branches, (carry, k_act, obs, state))
             obs, state, reward, done, info = env.population_step(k_env, state, action, data)
             status = state.train.lattice.status
-            record = (status.stage, status.blueprint, state.val_loss, state.val_accuracy, action.op, info["applied"])
+            record = (status.stage, status.blueprint, state.val_loss, state.val_accuracy, action.op, info["applied"],
+                      info["trained_stage"])
             return (obs, state, carry, ret + reward), record
 
         keys = (act_keys, step_keys)
         carry0 = self._carry_driver.init_carry(n)
         (obs, state, carry, ret), record = jax.lax.scan(epoch, (obs, state, carry0, jnp.zeros((n,), jnp.float32)), keys)
-        stage, blueprint, val_loss, val_accuracy, op, applied = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), record)
+        stage, blueprint, val_loss, val_accuracy, op, applied, trained_stage = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), record)
         status = state.train.lattice.status
         return EpisodeOutput(
             final_val_loss=state.val_loss, final_val_accuracy=state.val_accuracy,
             params_added=jax.vmap(env.lattice.live_param_count)(state.train.lattice), episode_return=ret,
             rollbacks=state.rollbacks, germinated=state.germinated, fossilized=state.fossilized, pruned=state.pruned,
-            final_stage=status.stage, final_blueprint=status.blueprint, stage=stage, blueprint=blueprint,
+            final_stage=status.stage, final_blueprint=status.blueprint, stage=stage, trained_stage=trained_stage,
+            blueprint=blueprint,
             val_loss=val_loss, val_accuracy=val_accuracy, op=op, applied=applied,
         )
 
@@ -255,6 +274,7 @@ def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
         "stages": list(STAGE_NAMES),
         "ops": list(OP_NAMES),
         "stage": np.asarray(out.stage).astype(int).tolist(),
+        "trained_stage": np.asarray(out.trained_stage).astype(int).tolist(),
         "blueprint": np.asarray(out.blueprint).astype(int).tolist(),
         "val_loss": [[_finite_or_none(v) for v in row] for row in np.asarray(out.val_loss, np.float64)],
         "op": np.asarray(out.op).astype(int).tolist(),

@@ -1,0 +1,235 @@
+"""Was growing worth it? A run's controllers against the static frontier and the best fixed
+schedule, at equal compute, on the held-out envs of its evaluation.
+
+    python -m experiments.frontier --run-dir DIR [--calibration-envs 8] [--lr-scales 0.5,1,2]
+        [--data synthetic|PATH] [--data-dir PATH]
+
+Reads ``DIR/config.json`` and ``DIR/evaluation.json`` (written by ``experiments.evaluate``; its
+controllers' per-env losses and timelines are compared as they are, no checkpoint is needed), then:
+
+1. **calibration** (envs from ``fold_in(key(seed), 0xCA11B)``, never the held-out stream): the fixed
+   schedule sweep (single seeds, then later plantings and pairs of the best) and every static
+   network's learning-rate sweep; written to ``DIR/calibration.json``, which
+   ``experiments.evaluate`` then reads for its ``best_fixed_1``/``best_fixed_2`` columns;
+2. **held-out** (the evaluation's envs): the best fixed schedules, static (checked against the
+   evaluation's), and every static network of the family at its calibrated rate;
+3. **compute** of every episode in FLOPs (:mod:`esper_jax.runs.compute`), the frontier and each
+   controller's distance below it (:mod:`esper_jax.runs.frontier`).
+
+Writes ``DIR/frontier.json`` and ``DIR/frontier.md`` and prints the table;
+``experiments.report`` draws ``plots/frontier.png`` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from experiments.cli import Parser, positive
+
+CALIBRATION_FILE, FRONTIER_FILE = "calibration.json", "frontier.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m experiments.frontier",
+                    description="A run's controllers against the static frontier and the best fixed schedule.")
+    parser.add_argument("--run-dir", required=True, help="a run directory with config.json and evaluation.json")
+    parser.add_argument("--calibration-envs", type=positive, default=8,
+                        help="calibration envs for the schedule and learning-rate sweeps (default 8)")
+    parser.add_argument("--lr-scales", default=None,
+                        help="comma-separated multiples of the run's host learning rate each static network tries "
+                             "(default 0.5,1,2)")
+    parser.add_argument("--data", default=None, help="read the data from elsewhere than the run did: synthetic or a path")
+    parser.add_argument("--data-dir", default=None, help="directory of the real dataset, if it moved")
+    return parser
+
+
+def parse_scales(text: str | None) -> tuple[float, ...]:
+    from esper_jax.runs.frontier import LR_SCALES
+
+    if text is None:
+        return LR_SCALES
+    try:
+        scales = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"--lr-scales must be comma-separated numbers, got {text!r}") from None
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"--lr-scales must be positive numbers, got {text!r}")
+    return scales
+
+
+def _read_evaluation(run_dir: Path) -> dict:
+    path = run_dir / "evaluation.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: evaluate the run first with `python -m experiments.evaluate "
+                         f"--run-dir {run_dir} --envs 16`")
+    try:
+        payload = json.loads(path.read_text())
+        payload["timelines"], payload["controllers"], payload["held_out"]["num_envs"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not an evaluation written by experiments.evaluate ({error}): evaluate again") from None
+    return payload
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    import numpy as np
+
+    from esper_jax.runs import compute as cp
+    from esper_jax.runs import evaluation as ev
+    from esper_jax.runs import frontier as fr
+    from esper_jax.runs.build import build, build_env
+    from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
+    from esper_jax.runs.loop import USER_ERRORS
+    from esper_jax.runs.rundir import write_json
+    from esper_jax.env.controllers import make_scripted_controller, schedule_name
+    import jax
+
+    run_dir = Path(args.run_dir)
+    try:
+        scales = parse_scales(args.lr_scales)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise RunConfigError(f"{run_dir} is not a run directory ({CONFIG_FILE} is missing)")
+        config = read_config(run_dir)
+        evaluation = _read_evaluation(run_dir)
+        built = build(config, data=args.data, data_dir=args.data_dir)
+    except USER_ERRORS + (ValueError,) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    env, data = built.env, built.env_data
+    envs = int(evaluation["held_out"]["num_envs"])
+    seed = int(evaluation["held_out"]["run_seed"])
+    held_key, cal_key = ev.held_out_key(seed), fr.calibration_key(seed)
+    steps = env.config.steps_per_epoch
+    print(f"frontier of run {run_dir} ({built.data_label}): {envs} held-out envs (stream fold_in(key({seed}), "
+          f"{ev.EVAL_STREAM:#x})), {args.calibration_envs} calibration envs (fold_in(key({seed}), "
+          f"{fr.CALIBRATION_STREAM:#x}))", flush=True)
+
+    def run_all(evaluator, key, names):
+        out = {}
+        for name in names:
+            t = time.perf_counter()
+            out[name] = evaluator.run(name, data, key)
+            print(f"    {name}: final val loss {np.mean(out[name].final_val_loss):.4f} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+        return out
+
+    # 1. the fixed schedules, on calibration envs
+    print("calibration: fixed schedules", flush=True)
+    singles = fr.schedule_candidates(env)
+    round1 = {schedule_name(s): s for s in singles}
+    sweep = ev.Evaluator(env, args.calibration_envs, ("static",),
+                         scripted={n: make_scripted_controller(env, s) for n, s in round1.items()})
+    scores = {n: float(np.mean(o.final_val_loss)) for n, o in run_all(sweep, cal_key, sweep.names).items()}
+    ranked = sorted(round1.values(), key=lambda s: scores[schedule_name(s)])
+    round2 = {schedule_name(s): s for s in fr.later_and_pairs(ranked, env.config.episode_epochs)}
+    sweep2 = ev.Evaluator(env, args.calibration_envs, (),
+                          scripted={n: make_scripted_controller(env, s) for n, s in round2.items()})
+    scores.update({n: float(np.mean(o.final_val_loss)) for n, o in run_all(sweep2, cal_key, sweep2.names).items()})
+    schedules = {**round1, **round2}
+    best1 = min((n for n, s in schedules.items() if len(s) == 1), key=scores.get)
+    best2 = min(schedules, key=scores.get)
+
+    # 2. static networks' learning rates, on calibration envs
+    architectures = {name: fr.final_architecture(t) for name, t in evaluation["timelines"].items()}
+    architectures.update({fr.BEST_FIXED_1: tuple((s.slot, s.blueprint) for s in schedules[best1]),
+                          fr.BEST_FIXED_2: tuple((s.slot, s.blueprint) for s in schedules[best2])})
+    family = fr.static_family(config, architectures)
+    built_in_key = jax.random.fold_in(held_key, 0xB11D)
+    networks = {}
+    print("calibration: static networks' learning rates", flush=True)
+    for net in family:
+        try:
+            net_env = fr.with_lr_scale(build_env(config.replace(host=net.host), built.dataset)[2])
+        except (ValueError, RunConfigError) as error:
+            print(f"    {net.name}: skipped ({error})", flush=True)
+            continue
+        t = time.perf_counter()
+        evaluator = ev.Evaluator(net_env, args.calibration_envs, ("static",), repeats=len(scales),
+                                 prepare=fr.prepare_members(net_env, np.tile(scales, args.calibration_envs),
+                                                            net.built_in, built_in_key))
+        losses = evaluator.run("static", data, cal_key).final_val_loss.reshape(args.calibration_envs, len(scales))
+        means = np.nanmean(np.where(np.isfinite(losses), losses, np.nan), axis=0)
+        best = int(np.nanargmin(means))
+        networks[net.name] = {"net": net, "env": net_env, "calibration_loss_by_scale": dict(zip(map(str, scales),
+                              map(float, means))), "lr_scale": scales[best]}
+        print(f"    {net.name}: " + ", ".join(f"x{s:g} {m:.4f}" for s, m in zip(scales, means))
+              + f" -> x{scales[best]:g} ({time.perf_counter() - t:.0f} s)", flush=True)
+    calibration = {
+        "run_seed": seed, "stream": f"fold_in(key({seed}), {fr.CALIBRATION_STREAM:#x})",
+        "num_envs": args.calibration_envs, "synthetic": built.synthetic, "data": built.data_label,
+        "schedules": {n: {"final_val_loss": scores[n], "seeds": [dataclasses.asdict(s) for s in schedules[n]]}
+                      for n in sorted(schedules, key=scores.get)},
+        fr.BEST_FIXED_1: best1, fr.BEST_FIXED_2: best2,
+        "lr_scales": list(scales), "host_lr": config.env.host_lr,
+        "static_networks": {n: {"lr_scale": r["lr_scale"], "calibration_loss_by_scale": r["calibration_loss_by_scale"]}
+                            for n, r in networks.items()},
+    }
+    write_json(str(run_dir / CALIBRATION_FILE), calibration)
+    print(f"  best fixed schedules on calibration envs: single {best1} ({scores[best1]:.4f}), "
+          f"any {best2} ({scores[best2]:.4f}); wrote {run_dir / CALIBRATION_FILE}", flush=True)
+
+    # 3. held-out: best fixed schedules and static, then the family
+    print("held-out: best fixed schedules and static", flush=True)
+    fixed = ev.Evaluator(env, envs, ("static",), scripted={
+        fr.BEST_FIXED_1: make_scripted_controller(env, schedules[best1]),
+        fr.BEST_FIXED_2: make_scripted_controller(env, schedules[best2])})
+    fixed_out = run_all(fixed, held_key, fixed.names)
+    stored_static = np.asarray(evaluation["controllers"].get("static", {}).get("final_val_loss_per_env") or [], float)
+    static_check = (float(np.max(np.abs(stored_static - fixed_out["static"].final_val_loss)))
+                    if stored_static.size == envs else None)
+    costs = cp.env_costs(env, data)
+    rows = {}
+    for name, timeline in evaluation["timelines"].items():
+        comp, how = cp.timeline_compute(costs, timeline, steps)
+        rows[name] = {"kind": "controller", "final_val_loss_per_env": evaluation["controllers"][name]["final_val_loss_per_env"],
+                      "trained_stages": how, **cp.compute_summary(comp)}
+    for name in (fr.BEST_FIXED_1, fr.BEST_FIXED_2):
+        out = fixed_out[name]
+        comp = cp.episode_compute(costs, *cp.trained_masks(out.trained_stage), out.blueprint, steps)
+        rows[name] = {"kind": "fixed schedule", "schedule": best1 if name == fr.BEST_FIXED_1 else best2,
+                      "final_val_loss_per_env": [float(v) for v in out.final_val_loss], "trained_stages": "recorded",
+                      **cp.compute_summary(comp)}
+    print("held-out: static networks", flush=True)
+    for name, r in networks.items():
+        net, net_env = r["net"], r["env"]
+        t = time.perf_counter()
+        evaluator = ev.Evaluator(net_env, envs, ("static",),
+                                 prepare=fr.prepare_members(net_env, np.full(envs, r["lr_scale"]), net.built_in,
+                                                            built_in_key))
+        out = evaluator.run("static", data, held_key)
+        comp = cp.episode_compute(cp.env_costs(net_env, data), *cp.trained_masks(out.trained_stage), out.blueprint,
+                                  steps, measured=False)
+        seeds = sum(net_env.lattice.blueprints[net_env.lattice.blueprint_index(b)].num_params(
+            net_env.lattice.slots.slots[net_env.lattice.slots.index(s)].dim) for s, b in net.built_in)
+        rows[name] = {"kind": "static network", "description": net.description, "lr_scale": r["lr_scale"],
+                      "params": net_env.host_param_count + seeds,
+                      "final_val_loss_per_env": [float(v) for v in out.final_val_loss], **cp.compute_summary(comp)}
+        print(f"    {name}: final val loss {np.mean(out.final_val_loss):.4f}, {rows[name]['flops']:.3g} FLOPs "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+    payload = fr.frontier_payload(rows, envs=envs, run_seed=seed, task=config.task, data_label=built.data_label,
+                                  synthetic=built.synthetic, host_params=env.host_param_count, run_dir=str(run_dir),
+                                  calibration=calibration, static_check=static_check)
+    payload["wall_seconds"] = time.perf_counter() - started
+    markdown = fr.markdown(payload)
+    ev.write_json_and_markdown(run_dir / FRONTIER_FILE, payload, markdown)
+    print()
+    print(markdown)
+    if built.synthetic:
+        print("NOTE: these results are on SYNTHETIC data, not the real dataset.")
+    print(f"wrote {run_dir / FRONTIER_FILE} and {run_dir / 'frontier.md'} ({payload['wall_seconds']:.0f} s); "
+          f"plots: python -m experiments.report --run-dir {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
