@@ -50,7 +50,7 @@ def _episode(rng, grow: bool) -> EpisodeOutput:
     return EpisodeOutput(
         final_val_loss=val_loss[:, -1], final_val_accuracy=rng.random(2), params_added=np.array([120 if grow else 0, 0]),
         episode_return=rng.normal(size=2), rollbacks=np.zeros(2, int), germinated=germinated, fossilized=fossilized,
-        pruned=pruned, final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, blueprint=blueprint,
+        pruned=pruned, final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, trained_stage=stage, blueprint=blueprint,
         val_loss=val_loss, val_accuracy=rng.random((2, 6)), op=np.zeros((2, 6), int), applied=np.ones((2, 6), bool),
     )
 

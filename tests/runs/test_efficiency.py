@@ -107,7 +107,7 @@ def _episode(stage, blueprint, final_loss) -> EpisodeOutput:
     return EpisodeOutput(
         final_val_loss=np.asarray(final_loss, np.float32), final_val_accuracy=np.zeros(n), params_added=np.zeros(n, int),
         episode_return=np.zeros(n), rollbacks=np.zeros(n, int), germinated=zeros, fossilized=zeros, pruned=zeros,
-        final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, blueprint=blueprint,
+        final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, trained_stage=stage, blueprint=blueprint,
         val_loss=np.zeros((n, e)), val_accuracy=np.zeros((n, e)), op=np.zeros((n, e), int),
         applied=np.ones((n, e), bool))
 
