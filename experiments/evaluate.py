@@ -1,7 +1,7 @@
 """Evaluate a trained run against the rule-based controllers on held-out environments.
 
     python -m experiments.evaluate --run-dir DIR [--envs N] [--member best|all|K]
-        [--controllers policy,heuristic,random,static] [--stochastic] [--step U] [--eval-seed S]
+        [--controllers policy,heuristic,random,static,best_fixed_1,best_fixed_2] [--stochastic] [--step U] [--eval-seed S]
         [--data synthetic|PATH] [--data-dir PATH] [--efficiency | --no-efficiency] [--timing-rounds R]
 
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
@@ -9,7 +9,9 @@ heuristic, random and static controllers for one episode each on the same ``N`` 
 environments (seeds derived from the run seed through a stream training never uses; see
 :func:`esper_jax.runs.evaluation.held_out_key`). Writes ``evaluation.json`` (results and per-env
 seed timelines) and ``evaluation.md`` (the comparison table) into the run directory and prints
-the table.
+the table. A run that ``experiments.frontier`` has calibrated (``calibration.json``) is also
+evaluated with its best fixed schedules, ``best_fixed_1`` (one seed) and ``best_fixed_2`` (one or
+two seeds), chosen on calibration envs; every controller is compared with ``best_fixed_2``.
 
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
@@ -46,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", required=True, help="a run directory written by experiments.ppo")
     parser.add_argument("--envs", type=positive, default=8, help="held-out environments per controller (default 8)")
     parser.add_argument("--member", default="best", help="population member to evaluate: best, all, or an index")
-    parser.add_argument("--controllers", default=",".join((ev.POLICY,) + CONTROLLERS),
-                        help=f"comma-separated subset of {', '.join((ev.POLICY,) + CONTROLLERS)}")
+    parser.add_argument("--controllers", default=None,
+                        help=f"comma-separated subset of {', '.join((ev.POLICY,) + CONTROLLERS + ev.BEST_FIXED)} "
+                             "(default: all; the best fixed schedules when the run has a calibration.json of "
+                             "experiments.frontier)")
     parser.add_argument("--stochastic", action="store_true", help="sample the policy's actions instead of the mode")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint (updates done) to evaluate; default newest")
     parser.add_argument("--eval-seed", type=int, default=None,
@@ -63,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_controllers(text: str) -> tuple[str, ...]:
+def parse_controllers(text: str | None, fixed: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The controllers to evaluate; ``fixed``: the best fixed schedules this run has."""
+    valid = (ev.POLICY,) + CONTROLLERS + tuple(fixed)
+    if text is None:
+        return valid
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    valid = (ev.POLICY,) + CONTROLLERS
     for name in names:
+        if name in ev.BEST_FIXED and name not in fixed:
+            raise ValueError(f"{name} needs the run's calibration.json: run `python -m experiments.frontier "
+                             f"--run-dir RUN_DIR` first")
         if name not in valid:
             raise ValueError(f"unknown controller {name!r}; choose from {', '.join(valid)}")
     if not names:
@@ -114,12 +124,15 @@ def main(argv=None) -> int:
     from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
+    from esper_jax.runs.frontier import read_best_schedules
+    from esper_jax.env.controllers import make_scripted_controller
 
     try:
-        controllers = parse_controllers(args.controllers)
         if not (Path(args.run_dir) / CONFIG_FILE).is_file():
             raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
+        fixed = read_best_schedules(args.run_dir)
+        controllers = parse_controllers(args.controllers, tuple(fixed))
         config = read_config(args.run_dir)
         efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
@@ -144,9 +157,10 @@ def main(argv=None) -> int:
     env = handle.env
     seed = handle.config.seed if args.eval_seed is None else args.eval_seed
     use_policy = ev.POLICY in controllers
-    rule_based = tuple(n for n in controllers if n != ev.POLICY)
+    rule_based = tuple(n for n in controllers if n in CONTROLLERS)
+    scripted = {n: make_scripted_controller(env, fixed[n]) for n in controllers if n in ev.BEST_FIXED}
     policy = ev.policy_driver(handle.trainer, deterministic=not args.stochastic) if use_policy else None
-    evaluator = ev.Evaluator(env, args.envs, rule_based, policy=policy)
+    evaluator = ev.Evaluator(env, args.envs, rule_based, policy=policy, scripted=scripted)
     key = ev.held_out_key(seed)
 
     def inputs_of(m: int):

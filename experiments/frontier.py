@@ -2,7 +2,7 @@
 schedule, at equal compute, on the held-out envs of its evaluation.
 
     python -m experiments.frontier --run-dir DIR [--calibration-envs 8] [--lr-scales 0.5,1,2]
-        [--data synthetic|PATH] [--data-dir PATH]
+        [--widths 0.5,1,2,4] [--data synthetic|PATH] [--data-dir PATH]
 
 Reads ``DIR/config.json`` and ``DIR/evaluation.json`` (written by ``experiments.evaluate``; its
 controllers' per-env losses and timelines are compared as they are, no checkpoint is needed), then:
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from experiments.cli import Parser, positive
 
-CALIBRATION_FILE, FRONTIER_FILE = "calibration.json", "frontier.json"
+FRONTIER_FILE = "frontier.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,23 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-scales", default=None,
                         help="comma-separated multiples of the run's host learning rate each static network tries "
                              "(default 0.5,1,2)")
+    parser.add_argument("--widths", default=None,
+                        help="comma-separated multiples of the host's width for the static family (default 0.5,1,2,4 "
+                             "for a CNN host, 1,2 for a transformer, each at its depth and twice it)")
     parser.add_argument("--data", default=None, help="read the data from elsewhere than the run did: synthetic or a path")
     parser.add_argument("--data-dir", default=None, help="directory of the real dataset, if it moved")
     return parser
 
 
-def parse_scales(text: str | None) -> tuple[float, ...]:
-    from esper_jax.runs.frontier import LR_SCALES
-
+def parse_multiples(text: str | None, option: str, default: tuple[float, ...] | None = None) -> tuple[float, ...] | None:
+    """A comma-separated list of positive numbers (``default`` when not given)."""
     if text is None:
-        return LR_SCALES
+        return default
     try:
-        scales = tuple(float(t) for t in text.split(","))
+        values = tuple(float(t) for t in text.split(","))
     except ValueError:
-        raise ValueError(f"--lr-scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(not s > 0 for s in scales):
-        raise ValueError(f"--lr-scales must be positive numbers, got {text!r}")
-    return scales
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{option} must be positive numbers, got {text!r}")
+    return values
 
 
 def _read_evaluation(run_dir: Path) -> dict:
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
 
     run_dir = Path(args.run_dir)
     try:
-        scales = parse_scales(args.lr_scales)
+        scales = parse_multiples(args.lr_scales, "--lr-scales", fr.LR_SCALES)
+        widths = parse_multiples(args.widths, "--widths")
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunConfigError(f"{run_dir} is not a run directory ({CONFIG_FILE} is missing)")
         config = read_config(run_dir)
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     architectures = {name: fr.final_architecture(t) for name, t in evaluation["timelines"].items()}
     architectures.update({fr.BEST_FIXED_1: tuple((s.slot, s.blueprint) for s in schedules[best1]),
                           fr.BEST_FIXED_2: tuple((s.slot, s.blueprint) for s in schedules[best2])})
-    family = fr.static_family(config, architectures)
+    family = fr.static_family(config, architectures, widths)
     built_in_key = jax.random.fold_in(held_key, 0xB11D)
     networks = {}
     print("calibration: static networks' learning rates", flush=True)
@@ -173,9 +176,9 @@ def main(argv=None) -> int:
         "static_networks": {n: {"lr_scale": r["lr_scale"], "calibration_loss_by_scale": r["calibration_loss_by_scale"]}
                             for n, r in networks.items()},
     }
-    write_json(str(run_dir / CALIBRATION_FILE), calibration)
+    write_json(str(run_dir / fr.CALIBRATION_FILE), calibration)
     print(f"  best fixed schedules on calibration envs: single {best1} ({scores[best1]:.4f}), "
-          f"any {best2} ({scores[best2]:.4f}); wrote {run_dir / CALIBRATION_FILE}", flush=True)
+          f"any {best2} ({scores[best2]:.4f}); wrote {run_dir / fr.CALIBRATION_FILE}", flush=True)
 
     # 3. held-out: best fixed schedules and static, then the family
     print("held-out: best fixed schedules and static", flush=True)

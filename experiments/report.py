@@ -7,7 +7,9 @@ validation loss and accuracy, explained variance, seeds per episode) and entropy
 line per member for populations. From ``evaluation.json`` (written by
 ``python -m experiments.evaluate``): the controller comparison, the held-out validation loss per
 controller, a seed timeline per controller with a panel per held-out env, and for language-model
-runs the final loss against parameter-seconds (``efficiency.png``). ``--no-eval``
+runs the final loss against parameter-seconds (``efficiency.png``). From ``frontier.json`` (written by
+``python -m experiments.frontier``), image and language runs alike: loss against training FLOPs,
+the static frontier as a line and each controller as a point (``frontier.png``). ``--no-eval``
 plots the learning curves only (e.g. while a run is still training).
 """
 
@@ -81,6 +83,9 @@ def make_report(run_dir: str, *, with_eval: bool = True, max_envs: int = 16) -> 
         written.append(plots.plot_eval_loss(evaluation, os.path.join(out, "evaluation_val_loss.png"), note=note))
         if evaluation.get("efficiency"):  # language-model runs
             written.append(plots.plot_efficiency(evaluation, os.path.join(out, "efficiency.png"), note=note))
+        frontier_path = os.path.join(run_dir, "frontier.json")
+        if os.path.isfile(frontier_path):  # written by experiments.frontier
+            written.append(plots.plot_frontier(read_json(frontier_path), os.path.join(out, "frontier.png"), note=note))
         for name, tl in evaluation["timelines"].items():
             final = evaluation["controllers"].get(name, {}).get("final_val_loss_per_env")
             written.append(plots.plot_seed_timeline(tl, os.path.join(out, f"timeline_{_safe(name)}.png"),

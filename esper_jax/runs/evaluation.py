@@ -362,9 +362,12 @@ def write_evaluation(run_dir: str, payload: dict[str, Any], markdown: str | None
     return json_path, os.path.join(run_dir, "evaluation.md")
 
 
+# The best fixed growth schedules of a calibration sweep (esper_jax.runs.frontier): of one seed, of any.
+BEST_FIXED = ("best_fixed_1", "best_fixed_2")
 # What every controller is compared with, pairwise on the same envs: never growing, Esper's rules,
-# and growing at random (a learned controller has to beat chance, not only the rules).
-BASELINES = ("static", "heuristic", "random")
+# growing at random (a learned controller has to beat chance, not only the rules), and the best
+# fixed schedule when the run has one (what a learned controller has to beat to be worth learning).
+BASELINES = ("static", "heuristic", "random", BEST_FIXED[1])
 
 
 def paired_ci(differences: np.ndarray, level: float = 0.95) -> dict[str, Any]:

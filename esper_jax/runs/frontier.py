@@ -40,14 +40,15 @@ import optax
 from esper_jax.env.controllers import Schedule, schedule_name
 from esper_jax.env.environment import EnvState, MorphogeneticEnv
 from esper_jax.runs.config import RunConfig
-from esper_jax.runs.evaluation import paired_ci
+from esper_jax.runs.evaluation import BEST_FIXED, paired_ci
 
 # The calibration envs' stream: fold_in(key(run seed), CALIBRATION_STREAM). The proof presets were
 # calibrated on this stream of seed 0; training splits key(seed), the held-out envs fold in EVAL_STREAM.
 CALIBRATION_STREAM = 0xCA11B
 # Learning-rate scales a static network's sweep tries (times the run's host rate).
 LR_SCALES = (0.5, 1.0, 2.0)
-BEST_FIXED_1, BEST_FIXED_2 = "best_fixed_1", "best_fixed_2"
+BEST_FIXED_1, BEST_FIXED_2 = BEST_FIXED
+CALIBRATION_FILE = "calibration.json"
 
 
 def calibration_key(run_seed: int) -> jax.Array:
@@ -67,11 +68,15 @@ class StaticNetwork:
     description: str = ""
 
 
-def _cnn_family(host) -> list[StaticNetwork]:
+# Width multipliers of the family's networks (times the run host's width), by host topology.
+WIDTHS = {"cnn": (0.5, 1, 2, 4), "transformer": (1, 2)}
+
+
+def _cnn_family(host, widths) -> list[StaticNetwork]:
     family = []
     kernels = dict.fromkeys((host.kernel_size, 3))
     for kernel in kernels:
-        for factor in (0.5, 1, 2, 4):
+        for factor in widths:
             width = max(1, int(host.base_width * factor))
             variant = dataclasses.replace(host, base_width=width, kernel_size=kernel)
             tag = "host" if kernel == host.kernel_size else f"{kernel}x{kernel}"
@@ -80,12 +85,11 @@ def _cnn_family(host) -> list[StaticNetwork]:
     return family
 
 
-def _transformer_family(host) -> list[StaticNetwork]:
+def _transformer_family(host, widths) -> list[StaticNetwork]:
     family = []
     for attention in dict.fromkeys((host.attention, True)):
         tag = "host" if attention == host.attention else "attn"
-        for width, layers in ((host.d_model, host.num_layers), (2 * host.d_model, host.num_layers),
-                              (host.d_model, 2 * host.num_layers), (2 * host.d_model, 2 * host.num_layers)):
+        for width, layers in [(int(host.d_model * f), n * host.num_layers) for n in (1, 2) for f in widths]:
             variant = dataclasses.replace(host, d_model=width, num_layers=layers, attention=attention)
             family.append(StaticNetwork(f"{tag}_d{width}_l{layers}", variant,
                                         description=f"{'with' if attention else 'without'} attention, width {width}, "
@@ -93,11 +97,15 @@ def _transformer_family(host) -> list[StaticNetwork]:
     return family
 
 
-def static_family(config: RunConfig, architectures: Mapping[str, Sequence[tuple[str, str]]] = ()) -> list[StaticNetwork]:
+def static_family(config: RunConfig, architectures: Mapping[str, Sequence[tuple[str, str]]] = (),
+                  widths: Sequence[float] | None = None) -> list[StaticNetwork]:
     """The frontier's networks for a run (module docstring); ``architectures``: name -> the
-    ``(slot, blueprint)`` seeds a controller ended with, each built into the run's host."""
+    ``(slot, blueprint)`` seeds a controller ended with, each built into the run's host;
+    ``widths``: multipliers of the host's width (default :data:`WIDTHS`; a transformer's at
+    its depth and at twice it)."""
     host = config.host
-    family = _cnn_family(host) if config.topology == "cnn" else _transformer_family(host)
+    widths = tuple(widths or WIDTHS[config.topology])
+    family = _cnn_family(host, widths) if config.topology == "cnn" else _transformer_family(host, widths)
     seen = set()
     for name, seeds in dict(architectures).items():
         seeds = tuple(sorted(seeds))
@@ -184,6 +192,24 @@ def later_and_pairs(ranked: Sequence[tuple[Schedule, ...]], episode_epochs: int,
     best = [s[0] for s in ranked[:pair_top]]
     pairs = [(a, dataclasses.replace(b, epoch=0)) for i, a in enumerate(best) for b in best[i + 1:] if a.slot != b.slot]
     return later + pairs
+
+
+def read_best_schedules(run_dir) -> dict[str, tuple[Schedule, ...]]:
+    """``{best_fixed_1: seeds, best_fixed_2: seeds}`` from a run's ``calibration.json``
+    (written by ``experiments.frontier``); empty when the run has none."""
+    import json
+    import os
+
+    path = os.path.join(os.fspath(run_dir), CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            cal = json.load(f)
+        return {name: tuple(Schedule(**seed) for seed in cal["schedules"][cal[name]]["seeds"]) for name in BEST_FIXED}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a calibration written by experiments.frontier ({error}): run "
+                         f"`python -m experiments.frontier --run-dir {run_dir}` again, or remove it") from None
 
 
 # ---------------------------------------------------------------------------- the frontier

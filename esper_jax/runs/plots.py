@@ -29,6 +29,8 @@ matplotlib.use("Agg")  # before pyplot: no display on the training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 
 HEADS = ("op", "slot", "blueprint", "blend", "tempo", "alpha_target")
 # One colour per lifecycle stage (esper_jax.lattice.lifecycle.Stage order): growth in greens/blues,
@@ -226,6 +228,42 @@ def plot_efficiency(evaluation: dict[str, Any], path: str, *, note: str | None =
     held = evaluation["held_out"]
     _title(fig, f"Loss against parameter-seconds: {held['num_envs']} held-out envs x {held['episode_epochs']} epochs "
                 f"(bars: std over envs)", note)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(frontier: dict[str, Any], path: str, *, note: str | None = None) -> str:
+    """Final validation loss against training FLOPs (log scale): the static frontier as a line
+    through its networks, the other static networks as grey squares, and every controller and
+    fixed schedule as a point with error bars (95% CI of its mean loss; std of its compute)."""
+    rows = frontier["rows"]
+    front = frontier["frontier"]
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    ax.plot(front["flops"], front["final_val_loss"], "-", color="black", lw=1.5, label="static frontier", zorder=2)
+    colour = 0
+    for name, r in rows.items():
+        loss = np.asarray(r["final_val_loss_per_env"], float)
+        flops = np.asarray(r["flops_per_env"], float)
+        half = 0.0 if loss.size < 2 else float(scipy.stats.t.ppf(0.975, loss.size - 1) * loss.std(ddof=1) / np.sqrt(loss.size))
+        if r["kind"] == "static network":
+            ax.errorbar(flops.mean(), loss.mean(), yerr=half, fmt="s", ms=6, capsize=3, zorder=3,
+                        color="black" if r.get("on_frontier") else "grey")
+            ax.annotate(name, (flops.mean(), loss.mean()), textcoords="offset points", xytext=(5, -10), fontsize=7,
+                        color="dimgrey")
+            continue
+        ax.errorbar(flops.mean(), loss.mean(), xerr=flops.std(), yerr=half, fmt="o", ms=7, capsize=4, zorder=4,
+                    color=f"C{colour}", label=name)
+        colour += 1
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute of the episode (FLOPs, log scale)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    held = frontier["held_out"]
+    _title(fig, f"Loss against compute: controllers vs static networks, {held['num_envs']} held-out envs "
+                f"(bars: 95% CI)", note)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

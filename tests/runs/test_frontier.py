@@ -1,0 +1,119 @@
+"""The static frontier and the best fixed schedule (esper_jax.runs.frontier, experiments.frontier)
+on hand-made numbers; the end-to-end run on a smoke run is slow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from esper_jax.env.controllers import Schedule, parse_schedules, schedule_name
+from esper_jax.runs import frontier as fr
+from esper_jax.runs.plots import plot_frontier
+from experiments import frontier as frontier_cli
+
+
+def test_lower_envelope_keeps_what_no_cheaper_network_beats():
+    compute = np.array([4.0, 1.0, 2.0, 8.0, 2.0])
+    loss = np.array([2.0, 3.0, 3.5, 2.5, 2.5])
+    assert fr.lower_envelope(compute, loss).tolist() == [1, 4, 0]
+
+
+def test_interpolation_is_linear_in_log_compute_and_flat_outside():
+    c, l = np.array([1.0, 100.0]), np.array([3.0, 1.0])
+    assert fr.interpolate_log(np.array([10.0]), c, l)[0] == pytest.approx(2.0)
+    assert fr.interpolate_log(np.array([0.1, 1e4]), c, l).tolist() == [3.0, 1.0]
+    assert fr.compute_to_reach(2.0, c, l) == (pytest.approx(10.0), "interpolated")
+    assert fr.compute_to_reach(0.5, c, l) == (100.0, "below_frontier")
+    assert fr.compute_to_reach(3.5, c, l) == (1.0, "above_frontier")
+
+
+def test_gap_is_paired_per_env_at_each_envs_compute():
+    frontier_compute = np.array([1.0, 100.0])
+    frontier_losses = np.array([[3.0, 3.2, 2.8], [1.0, 1.2, 0.8]])   # [K, N]
+    loss = np.array([1.9, 2.1, 1.7])
+    compute = np.array([10.0, 10.0, 10.0])                          # the frontier is at 2.0, 2.2, 1.8 there
+    gap = fr.frontier_gap(loss, compute, frontier_losses, frontier_compute)
+    assert gap["minus_frontier_ci"]["mean"] == pytest.approx(-0.1)
+    assert gap["minus_frontier_ci"]["better"] == 3 and gap["minus_frontier_ci"]["half_width"] == pytest.approx(0, abs=1e-9)
+    # the mean frontier (3.0 at 1, 1.0 at 100 FLOPs) reaches 1.9 at 10 ** 1.1 FLOPs; this controller used 10
+    assert gap["compute_ratio"] == pytest.approx(10 / 10 ** 1.1)
+    assert gap["frontier_compute_to_reach_how"] == "interpolated" and gap["compute_within_frontier_range"]
+
+
+def _rows():
+    rows = {
+        "small": {"kind": fr.STATIC_NETWORK, "final_val_loss_per_env": [2.0, 2.2], "flops_per_env": [1e6, 1e6],
+                  "lr_scale": 1.0},
+        "large": {"kind": fr.STATIC_NETWORK, "final_val_loss_per_env": [1.5, 1.7], "flops_per_env": [1e8, 1e8],
+                  "lr_scale": 2.0},
+        "wasteful": {"kind": fr.STATIC_NETWORK, "final_val_loss_per_env": [2.1, 2.3], "flops_per_env": [1e7, 1e7],
+                     "lr_scale": 0.5},
+        "policy": {"kind": "controller", "final_val_loss_per_env": [1.6, 1.8], "flops_per_env": [1e7, 1e7]},
+    }
+    for r in rows.values():
+        r["flops"] = float(np.mean(r["flops_per_env"]))
+    return rows
+
+
+def test_payload_markdown_and_plot(tmp_path):
+    payload = fr.frontier_payload(_rows(), envs=2, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
+                                  synthetic=True, host_params=100, static_check=0.0)
+    assert payload["frontier"]["networks"] == ["small", "large"]
+    policy = payload["rows"]["policy"]
+    assert policy["minus_frontier_ci"]["mean"] == pytest.approx(1.7 - 1.85) and not policy["on_frontier"]
+    assert payload["rows"]["wasteful"]["minus_frontier_ci"]["mean"] == pytest.approx(2.2 - 1.85)
+    text = fr.markdown(payload)
+    assert "SYNTHETIC" in text and "| policy | controller |" in text and "| small | static network, lr x1 * |" in text
+    json.dumps(payload)
+    path = plot_frontier(payload, str(tmp_path / "frontier.png"), note="SYNTHETIC data")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and path.endswith("frontier.png")
+    with pytest.raises(ValueError, match="static network"):
+        fr.frontier_payload({"policy": _rows()["policy"]}, envs=2, run_seed=0, task="t", data_label="d",
+                            synthetic=False, host_params=1)
+
+
+def test_final_architecture_is_the_most_common_blended_set():
+    B, T = 3, 2
+    timeline = {"slots": ["r0c0", "r1c0"], "blueprints": ["norm", "conv_heavy"],
+                "stage": [[[0, 0], [B, T]], [[0, 0], [B, 0]], [[0, 0], [0, 0]]],
+                "blueprint": [[[-1, -1], [1, 0]], [[-1, -1], [1, -1]], [[-1, -1], [-1, -1]]]}
+    assert fr.final_architecture(timeline) == (("r0c0", "conv_heavy"),)
+
+
+def test_multi_seed_schedules_parse_and_the_second_round_of_the_sweep():
+    seeds = parse_schedules("conv_heavy@r2c0@e0+depthwise@r1c0@e2")
+    assert [s.slot for s in seeds] == ["r2c0", "r1c0"] and seeds[1].epoch == 2
+    assert schedule_name(seeds) == "conv_heavy@r2c0@e0+depthwise@r1c0@e2"
+    with pytest.raises(ValueError, match="slot of its own"):
+        parse_schedules("norm@r0c0+depthwise@r0c0")
+    ranked = [(Schedule(b, s),) for b, s in (("a", "r0"), ("b", "r1"), ("c", "r0"), ("d", "r2"), ("e", "r1"))]
+    second = fr.later_and_pairs(ranked, episode_epochs=9)
+    assert [schedule_name(s) for s in second[:3]] == ["a@r0@e3", "b@r1@e3", "c@r0@e3"]
+    pairs = [schedule_name(s) for s in second[3:]]
+    assert pairs == ["a@r0@e0+b@r1@e0", "a@r0@e0+d@r2@e0", "b@r1@e0+c@r0@e0", "b@r1@e0+d@r2@e0", "c@r0@e0+d@r2@e0"]
+
+
+def test_best_schedules_read_back_and_a_bad_file_is_one_line(tmp_path):
+    assert fr.read_best_schedules(tmp_path) == {}
+    seeds = [{"blueprint": "norm", "slot": "r0c0", "epoch": 0, "blend_style": "linear", "tempo_epochs": 3}]
+    cal = {"schedules": {"norm@r0c0@e0": {"seeds": seeds}}, "best_fixed_1": "norm@r0c0@e0", "best_fixed_2": "norm@r0c0@e0"}
+    (tmp_path / fr.CALIBRATION_FILE).write_text(json.dumps(cal))
+    assert fr.read_best_schedules(tmp_path)["best_fixed_2"] == (Schedule("norm", "r0c0"),)
+    (tmp_path / fr.CALIBRATION_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="experiments.frontier"):
+        fr.read_best_schedules(tmp_path)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert frontier_cli.main(["--run-dir", str(tmp_path)]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert frontier_cli.main(["--run-dir", str(tmp_path), "--lr-scales", "1,-2"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr-scales" in err and len(err.strip().splitlines()) == 1
+    assert frontier_cli.main(["--run-dir", str(tmp_path), "--widths", "x"]) == 2
+    assert "--widths must be comma-separated numbers" in capsys.readouterr().err
+    assert frontier_cli.parse_multiples("0.5,1", "--x") == (0.5, 1.0)
+    assert math.isclose(frontier_cli.parse_multiples(None, "--x", fr.LR_SCALES)[0], 0.5)
