@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     from esper_jax.env.controllers import make_scripted_controller
 
     try:
+        parse_controllers(args.controllers, ev.BEST_FIXED)  # the names alone, before anything is read
         if not (Path(args.run_dir) / CONFIG_FILE).is_file():
             raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")

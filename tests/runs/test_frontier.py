@@ -117,3 +117,43 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "--widths must be comma-separated numbers" in capsys.readouterr().err
     assert frontier_cli.parse_multiples("0.5,1", "--x") == (0.5, 1.0)
     assert math.isclose(frontier_cli.parse_multiples(None, "--x", fr.LR_SCALES)[0], 0.5)
+
+
+def test_evaluate_needs_a_calibration_for_the_best_fixed_schedules():
+    from experiments.evaluate import parse_controllers
+
+    with pytest.raises(ValueError, match="experiments.frontier"):
+        parse_controllers("policy,best_fixed_2", fixed=())
+    assert parse_controllers(None, fixed=("best_fixed_1", "best_fixed_2"))[-2:] == ("best_fixed_1", "best_fixed_2")
+
+
+@pytest.mark.slow
+def test_a_two_seed_schedule_plants_in_order_and_a_built_in_seed_is_computed_from_the_start():
+    """Compiles a tiny env's episode (~1 min)."""
+    import jax
+
+    from esper_jax.data import load_image_dataset
+    from esper_jax.env.controllers import make_scripted_controller
+    from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
+    from esper_jax.env.tasks import get_task
+    from esper_jax.lattice.hosts import CNNHost
+    from esper_jax.lattice.lifecycle import GateConfig, Stage
+    from esper_jax.runs.evaluation import Evaluator
+
+    config = make_env_config(get_task("cifar10"), ("r0c0", "r1c0"), GateConfig(min_training_epochs=1, auto_advance=True),
+                             blueprints=("conv_small", "norm"), host=CNNHost(base_width=4, num_blocks=2, pool_blocks=1),
+                             episode_epochs=8, steps_per_epoch=2, batch_size=16, val_size=32)
+    env = MorphogeneticEnv(config)
+    data = make_env_data(config, load_image_dataset("cifar10", "synthetic", n_train=128, n_test=32))
+    seeds = parse_schedules("conv_small@r1c0@e0+norm@r0c0@e1")
+    evaluator = Evaluator(env, 2, ("static",), scripted={"two": make_scripted_controller(env, seeds)})
+    out = evaluator.run("two", data, jax.random.key(0))
+    assert out.germinated.sum(axis=1).tolist() == [2, 2]
+    first = [int(np.argmax(out.blueprint[0, :, s] >= 0)) for s in (1, 0)]   # epoch each slot got its seed
+    assert first[0] < first[1]
+    # a static network with conv_small built in at r1c0 at twice the host's rate: computed from the first epoch
+    scaled = fr.with_lr_scale(env)
+    built = Evaluator(scaled, 2, ("static",), prepare=fr.prepare_members(scaled, np.full(2, 2.0), (("r1c0", "conv_small"),)))
+    out = built.run("static", data, jax.random.key(0))
+    assert np.all(out.trained_stage[:, :, 1] == int(Stage.FOSSILIZED)) and np.all(out.trained_stage[:, :, 0] == 0)
+    assert np.all(out.params_added > 0) and np.all(np.isfinite(out.final_val_loss))
