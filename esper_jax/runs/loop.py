@@ -32,7 +32,7 @@ from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 from esper_jax.runs.tensorboard import ScalarWriter
 from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
                                    language_model_rows, metric_rows, prepare_run_dir, read_rows, start_from_scratch,
-                                   summarize_run, truncate_rows, write_json, RunLock)
+                                   read_json, summarize_run, truncate_rows, write_json, RunLock)
 
 # Errors that mean "the user asked for something impossible": the command line prints them as
 # one line and exits 2. Anything else is a bug and keeps its traceback.
@@ -177,11 +177,14 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             if done > config.updates:
                 raise RunConfigError(f"--resume {run_dir}: the checkpoint is at update {done}, beyond --updates "
                                      f"{config.updates}; give a larger --updates to continue")
-            if writer:
-                truncate_rows(metrics_path, done)  # rows after the checkpoint are computed again
-        elif writer:
+        # A resume that finds the run complete leaves its directory as it is (its summary keeps the
+        # training's wall time): nothing is trained, so nothing is written, unless the summary is missing.
+        finished = resume and done == config.updates and (run_dir / SUMMARY_FILE).is_file()
+        if resume and writer and not finished:
+            truncate_rows(metrics_path, done)  # rows after the checkpoint are computed again
+        elif writer and not resume:
             metrics_path.touch()
-        if writer:
+        if writer and not finished:
             write_json(run_dir / CONFIG_FILE, config.to_json())  # on resume: the new --updates/--keep-checkpoints
 
         log(describe(built, run_dir))
@@ -190,7 +193,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 f"the run is complete ({done} updates); give a larger --updates to continue it")
         sizes = _chunk_sizes(done, config.updates, config.checkpoint_every)
         bar = None
-        scalars = ScalarWriter(run_dir) if tensorboard and writer else None
+        scalars = ScalarWriter(run_dir) if tensorboard and writer and not finished else None
         saved = done
         try:
             t0 = time.perf_counter()
@@ -252,6 +255,9 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
         latest = ckpt.latest_step()
     distributed.barrier("metrics written")  # the others read the rows process 0 wrote
     rows = read_rows(metrics_path)
+    if finished:
+        return RunResult(run_dir, read_json(run_dir / SUMMARY_FILE), False, latest,
+                         diverged_members(rows, config.population))
     summary = summarize_run(
         config, rows, complete=not interrupted and len(diverged) < config.population and len(rows) >= config.updates,
         checkpoint=latest,

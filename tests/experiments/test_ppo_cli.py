@@ -382,6 +382,22 @@ def test_run_directory(reference):
     assert scalars["mean_return"][4] == pytest.approx(rows[-1]["mean_return"])
 
 
+def _snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and modification time, but the writer lock's (which names its holder)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_of_a_complete_run_changes_nothing(reference, tmp_path, cache):
+    run_dir = tmp_path / "complete"
+    shutil.copytree(reference[0], run_dir, ignore=shutil.ignore_patterns(".lock"))
+    before = _snapshot(run_dir)
+    resumed = cli_run([f"--resume={run_dir}", "--no-progress", "--tensorboard"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "the run is complete (4 updates)" in resumed.stdout
+    assert _snapshot(run_dir) == before  # summary.json keeps the training's wall time; no new event file
+
+
 def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
     ref_dir, _ = reference
     run_dir = tmp_path / "interrupted"
