@@ -78,20 +78,113 @@ def _read_evaluation(run_dir: Path) -> dict:
     return payload
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+def _run_all(evaluator, data, key, names) -> dict:
+    """One episode of each named controller, printed as it ends."""
+    import numpy as np
+
+    out = {}
+    for name in names:
+        t = time.perf_counter()
+        out[name] = evaluator.run(name, data, key)
+        print(f"    {name}: final val loss {np.mean(out[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    return out
+
+
+def sweep_schedules(env, data, key, num_envs: int) -> tuple[dict, dict[str, float]]:
+    """The fixed-schedule sweep on calibration envs: every single seed at epoch 0, then the best
+    three later and pairs of the best four. Returns the schedules by name and their mean final loss."""
+    import numpy as np
+
+    from esper_jax.env.controllers import make_scripted_controller, schedule_name
+    from esper_jax.runs import evaluation as ev
+    from esper_jax.runs import frontier as fr
+
+    def run(schedules, controllers):
+        evaluator = ev.Evaluator(env, num_envs, controllers,
+                                 scripted={n: make_scripted_controller(env, s) for n, s in schedules.items()})
+        return {n: float(np.mean(o.final_val_loss)) for n, o in _run_all(evaluator, data, key, evaluator.names).items()}
+
+    round1 = {schedule_name(s): s for s in fr.schedule_candidates(env)}
+    scores = run(round1, ("static",))
+    ranked = sorted(round1.values(), key=lambda s: scores[schedule_name(s)])
+    round2 = {schedule_name(s): s for s in fr.later_and_pairs(ranked, env.config.episode_epochs)}
+    scores.update(run(round2, ()))
+    return {**round1, **round2}, scores
+
+
+def calibrate_networks(config, built, family, scales, num_envs: int, key, built_in_key) -> dict[str, dict]:
+    """Each static network's learning-rate scale: the one with the lowest mean final loss on the
+    calibration envs (all scales in one program, each env repeated once per scale)."""
+    import numpy as np
+
+    from esper_jax.runs import evaluation as ev
+    from esper_jax.runs import frontier as fr
+    from esper_jax.runs.build import build_env
+    from esper_jax.runs.config import RunConfigError
+
+    networks = {}
+    for net in family:
+        try:
+            net_env = fr.with_lr_scale(build_env(config.replace(host=net.host), built.dataset)[2])
+        except (ValueError, RunConfigError) as error:
+            print(f"    {net.name}: skipped ({error})", flush=True)
+            continue
+        t = time.perf_counter()
+        evaluator = ev.Evaluator(net_env, num_envs, ("static",), repeats=len(scales),
+                                 prepare=fr.prepare_members(net_env, np.tile(scales, num_envs), net.built_in,
+                                                            built_in_key))
+        losses = evaluator.run("static", built.env_data, key).final_val_loss.reshape(num_envs, len(scales))
+        means = np.nanmean(np.where(np.isfinite(losses), losses, np.nan), axis=0)
+        best = int(np.nanargmin(means))
+        networks[net.name] = {"net": net, "env": net_env, "lr_scale": scales[best],
+                              "calibration_loss_by_scale": {f"{s:g}": float(m) for s, m in zip(scales, means)}}
+        print(f"    {net.name}: " + ", ".join(f"x{s:g} {m:.4f}" for s, m in zip(scales, means))
+              + f" -> x{scales[best]:g} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return networks
+
+
+def network_row(name: str, network: dict, data, envs: int, key, built_in_key) -> dict:
+    """A static network on the held-out envs at its calibrated rate: its losses and compute."""
     import numpy as np
 
     from esper_jax.runs import compute as cp
     from esper_jax.runs import evaluation as ev
     from esper_jax.runs import frontier as fr
-    from esper_jax.runs.build import build, build_env
+
+    net, net_env = network["net"], network["env"]
+    t = time.perf_counter()
+    evaluator = ev.Evaluator(net_env, envs, ("static",),
+                             prepare=fr.prepare_members(net_env, np.full(envs, network["lr_scale"]), net.built_in,
+                                                        built_in_key))
+    out = evaluator.run("static", data, key)
+    comp = cp.episode_compute(cp.env_costs(net_env, data), *cp.trained_masks(out.trained_stage), out.blueprint,
+                              net_env.config.steps_per_epoch, measured=False)
+    lattice = net_env.lattice
+    seeds = sum(lattice.blueprints[lattice.blueprint_index(b)].num_params(lattice.slots.slots[lattice.slots.index(s)].dim)
+                for s, b in net.built_in)
+    row = {"kind": fr.STATIC_NETWORK, "description": net.description, "lr_scale": network["lr_scale"],
+           "params": net_env.host_param_count + seeds,
+           "final_val_loss_per_env": [float(v) for v in out.final_val_loss], **cp.compute_summary(comp)}
+    print(f"    {name}: final val loss {np.mean(out.final_val_loss):.4f}, {row['flops']:.3g} FLOPs "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    import jax
+    import numpy as np
+
+    from esper_jax.env.controllers import make_scripted_controller
+    from esper_jax.runs import compute as cp
+    from esper_jax.runs import evaluation as ev
+    from esper_jax.runs import frontier as fr
+    from esper_jax.runs.build import build
     from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.rundir import write_json
-    from esper_jax.env.controllers import make_scripted_controller, schedule_name
-    import jax
 
     run_dir = Path(args.run_dir)
     try:
@@ -111,114 +204,60 @@ def main(argv=None) -> int:
     envs = int(evaluation["held_out"]["num_envs"])
     seed = int(evaluation["held_out"]["run_seed"])
     held_key, cal_key = ev.held_out_key(seed), fr.calibration_key(seed)
-    steps = env.config.steps_per_epoch
+    built_in_key = jax.random.fold_in(held_key, 0xB11D)
     print(f"frontier of run {run_dir} ({built.data_label}): {envs} held-out envs (stream fold_in(key({seed}), "
           f"{ev.EVAL_STREAM:#x})), {args.calibration_envs} calibration envs (fold_in(key({seed}), "
           f"{fr.CALIBRATION_STREAM:#x}))", flush=True)
 
-    def run_all(evaluator, key, names):
-        out = {}
-        for name in names:
-            t = time.perf_counter()
-            out[name] = evaluator.run(name, data, key)
-            print(f"    {name}: final val loss {np.mean(out[name].final_val_loss):.4f} "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
-        return out
-
-    # 1. the fixed schedules, on calibration envs
+    # 1. calibration envs: the fixed schedules, then every static network's learning rate
     print("calibration: fixed schedules", flush=True)
-    singles = fr.schedule_candidates(env)
-    round1 = {schedule_name(s): s for s in singles}
-    sweep = ev.Evaluator(env, args.calibration_envs, ("static",),
-                         scripted={n: make_scripted_controller(env, s) for n, s in round1.items()})
-    scores = {n: float(np.mean(o.final_val_loss)) for n, o in run_all(sweep, cal_key, sweep.names).items()}
-    ranked = sorted(round1.values(), key=lambda s: scores[schedule_name(s)])
-    round2 = {schedule_name(s): s for s in fr.later_and_pairs(ranked, env.config.episode_epochs)}
-    sweep2 = ev.Evaluator(env, args.calibration_envs, (),
-                          scripted={n: make_scripted_controller(env, s) for n, s in round2.items()})
-    scores.update({n: float(np.mean(o.final_val_loss)) for n, o in run_all(sweep2, cal_key, sweep2.names).items()})
-    schedules = {**round1, **round2}
-    best1 = min((n for n, s in schedules.items() if len(s) == 1), key=scores.get)
-    best2 = min(schedules, key=scores.get)
-
-    # 2. static networks' learning rates, on calibration envs
+    schedules, scores = sweep_schedules(env, data, cal_key, args.calibration_envs)
+    best = {fr.BEST_FIXED_1: min((n for n, s in schedules.items() if len(s) == 1), key=scores.get),
+            fr.BEST_FIXED_2: min(schedules, key=scores.get)}
     architectures = {name: fr.final_architecture(t) for name, t in evaluation["timelines"].items()}
-    architectures.update({fr.BEST_FIXED_1: tuple((s.slot, s.blueprint) for s in schedules[best1]),
-                          fr.BEST_FIXED_2: tuple((s.slot, s.blueprint) for s in schedules[best2])})
-    family = fr.static_family(config, architectures, widths)
-    built_in_key = jax.random.fold_in(held_key, 0xB11D)
-    networks = {}
+    architectures.update({name: tuple((s.slot, s.blueprint) for s in schedules[n]) for name, n in best.items()})
     print("calibration: static networks' learning rates", flush=True)
-    for net in family:
-        try:
-            net_env = fr.with_lr_scale(build_env(config.replace(host=net.host), built.dataset)[2])
-        except (ValueError, RunConfigError) as error:
-            print(f"    {net.name}: skipped ({error})", flush=True)
-            continue
-        t = time.perf_counter()
-        evaluator = ev.Evaluator(net_env, args.calibration_envs, ("static",), repeats=len(scales),
-                                 prepare=fr.prepare_members(net_env, np.tile(scales, args.calibration_envs),
-                                                            net.built_in, built_in_key))
-        losses = evaluator.run("static", data, cal_key).final_val_loss.reshape(args.calibration_envs, len(scales))
-        means = np.nanmean(np.where(np.isfinite(losses), losses, np.nan), axis=0)
-        best = int(np.nanargmin(means))
-        networks[net.name] = {"net": net, "env": net_env, "calibration_loss_by_scale": dict(zip(map(str, scales),
-                              map(float, means))), "lr_scale": scales[best]}
-        print(f"    {net.name}: " + ", ".join(f"x{s:g} {m:.4f}" for s, m in zip(scales, means))
-              + f" -> x{scales[best]:g} ({time.perf_counter() - t:.0f} s)", flush=True)
+    networks = calibrate_networks(config, built, fr.static_family(config, architectures, widths), scales,
+                                  args.calibration_envs, cal_key, built_in_key)
     calibration = {
         "run_seed": seed, "stream": f"fold_in(key({seed}), {fr.CALIBRATION_STREAM:#x})",
         "num_envs": args.calibration_envs, "synthetic": built.synthetic, "data": built.data_label,
         "schedules": {n: {"final_val_loss": scores[n], "seeds": [dataclasses.asdict(s) for s in schedules[n]]}
                       for n in sorted(schedules, key=scores.get)},
-        fr.BEST_FIXED_1: best1, fr.BEST_FIXED_2: best2,
-        "lr_scales": list(scales), "host_lr": config.env.host_lr,
+        **best, "lr_scales": list(scales), "host_lr": config.env.host_lr,
         "static_networks": {n: {"lr_scale": r["lr_scale"], "calibration_loss_by_scale": r["calibration_loss_by_scale"]}
                             for n, r in networks.items()},
     }
     write_json(str(run_dir / fr.CALIBRATION_FILE), calibration)
-    print(f"  best fixed schedules on calibration envs: single {best1} ({scores[best1]:.4f}), "
-          f"any {best2} ({scores[best2]:.4f}); wrote {run_dir / fr.CALIBRATION_FILE}", flush=True)
+    print(f"  best fixed schedules on calibration envs: single {best[fr.BEST_FIXED_1]} "
+          f"({scores[best[fr.BEST_FIXED_1]]:.4f}), any {best[fr.BEST_FIXED_2]} ({scores[best[fr.BEST_FIXED_2]]:.4f}); "
+          f"wrote {run_dir / fr.CALIBRATION_FILE}", flush=True)
 
-    # 3. held-out: best fixed schedules and static, then the family
+    # 2. held-out envs: the evaluation's controllers as they are, the best fixed schedules, static
+    # (checked against the evaluation's), and every static network at its calibrated rate
     print("held-out: best fixed schedules and static", flush=True)
-    fixed = ev.Evaluator(env, envs, ("static",), scripted={
-        fr.BEST_FIXED_1: make_scripted_controller(env, schedules[best1]),
-        fr.BEST_FIXED_2: make_scripted_controller(env, schedules[best2])})
-    fixed_out = run_all(fixed, held_key, fixed.names)
+    fixed = ev.Evaluator(env, envs, ("static",),
+                         scripted={name: make_scripted_controller(env, schedules[n]) for name, n in best.items()})
+    fixed_out = _run_all(fixed, data, held_key, fixed.names)
     stored_static = np.asarray(evaluation["controllers"].get("static", {}).get("final_val_loss_per_env") or [], float)
     static_check = (float(np.max(np.abs(stored_static - fixed_out["static"].final_val_loss)))
                     if stored_static.size == envs else None)
-    costs = cp.env_costs(env, data)
+    costs, steps = cp.env_costs(env, data), env.config.steps_per_epoch
     rows = {}
     for name, timeline in evaluation["timelines"].items():
         comp, how = cp.timeline_compute(costs, timeline, steps)
-        rows[name] = {"kind": "controller", "final_val_loss_per_env": evaluation["controllers"][name]["final_val_loss_per_env"],
-                      "trained_stages": how, **cp.compute_summary(comp)}
-    for name in (fr.BEST_FIXED_1, fr.BEST_FIXED_2):
+        rows[name] = {"kind": "controller", "trained_stages": how, **cp.compute_summary(comp),
+                      "final_val_loss_per_env": evaluation["controllers"][name]["final_val_loss_per_env"]}
+    for name, schedule in best.items():
         out = fixed_out[name]
         comp = cp.episode_compute(costs, *cp.trained_masks(out.trained_stage), out.blueprint, steps)
-        rows[name] = {"kind": "fixed schedule", "schedule": best1 if name == fr.BEST_FIXED_1 else best2,
-                      "final_val_loss_per_env": [float(v) for v in out.final_val_loss], "trained_stages": "recorded",
-                      **cp.compute_summary(comp)}
-    print("held-out: static networks", flush=True)
-    for name, r in networks.items():
-        net, net_env = r["net"], r["env"]
-        t = time.perf_counter()
-        evaluator = ev.Evaluator(net_env, envs, ("static",),
-                                 prepare=fr.prepare_members(net_env, np.full(envs, r["lr_scale"]), net.built_in,
-                                                            built_in_key))
-        out = evaluator.run("static", data, held_key)
-        comp = cp.episode_compute(cp.env_costs(net_env, data), *cp.trained_masks(out.trained_stage), out.blueprint,
-                                  steps, measured=False)
-        seeds = sum(net_env.lattice.blueprints[net_env.lattice.blueprint_index(b)].num_params(
-            net_env.lattice.slots.slots[net_env.lattice.slots.index(s)].dim) for s, b in net.built_in)
-        rows[name] = {"kind": "static network", "description": net.description, "lr_scale": r["lr_scale"],
-                      "params": net_env.host_param_count + seeds,
+        rows[name] = {"kind": "fixed schedule", "schedule": schedule, "trained_stages": "recorded",
                       "final_val_loss_per_env": [float(v) for v in out.final_val_loss], **cp.compute_summary(comp)}
-        print(f"    {name}: final val loss {np.mean(out.final_val_loss):.4f}, {rows[name]['flops']:.3g} FLOPs "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    print("held-out: static networks", flush=True)
+    for name, network in networks.items():
+        rows[name] = network_row(name, network, data, envs, held_key, built_in_key)
 
+    # 3. the frontier and every row against it
     payload = fr.frontier_payload(rows, envs=envs, run_seed=seed, task=config.task, data_label=built.data_label,
                                   synthetic=built.synthetic, host_params=env.host_param_count, run_dir=str(run_dir),
                                   calibration=calibration, static_check=static_check)
