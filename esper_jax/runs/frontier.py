@@ -239,7 +239,7 @@ def compute_to_reach(loss: float, points_compute: np.ndarray, points_loss: np.nd
     or ``"above_frontier"`` (higher than the cheapest: at most its compute)."""
     if loss < points_loss[-1]:
         return float(points_compute[-1]), "below_frontier"
-    if loss >= points_loss[0]:
+    if loss > points_loss[0]:
         return float(points_compute[0]), "above_frontier"
     # points_loss decreases along the envelope: interpolate log compute against loss
     log_c = np.interp(loss, points_loss[::-1], np.log(points_compute[::-1]))

@@ -28,6 +28,7 @@ def test_interpolation_is_linear_in_log_compute_and_flat_outside():
     assert fr.compute_to_reach(2.0, c, l) == (pytest.approx(10.0), "interpolated")
     assert fr.compute_to_reach(0.5, c, l) == (100.0, "below_frontier")
     assert fr.compute_to_reach(3.5, c, l) == (1.0, "above_frontier")
+    assert fr.compute_to_reach(3.0, c, l) == (1.0, "interpolated")  # the cheapest network itself
 
 
 def test_gap_is_paired_per_env_at_each_envs_compute():
