@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     # Orbax logs a warning for every read-only checkpoint directory it opens; it is not news here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     # Imported here so that `--help` and argument errors answer without loading JAX and Orbax.
+    from esper_jax.runs import compute as cp
     from esper_jax.runs import efficiency as eff
     from esper_jax.runs.checkpoint import CheckpointError
     from esper_jax.runs.config import CONFIG_FILE, RunConfigError, read_config
@@ -217,7 +218,20 @@ def main(argv=None) -> int:
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
+    # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
+    costs = cp.env_costs(env, handle.env_data)
+    for label, out in results.items():
+        compute = cp.episode_compute(costs, *cp.trained_masks(out.trained_stage), out.blueprint,
+                                     env.config.steps_per_epoch)
+        payload["controllers"][label]["compute"] = cp.compute_summary(compute)
     if section is not None:
+        for label, row in section["controllers"].items():
+            if label in payload["controllers"]:
+                row["flops"] = payload["controllers"][label]["compute"]["flops"]
+        large_compute = cp.episode_compute(cp.env_costs(large_env, handle.env_data),
+                                           *cp.trained_masks(large_out.trained_stage), large_out.blueprint,
+                                           large_env.config.steps_per_epoch)
+        section["controllers"][eff.LARGE_STATIC]["flops"] = float(large_compute.total.mean())
         payload["efficiency"] = section
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
     json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown)

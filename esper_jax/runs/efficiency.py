@@ -176,9 +176,9 @@ def markdown_section(payload: Mapping[str, Any]) -> str:
         f"Large static reference ({LARGE_STATIC}): {ref['definition']}; {ref['host_params']:,} parameters "
         f"(the run's host: {ref['run_host_params']:,}).",
         "",
-        "| controller | final val loss | val perplexity | mean params | seconds / episode | param-seconds "
+        "| controller | final val loss | val perplexity | mean params | seconds / episode | param-seconds | FLOPs "
         f"| minus {LARGE_STATIC}, mean [95% CI] (lower in) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in section["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
@@ -188,10 +188,12 @@ def markdown_section(payload: Mapping[str, Any]) -> str:
         else:
             interval = "" if ci["half_width"] is None else f" [{ci['low']:+.4f}, {ci['high']:+.4f}]"
             versus = f"{ci['mean']:+.4f}{interval} ({ci['better']}/{envs})"
+        flops = "-" if r.get("flops") is None else f"{r['flops']:.3g}"
         lines.append(f"| {name} | {loss} | {fmt(r['final_val_perplexity'], '.2f')} | {r['mean_params']:,.0f} | "
-                     f"{r['seconds_per_episode']:.2f} | {r['param_seconds']:.4g} | {versus} |")
+                     f"{r['seconds_per_episode']:.2f} | {r['param_seconds']:.4g} | {flops} | {versus} |")
     lines += ["", f"Parameters: {section['params_counted']}. Seconds: {section['seconds_measured']}. Minus "
               f"{LARGE_STATIC}: mean over envs of the final loss minus the reference's on the same env (negative = "
-              "lower), its 95% Student-t interval, and in how many envs it was lower. A controller answers the "
+              "lower), its 95% Student-t interval, and in how many envs it was lower. FLOPs: the episode's training "
+              "compute, mean per env (esper_jax.runs.compute). A controller answers the "
               "efficiency question with yes when it is lower here at fewer param-seconds."]
     return "\n".join(lines) + "\n"
