@@ -261,12 +261,8 @@ def plot_frontier(frontier: dict[str, Any], path: str, *, note: str | None = Non
     ax.set_ylabel("final validation loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper right")
-    held = frontier["held_out"]
-    _title(fig, f"Loss against compute: controllers vs static networks, {held['num_envs']} held-out envs "
-                f"(bars: 95% CI)", note)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish(fig, path, f"Loss against compute: controllers vs static networks, {frontier['held_out']['num_envs']} "
+                       "held-out envs (bars: 95% CI)", note)
     return path
 
 
