@@ -147,6 +147,76 @@ def trees_close(a, b, rtol: float, atol: float) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.allclose(x, y, rtol=rtol, atol=atol)), a, b)))
 
 
+# ---------------------------------------------------------------------------- comparing programs
+
+
+def assert_close_across_programs(actual, desired, ulps: float = 4, err_msg: str = "") -> None:
+    """Results of two DIFFERENT compiled programs agree to a few float32 rounding steps.
+
+    The rule (issue 23). XLA compiles every program on its own: which ops it fuses, how it
+    vectorizes and splits reductions, whether a multiply-add becomes one FMA, and which vector
+    width and instructions it uses all depend on the program and on the CPU it runs on (an AMD
+    EPYC without AVX-512 rounds differently from an Intel CI machine with it). So two different
+    programs that compute the same mathematics (two controllers or two ``lax.switch`` branches
+    around the same host, sharded and unsharded, members mapped and batched, ``vmap`` and one
+    member, ``jit`` and op-by-op, a chunk of two updates and two chunks of one) agree to
+    rounding, not bit for bit, even where every op is the same: compare them with this helper.
+    Bit-identity (``np.testing.assert_array_equal``) is asserted only where the SAME compiled
+    program runs twice on the same inputs (determinism, resuming from a checkpoint), for values
+    that are copied or selected rather than computed, and where only exact IEEE arithmetic
+    (``h + 0 = h``, ``x - x = 0``, ``h * 1 = h``, a max, one correctly rounded op) separates two
+    results computed by code one program shares: the rigs below never skip the dormant lattice
+    for that reason, so a TRAINING seed and no seed run the same host code.
+
+    Float leaves: ``|actual - desired| <= ulps * eps * (max |desired| over the leaf's finite
+    values + |desired|)``, ``eps`` the leaf dtype's rounding step at 1.0 (``2**-23`` for float32),
+    so ``ulps`` counts rounding steps of the leaf's largest value (what its sums and products
+    were rounded to). NaNs and infinities must sit in the same places. Integer, boolean and key
+    leaves (stages, blueprints, masks, actions, counts) compare exactly. Choose ``ulps`` per call
+    and say why: a few for one pass of arithmetic, more where training steps carry a difference
+    forward. A test calling this must be marked ``@pytest.mark.cross_program``: the guard in
+    ``tests/test_xla_flags.py`` reruns exactly those tests with XLA's CPU code changed.
+    """
+    item = _RUNNING_TEST[0]
+    if item is not None and item.get_closest_marker("cross_program") is None:
+        raise AssertionError(f"{item.nodeid} compares programs with assert_close_across_programs but is not marked "
+                             "@pytest.mark.cross_program (tests/test_xla_flags.py's guard selects tests by that mark)")
+    paths_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
+    paths_d, tree_d = jax.tree_util.tree_flatten_with_path(desired)
+    assert tree_a == tree_d, f"{err_msg}: different structures {tree_a} and {tree_d}"
+    for (path, a), (_, d) in zip(paths_a, paths_d):
+        where = f"{err_msg} {jax.tree_util.keystr(path)}".strip()
+        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, d = jax.random.key_data(a), jax.random.key_data(d)
+        a, d = np.asarray(a), np.asarray(d)
+        assert a.shape == d.shape and a.dtype == d.dtype, f"{where}: {a.dtype}{a.shape} vs {d.dtype}{d.shape}"
+        if not np.issubdtype(d.dtype, np.inexact):
+            np.testing.assert_array_equal(a, d, err_msg=where)
+            continue
+        eps = float(np.finfo(d.dtype).eps)
+        finite = np.abs(d[np.isfinite(d)])
+        scale = float(finite.max()) if finite.size else 0.0
+        step = ulps * eps
+        if not np.allclose(a, d, rtol=step, atol=step * scale, equal_nan=True):
+            with np.errstate(invalid="ignore"):
+                off = np.nanmax(np.where(np.isfinite(d), np.abs(a.astype(np.float64) - d), 0.0)) / (eps * max(scale, 1e-30))
+            where = f"{where} (max difference {off:.3g} rounding steps of the largest value; allowed {ulps})"
+        np.testing.assert_allclose(a, d, rtol=step, atol=step * scale, equal_nan=True, err_msg=where)
+
+
+# The test being run, for assert_close_across_programs's check of its marker.
+_RUNNING_TEST: list = [None]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING_TEST[0] = item
+    try:
+        return (yield)
+    finally:
+        _RUNNING_TEST[0] = None
+
+
 # ---------------------------------------------------------------------------- rigs
 
 

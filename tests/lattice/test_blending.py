@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from esper_jax.lattice import blending
 
+from tests.conftest import assert_close_across_programs
+
 STYLES = range(len(blending.BLEND_STYLES))
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 # XLA on CPU flushes subnormals to zero, so they are left out of exact comparisons.
@@ -114,7 +116,12 @@ def test_scheduled_alpha_linear_values():
     np.testing.assert_allclose(np.asarray(alpha), [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], rtol=1e-6)
 
 
-def test_scheduled_alpha_jit_vmap_and_plain_agree_bitwise():
+@pytest.mark.cross_program
+def test_scheduled_alpha_jit_vmap_and_plain_agree():
+    """``scheduled_alpha`` is always compiled (so that its multiply-add is one FMA however it is
+    called), but inlined in a caller's program or vmapped it is compiled again, with the caller's
+    fusion: the three agree to rounding (issue 23). 4 steps of alpha's largest value (~1): an FMA
+    or not is one, the curve's sigmoid or cosine a step or two more."""
     rng = np.random.default_rng(0)
     n = 512
     args = (rng.uniform(0, 1, n).astype(np.float32), rng.uniform(0, 1, n).astype(np.float32),
@@ -123,7 +130,8 @@ def test_scheduled_alpha_jit_vmap_and_plain_agree_bitwise():
     plain = np.asarray(blending.scheduled_alpha(*args))
     inlined = np.asarray(jax.jit(lambda *a: blending.scheduled_alpha(*a) * 1.0)(*args))
     vmapped = np.asarray(jax.jit(jax.vmap(blending.scheduled_alpha))(*args))
-    assert plain.tobytes() == inlined.tobytes() == vmapped.tobytes()
+    assert_close_across_programs(inlined, plain, ulps=4, err_msg="inlined in jit")
+    assert_close_across_programs(vmapped, plain, ulps=4, err_msg="jit of vmap")
 
 
 OPS = {name: blending.BLEND_OPS.index(name) for name in blending.BLEND_OPS}
@@ -188,11 +196,14 @@ def test_sequence_gate_is_causal():
     assert not np.array_equal(g2[:, 4:], g[:, 4:])
 
 
+@pytest.mark.cross_program
 def test_plain_and_jitted_curve_and_blend_agree():
     rng = np.random.default_rng(1)
     t = rng.uniform(-0.1, 1.1, 64).astype(np.float32)
     styles = rng.integers(0, len(blending.BLEND_STYLES), 64).astype(np.int32)
-    assert np.asarray(blending.curve(styles, t)).tobytes() == np.asarray(curve(styles, t)).tobytes()
+    # op by op (each primitive its own program) and one fused program: to rounding (issue 23),
+    # a few steps of the curve's largest value (1) for its sigmoid or cosine and the rescaling
+    assert_close_across_programs(np.asarray(blending.curve(styles, t)), np.asarray(curve(styles, t)), ulps=4)
     h, r = rng.normal(size=(2, 64)).astype(np.float32)
     for op in OPS.values():
         w = jnp.float32(0.375)

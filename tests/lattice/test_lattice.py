@@ -18,6 +18,8 @@ from esper_jax.lattice.grid import GATE, Lattice, LatticeState
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.lattice.optim import inner_optimizer
 
+from tests.conftest import assert_close_across_programs
+
 SLOTS = slot_config_for(CNNHost.baseline(), ["r0c0", "r1c0", "r2c0"])
 # Short gates so states in later stages are a few requests away.
 LAT = Lattice(SLOTS, gates=GateConfig(min_training_epochs=0, require_healthy_gradients=False))
@@ -258,9 +260,12 @@ def test_live_param_count(base):
     assert int(LAT.live_param_count(state)) == 8 * 8 + 2 * 16
 
 
+@pytest.mark.cross_program
 def test_jit_vmap_germinate_over_a_population_equals_members():
     """Different states and different requests per member (one refused for an occupied slot, one
-    for a blueprint index out of range): the vmapped program equals per-member calls.
+    for a blueprint index out of range): the vmapped program equals per-member calls, integers and
+    flags exactly, float leaves to rounding (two programs, issue 23: 4 rounding steps of a leaf's
+    largest value, for the scaling of freshly drawn weights). A refused member is its input, bit for bit.
 
     The key is shared by the members: ``rbg`` keys (used here because they compile fast) do not
     give the same random bits under ``vmap`` as unbatched, so per-member keys would compare the
@@ -279,7 +284,7 @@ def test_jit_vmap_germinate_over_a_population_equals_members():
         want, applied = GERMINATE(states[m], *requests[m], shared)
         got = jax.tree.map(lambda x: x[m], vstate)
         assert bool(applied) == bool(vapplied[m])
-        assert same_tree(got, want), f"member {m} differs between vmap and a single jitted call"
+        assert_close_across_programs(got, want, ulps=4, err_msg=f"member {m}, vmap vs a single jitted call")
         if not bool(applied):
             assert same_tree(got, states[m]), f"refused member {m} changed"
 

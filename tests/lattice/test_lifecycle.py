@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from esper_jax.lattice import blending, lifecycle
 from esper_jax.lattice.lifecycle import GateConfig, SlotStatus, Stage
 
+from tests.conftest import assert_close_across_programs
 from tests.strategies import GATE_PRESETS, KINDS, intents, SLOT_KINDS, Request, gate_configs, next_request
 
 NUM_BLUEPRINTS = 5  # the lifecycle only needs a count; the registry is tested elsewhere
@@ -68,12 +69,13 @@ def assert_slot_bits_equal(a: dict, b: dict, k: int, what: str = ""):
         assert same_bits(a[name][k], b[name][k]), f"{what}: slot {k} field {name}: {a[name][k]!r} -> {b[name][k]!r}"
 
 
-def assert_same_values(a: dict, b: dict, what: str = ""):
-    """Exact agreement (NaNs compare equal) with identical dtypes."""
+def assert_same_status_across_programs(a: dict, b: dict, what: str = ""):
+    """Statuses from two different programs (jit, vmap, op by op): every integer and boolean field
+    (stage, blueprint, counters, flags) exactly, float fields to 4 rounding steps (issue 23: each
+    program fuses ``scheduled_alpha``'s multiply-add and curve its own way; the other float
+    fields are copies of given measurements), NaNs and infinities in the same places."""
     for name in FIELDS:
-        x, y = a[name], b[name]
-        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: {name} {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
-        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{what}: {name} {x!r} != {y!r}"
+        assert_close_across_programs(a[name], b[name], ulps=4, err_msg=f"{what}: {name}")
 
 
 def f32(x) -> np.float32:
@@ -447,6 +449,7 @@ def from_np(state: dict) -> SlotStatus:
     return SlotStatus(**{name: jnp.asarray(value) for name, value in state.items()})
 
 
+@pytest.mark.cross_program
 @settings(PROPERTY_SETTINGS, max_examples=12)
 @given(
     data=st.data(),
@@ -454,9 +457,10 @@ def from_np(state: dict) -> SlotStatus:
     member_intents=st.lists(intents, min_size=BATCH, max_size=BATCH),
     steps=st.integers(5, MAX_AGREEMENT_STEPS),
 )
-def test_jit_and_vmap_agree_exactly_with_plain_functions(data, case, member_intents, steps):
+def test_jit_and_vmap_agree_with_plain_functions(data, case, member_intents, steps):
     """A batch of statuses, each with its own request per step: the vmapped program, the jitted
-    program and (for one member per step, in turn) the plain functions give identical states."""
+    program and (for one member per step, in turn) the plain functions give the same states:
+    the same stages, counters and flags, and alphas to rounding (three programs)."""
     preset, num_slots = case
     gates = GATE_PRESETS[preset]
     states = [to_np(lifecycle.init_status(num_slots)) for _ in range(BATCH)]
@@ -473,11 +477,11 @@ def test_jit_and_vmap_agree_exactly_with_plain_functions(data, case, member_inte
             where = f"step {t} member {b} {reqs[b]!r}"
             jit_status, jit_applied = JITTED[preset](from_np(states[b]), *args[b])
             got = to_np(jit_status)
-            assert_same_values(got, {name: batched[name][b] for name in FIELDS}, f"vmap vs jit, {where}")
+            assert_same_status_across_programs({name: batched[name][b] for name in FIELDS}, got, f"vmap vs jit, {where}")
             assert bool(np.asarray(batched_applied)[b]) == bool(jit_applied), where
             if b == t % BATCH:
                 plain_status, plain_applied = apply_plain(from_np(states[b]), reqs[b], gates)
-                assert_same_values(to_np(plain_status), got, f"plain vs jit, {where}")
+                assert_same_status_across_programs(to_np(plain_status), got, f"plain vs jit, {where}")
                 assert bool(jit_applied) == (True if plain_applied is None else bool(plain_applied)), where
             check_transition(states[b], got, reqs[b], None if reqs[b].kind in ("tick", "record") else jit_applied, gates)
             states[b] = got

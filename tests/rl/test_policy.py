@@ -15,6 +15,8 @@ from esper_jax.rl.policy import (
     HEAD_RELEVANCE, MASKED_LOGIT, Policy, evaluate_actions, head_entropies, masked_logits, sample_action,
 )
 
+from tests.conftest import assert_close_across_programs
+
 SIZES = {"op": NUM_OPS, "slot": 4, "blueprint": 3, "blend": 3, "tempo": 3, "alpha_target": 3}
 OBS = 7
 
@@ -162,6 +164,7 @@ def test_log_prob_and_entropy_count_only_relevant_heads():
             np.testing.assert_allclose(float(raw[h][0]), expected_raw[h], rtol=1e-5, atol=1e-6, err_msg=f"{op.name} {h}")
 
 
+@pytest.mark.cross_program
 def test_wait_log_prob_is_the_op_heads_and_other_heads_get_no_gradient():
     rng = np.random.default_rng(3)
     masks = random_masks(rng, 4)
@@ -170,7 +173,9 @@ def test_wait_log_prob_is_the_op_heads_and_other_heads_get_no_gradient():
                                                        for h in HEADS[1:]))
     log_prob, entropies, _ = jax.jit(evaluate_actions)(logits, masks, action)
     op_lp = jax.nn.log_softmax(masked_logits(logits["op"], masks.op))[:, Op.WAIT]
-    np.testing.assert_array_equal(np.asarray(log_prob), np.asarray(op_lp))
+    # jitted inside evaluate_actions against op by op: two programs (issue 23), so to rounding; a
+    # log-softmax of ~5 logits is a few steps off at most, any other head's term adds ~1 nat
+    assert_close_across_programs(np.asarray(log_prob), np.asarray(op_lp), ulps=8)
     for h in HEADS[1:]:
         assert np.all(np.asarray(entropies[h]) == 0.0)
 

@@ -23,6 +23,8 @@ from esper_jax.rl.ppo import (
     METRIC_NAMES, Hyperparams, PPOConfig, compute_gae, explained_variance, make_train, set_hyperparams,
 )
 
+from tests.conftest import assert_close_across_programs
+
 # ---------------------------------------------------------------------------- a cheap stand-in env
 
 
@@ -286,19 +288,25 @@ def test_rollout_actions_are_valid_and_log_probs_replay(bandit_runs):
     np.testing.assert_allclose(np.asarray(values), np.asarray(flat(traj.value)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cross_program
 def test_same_key_same_results_and_chunks_compose(bandit_runs):
     env, config, one, two, init, chunk1, chunk2 = bandit_runs
     runner = init(jax.random.key(2), Hyperparams.default(config), DATA)
     a, ma = chunk2(runner, DATA)
     b, mb = chunk2(runner, DATA)
+    # the same program twice: bit for bit
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), ma, mb)
-    # Two chunks of one update continue exactly where one chunk of two goes.
+    # Two chunks of one update continue where one chunk of two goes: the same keys and counts
+    # exactly, and, as a scan of one update and a scan of two are two programs (issue 23), metrics
+    # and parameters to rounding. 64 steps of a leaf's largest value (~8e-6) leave room for two
+    # Adam updates carrying a difference (the slow real-env check allows 1e-5); a chunk that did
+    # not continue (another key, a reset optimizer) is off by orders of magnitude more.
     r1, m1 = chunk1(runner, DATA)
     r2, m2 = chunk1(r1, DATA)
     stitched = jax.tree.map(lambda x, y: np.concatenate([np.asarray(x), np.asarray(y)]), m1, m2)
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), stitched, ma)
+    assert_close_across_programs(stitched, jax.tree.map(np.asarray, ma), ulps=64, err_msg="metrics")
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(r2.key)), np.asarray(jax.random.key_data(a.key)))
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), r2.params, a.params)
+    assert_close_across_programs(r2.params, a.params, ulps=64, err_msg="params")
 
 
 def test_population_members_equal_single_runs(bandit_runs):

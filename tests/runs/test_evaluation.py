@@ -33,6 +33,8 @@ from esper_jax.lattice.lifecycle import LIVE_STAGES, Stage
 from esper_jax.rl.ppo import PPOConfig, make_train
 from esper_jax.env.tasks import get_task
 
+from tests.conftest import assert_close_across_programs
+
 NUM_ENVS, EPOCHS = 3, 4
 
 
@@ -119,13 +121,17 @@ def test_same_seeds_same_results(rig):
     assert not np.allclose(other.final_val_loss, results["static"].final_val_loss)
 
 
+@pytest.mark.cross_program
 def test_controllers_share_the_held_out_envs(rig):
     """In epoch 1 only WAIT or GERMINATE is possible and a germinated seed is not computed yet,
-    so every controller sees exactly the same first epoch."""
+    so every controller sees the same first epoch. Each controller is its own ``lax.switch``
+    branch, and what the branches do decides which compiled code trains the host from then on,
+    so across controllers the losses agree to rounding (issue 23), a few steps at most; other
+    held-out envs or batches would be off by far more."""
     results = rig[-1]
     first = results["static"].val_loss[:, 0]
     for name, out in results.items():
-        np.testing.assert_array_equal(out.val_loss[:, 0], first, err_msg=name)
+        assert_close_across_programs(out.val_loss[:, 0], first, ulps=4, err_msg=name)
 
 
 def test_payload_json_and_table(rig, tmp_path):

@@ -20,6 +20,8 @@ from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.runs.settings import PRESETS, resolve_config, resolve_settings
 from esper_jax.env.tasks import get_task
 
+from tests.conftest import assert_close_across_programs
+
 
 def epochs_to_fossilize(gates: GateConfig, tempo_epochs: int, germinate_at: int = 0, limit: int = 100) -> int | None:
     """Epochs from the start of an episode until a seed germinated at ``germinate_at`` is
@@ -92,6 +94,7 @@ def _growth_env():
     return env, make_env_data(config, downsample_images(dataset, 16))
 
 
+@pytest.mark.cross_program
 def test_a_scripted_grower_ends_with_a_different_host_than_static():
     env, data = _growth_env()
     schedule = Schedule("conv_small", "r0c0", epoch=0)
@@ -100,6 +103,11 @@ def test_a_scripted_grower_ends_with_a_different_host_than_static():
     static, grown = evaluator.run("static", data, key), evaluator.run(schedule.name, data, key)
     assert np.all(static.final_stage == Stage.DORMANT) and np.all(grown.final_stage == Stage.FOSSILIZED)
     assert np.all(grown.fossilized.sum(axis=1) == 1) and np.all(grown.params_added > 0)
-    # same envs, same batches: before the seed blends in, both runs are the same run
-    np.testing.assert_array_equal(grown.val_loss[:, :3], static.val_loss[:, :3])
+    # Same envs, same batches: before the seed blends in, both runs train the same host, but not
+    # with the same code. Static's lattice stays dormant, so its host runs in the model's skipped-
+    # lattice branch; the grower's seed, TRAINING in epoch 1 and BLENDING at alpha 0 in epoch 2, puts
+    # it in the lattice branch, another compilation of the same host (issue 23: 1 rounding step at epoch 2
+    # on an AMD EPYC, also at epoch 1 with the guard's 128-bit vectors). 8 steps leave room
+    # for two epochs of training carrying one; once alpha rises the loss moves by 9e-4 and more.
+    assert_close_across_programs(grown.val_loss[:, :3], static.val_loss[:, :3], ulps=8)
     assert np.all(np.abs(grown.final_val_loss - static.final_val_loss) > 1e-6)
