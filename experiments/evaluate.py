@@ -40,11 +40,12 @@ from pathlib import Path
 
 from esper_jax.runs import evaluation as ev
 from esper_jax.env.controllers import CONTROLLERS
-from experiments.cli import positive
+from experiments.cli import Parser, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compare a trained policy with rule-based controllers on held-out envs.")
+    parser = Parser(prog="python -m experiments.evaluate",
+                    description="Compare a trained policy with rule-based controllers on held-out envs.")
     parser.add_argument("--run-dir", required=True, help="a run directory written by experiments.ppo")
     parser.add_argument("--envs", type=positive, default=8, help="held-out environments per controller (default 8)")
     parser.add_argument("--member", default="best", help="population member to evaluate: best, all, or an index")

@@ -1,7 +1,8 @@
 """How much can a controller gain? Fixed growth schedules against static, on held-out envs.
 
     python -m experiments.headroom --run-dir DIR [--envs 16] [--schedules conv_heavy@r1c0@e0,...]
-    python -m experiments.headroom --task cifar10 --preset proof [--envs 16] [--json PATH]
+    python -m experiments.headroom --task cifar10 --preset proof [--envs 16] [--json PATH] [any experiments.ppo
+        setting by its name: --data synthetic, --host-lr 0.05, --slots ...]
 
 Each schedule germinates one seed (``blueprint@slot@eEPOCH``), advances it whenever the gates
 allow and fossilizes it as soon as G5 passes (:class:`esper_jax.env.controllers.Schedule`). Every
@@ -29,23 +30,29 @@ from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError, read_config
 from esper_jax.runs.loop import USER_ERRORS
 from esper_jax.env.controllers import Schedule, make_scripted_controller
-from experiments.cli import Parser, positive
+from experiments.cli import Parser, add_env_settings, given_settings, positive
+
+
+OWN_OPTIONS = ("run_dir", "envs", "schedules", "tempo", "json")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m experiments.headroom",
-                                     description="Fixed growth schedules against static on held-out envs.")
-    where = parser.add_mutually_exclusive_group(required=True)
+                    description="Fixed growth schedules against static on held-out envs.",
+                    argument_default=argparse.SUPPRESS)
+    g = parser.add_argument_group("run")
+    where = g.add_mutually_exclusive_group(required=True)
     where.add_argument("--run-dir", help="use this run's configuration (written by experiments.ppo)")
-    where.add_argument("--task", help="resolve a configuration from --preset instead of a run")
-    parser.add_argument("--preset", default=None, help=f"with --task: one of {', '.join(run_settings.PRESETS)}")
-    parser.add_argument("--data", default=None, help="with --task: synthetic, auto or a data directory")
-    parser.add_argument("--seed", type=int, default=0, help="with --task: the run seed whose held-out stream is used")
-    parser.add_argument("--envs", type=positive, default=16, help="held-out envs (default 16)")
-    parser.add_argument("--schedules", default=None,
-                        help="comma-separated blueprint@slot[@eEPOCH] (default: every blueprint in every slot at epoch 0)")
-    parser.add_argument("--tempo", type=positive, default=3, help="blend tempo of the schedules, epochs (default 3)")
-    parser.add_argument("--json", default=None, help="where to write the results (default RUN_DIR/headroom.json)")
+    where.add_argument("--task", help="resolve a configuration from --preset and the settings given, as "
+                       "experiments.ppo does, instead of a run")
+    g.add_argument("--preset", help=f"with --task: one of {', '.join(run_settings.PRESETS)}")
+    g.add_argument("--seed", type=int, help="with --task: the run seed whose held-out stream is used (default 0)")
+    g.add_argument("--envs", type=positive, default=16, help="held-out envs (default 16)")
+    g.add_argument("--schedules", default=None,
+                   help="comma-separated blueprint@slot[@eEPOCH] (default: every blueprint in every slot at epoch 0)")
+    g.add_argument("--tempo", type=positive, default=3, help="blend tempo of the schedules, epochs (default 3)")
+    g.add_argument("--json", default=None, help="where to write the results (default RUN_DIR/headroom.json)")
+    add_env_settings(parser, skip=("--envs",))  # with --task: any experiments.ppo setting by its name
     return parser
 
 
@@ -77,18 +84,23 @@ def headroom_table(payload: dict) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.run_dir:
-            config = read_config(args.run_dir)
+        explicit = given_settings(args, OWN_OPTIONS)
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir:
+            if explicit:
+                raise RunConfigError(f"--run-dir uses the run's own configuration: drop "
+                                     f"{', '.join('--' + k.replace('_', '-') for k in explicit)} (or use --task)")
+            config = read_config(run_dir)
         else:
-            explicit = {"task": args.task, "data": args.data, "seed": args.seed}
-            config = run_settings.resolve_config(run_settings.resolve_settings(explicit, args.preset))
+            explicit["num_minibatches"] = 1  # no learner runs here: its minibatch split must not refuse an env count
+            config = run_settings.resolve_config(run_settings.resolve_settings(explicit, explicit.pop("preset", None)))
         built = build(config)
         env = built.env
         texts = args.schedules.split(",") if args.schedules else None
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
                      else [Schedule(s.blueprint, s.slot, tempo_epochs=args.tempo) for s in default_schedules(env)])
         scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
-        json_path = Path(args.json) if args.json else (Path(args.run_dir) / "headroom.json" if args.run_dir else None)
+        json_path = Path(args.json) if args.json else (Path(run_dir) / "headroom.json" if run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
             raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
     except (ValueError,) + USER_ERRORS as error:
@@ -104,7 +116,7 @@ def main(argv=None) -> int:
         print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
               flush=True)
     payload = ev.evaluation_payload(env, results, run_seed=config.seed, task=config.task,
-                                    data_label=built.data_label, synthetic=built.synthetic, run_dir=args.run_dir)
+                                    data_label=built.data_label, synthetic=built.synthetic, run_dir=run_dir)
     payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
     payload["schedules"] = [s.name for s in schedules]
     payload["wall_seconds"] = time.perf_counter() - started

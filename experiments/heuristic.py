@@ -1,16 +1,19 @@
 """Run rule-based controllers over a population of inner environments and report the outcome.
 
-    python -m experiments.heuristic --task=cifar10 [--data=synthetic] [--envs N]
-        [--episode-epochs E] [--seed S] [--controller=heuristic|random|static|all] [--json PATH]
+    python -m experiments.heuristic --task=cifar10 [--preset=smoke|default|proof|full] [--seed S]
+        [--controller=heuristic|random|static|all] [--json PATH] [any experiments.ppo setting: --envs N,
+        --episode-epochs E, --data synthetic, --slots ..., --host-lr ...]
 
-The environment is built as a training run would build it (the ``default`` preset's settings,
-with the options given here), and every controller plays the same envs with the same initial
-weights and batches: the held-out envs ``experiments.evaluate`` uses for a run with this seed, so
-the numbers are comparable with a trained policy's. Exit codes: 0 done, 2 bad input (one line).
+The environment is built as a training run would build it, by the same settings under the same
+names as ``experiments.ppo`` (a preset gives them all, explicit options override it), and every
+controller plays the same envs with the same initial weights and batches: the held-out envs
+``experiments.evaluate`` uses for a run with this seed, so the numbers are comparable with a
+trained policy's. ``--envs`` is how many. Exit codes: 0 done, 2 bad input (one line).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,32 +21,27 @@ from pathlib import Path
 import numpy as np
 
 from esper_jax.env.controllers import CONTROLLERS
-from esper_jax.env.tasks import TASK_NAMES
 from esper_jax.runs import evaluation as ev
 from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError
 from esper_jax.runs.loop import USER_ERRORS
 from esper_jax.runs.settings import resolve_config, resolve_settings
-from experiments.cli import Parser, positive
+from experiments.cli import Parser, add_env_settings, add_task_and_preset, given_settings
+
+OWN_OPTIONS = ("controller", "json")
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="python -m experiments.heuristic",
-                    description="Run rule-based controllers over a population of growing networks.")
-    parser.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
-    parser.add_argument("--host-variant", default=None, help="cifar: baseline|impaired|pointwise; tinystories: base|tiny|pointwise")
-    parser.add_argument("--data", default="auto", help="auto (real data from the data dir), synthetic, or a data directory")
-    parser.add_argument("--data-dir", default=None, help="where datasets live (default $ESPER_DATA or ./data)")
-    parser.add_argument("--tokenizer", default=None, help="tinystories: gpt2 or byte (default gpt2)")
-    parser.add_argument("--controller", default="all", help=f"one of {', '.join(CONTROLLERS)} or all")
-    parser.add_argument("--envs", type=positive, default=4)
-    parser.add_argument("--episode-epochs", type=positive, default=12)
-    parser.add_argument("--steps-per-epoch", type=positive, default=20)
-    parser.add_argument("--batch-size", type=positive, default=128)
-    parser.add_argument("--val-size", type=positive, default=512)
-    parser.add_argument("--slots", default=None, help="comma-separated slot ids, e.g. r0c0,r1c0,r2c0")
-    parser.add_argument("--seed", type=int, default=0, help="run seed: the envs are its held-out stream")
-    parser.add_argument("--json", default=None, help="also write the results as JSON here (and a .md table beside it)")
+                    description="Run rule-based controllers over a population of growing networks, configured like "
+                                "experiments.ppo (a preset, then explicit options).",
+                    argument_default=argparse.SUPPRESS)
+    g = parser.add_argument_group("run")
+    add_task_and_preset(g, "(required)")
+    g.add_argument("--seed", type=int, help="run seed: the envs are its held-out stream (default 0)")
+    g.add_argument("--controller", default="all", help=f"one of {', '.join(CONTROLLERS)} or all")
+    g.add_argument("--json", default=None, help="also write the results as JSON here (and a .md table beside it)")
+    add_env_settings(parser)
     return parser
 
 
@@ -62,19 +60,20 @@ def main(argv=None) -> int:
         json_path = Path(args.json) if args.json else None
         if json_path is not None and not json_path.parent.is_dir():  # before the run, not after it
             raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
-        explicit = {"task": args.task, "host_variant": args.host_variant, "data": args.data, "data_dir": args.data_dir,
-                    "tokenizer": args.tokenizer, "envs": args.envs, "episode_epochs": args.episode_epochs,
-                    "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size, "val_size": args.val_size,
-                    "slots": args.slots, "seed": args.seed,
-                    "num_minibatches": 1}  # no learner runs here: its minibatch split must not refuse an env count
-        built = build(resolve_config(resolve_settings(explicit)))
+        explicit = given_settings(args, OWN_OPTIONS)
+        if "task" not in explicit:
+            raise RunConfigError("--task is required, e.g. --task=cifar10 (add --preset=proof for the proof problem)")
+        explicit["num_minibatches"] = 1  # no learner runs here: its minibatch split must not refuse an env count
+        built = build(resolve_config(resolve_settings(explicit, explicit.pop("preset", None))))
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     env, config = built.env, built.config
-    print(f"task {config.task} ({config.host_variant} host, {env.host_param_count} parameters) on {built.data_label}; "
-          f"{args.envs} envs x {args.episode_epochs} epochs x {args.steps_per_epoch} batches of {args.batch_size}")
-    evaluator = ev.Evaluator(env, args.envs, names)
+    envs, cfg = config.ppo.num_envs, env.config
+    print(f"task {config.task} ({config.host_variant} host, {env.host_param_count} parameters; preset "
+          f"{config.preset}) on {built.data_label}; {envs} envs x {cfg.episode_epochs} epochs x {cfg.steps_per_epoch} "
+          f"batches of {cfg.batch_size}")
+    evaluator = ev.Evaluator(env, envs, names)
     key = ev.held_out_key(config.seed)
     started = time.perf_counter()
     results = {}

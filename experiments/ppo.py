@@ -30,12 +30,9 @@ from esper_jax.runs.config import RunConfigError, read_config
 from esper_jax.runs import distributed
 from esper_jax.runs.loop import USER_ERRORS, decided_by_writer, enable_compile_cache, train
 from esper_jax.runs.rundir import default_run_dir, fmt, prepare_run_dir
-from esper_jax.lattice.optim import LR_SCHEDULES, OPTIMIZERS
 from esper_jax.runs.population import SWEEP_HELP
 from esper_jax.rl.ppo import PPOConfig
-from esper_jax.env.rewards import REWARD_KINDS
-from esper_jax.env.tasks import TASK_NAMES
-from experiments.cli import Parser, positive
+from experiments.cli import Parser, add_env_settings, add_task_and_preset, positive
 
 DEFAULT_CACHE = os.environ.get("ESPER_JAX_COMPILE_CACHE", str(Path.home() / ".cache" / "esper-jax" / "xla"))
 
@@ -94,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only options given explicitly reach the run settings
     )
     g = parser.add_argument_group("run")
-    g.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (required unless --resume); images: your own "
-                   ".npz file (--data=PATH.npz), tfds:NAME: a dataset tensorflow-datasets has prepared")
-    g.add_argument("--preset", help=f"one of {', '.join(run_settings.PRESETS)} (default: {run_settings.DEFAULT_PRESET})")
+    add_task_and_preset(g, "(required unless --resume)")
     g.add_argument("--run-dir", help="where the run is written (default: runs/TASK-PRESET-TIME); must be empty")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest complete checkpoint; "
                    "other options must match the run's, except --updates, --keep-checkpoints, --data-dir")
@@ -125,49 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for every process to join before giving up with an error "
                         f"(default {distributed.DEFAULT_TIMEOUT_S})")
 
-    g = parser.add_argument_group("task and data")
-    g.add_argument("--host-variant", help="image tasks: baseline|impaired|pointwise; tinystories: base|tiny|pointwise")
-    g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
-                   "(default auto; the smoke preset uses synthetic); --task=images: the .npz file (x_train, y_train, "
-                   "x_test, y_test); --task=tfds:NAME: tfds' data directory (default DATA_DIR/tensorflow_datasets)")
-    g.add_argument("--data-dir", help="where datasets live (default $ESPER_DATA or ./data)")
-    g.add_argument("--tokenizer", help="tinystories: gpt2 or byte (default gpt2)")
-    g.add_argument("--block-size", type=positive, help=f"tinystories: tokens per training window, the host's context "
-                   f"length (default {d['block_size']}, the design's; the smoke preset uses 16)")
-
-    g = parser.add_argument_group("environment")
-    g.add_argument("--envs", type=positive, help=f"inner environments per learner (default {d['envs']})")
-    g.add_argument("--episode-epochs", type=positive, help=f"host epochs per episode (default {d['episode_epochs']})")
-    g.add_argument("--steps-per-epoch", type=positive, help=f"batches per epoch (default {d['steps_per_epoch']})")
-    g.add_argument("--batch-size", type=positive, help=f"host batch size (default {d['batch_size']})")
-    g.add_argument("--val-size", type=positive, help=f"validation examples (default {d['val_size']})")
-    g.add_argument("--slots", help="comma-separated slot ids, e.g. r0c0,r1c0 (default: the host's own)")
-    g.add_argument("--blueprints", help="comma-separated blueprints the run may grow, e.g. norm,conv_light "
-                   "(default: the preset's subset)")
-    g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
-    g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of the images' "
-                   "size; the data is downsampled to it (default the images' own, 32 for CIFAR; the proof preset uses 16)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help=f"what host and seeds train with: Esper's SGD (momentum 0.9) or AdamW (default {d['optimizer']}; "
-                        "the TinyStories proof preset: adamw)")
-    g.add_argument("--host-lr", type=float, help=f"host learning rate (default {d['host_lr']}, Esper's)")
-    g.add_argument("--host-lr-schedule", choices=LR_SCHEDULES,
-                   help=f"host learning rate over an episode: constant, or cosine decay to 0 (default {d['host_lr_schedule']})")
-    g.add_argument("--seed-lr", type=float, help=f"seed learning rate (default {d['seed_lr']}, Esper's)")
-    g.add_argument("--max-concurrent-training", type=positive,
-                   help="seeds that may be germinated or training at once (default 1, Esper's rule; more lets the "
-                        "policy learn coordination from outcomes)")
-    g.add_argument("--rent-weight", type=float,
-                   help=f"parameter rent per epoch, rent_weight * log1p(added / host parameters) (default {d['rent_weight']}; "
-                        "the proof preset: 0.01)")
-    g.add_argument("--min-prune-age", type=positive,
-                   help="epochs a seed lives before it may be pruned (default 1; the proof preset: 4, so a seed is "
-                        "blended in before it is judged)")
-    g.add_argument("--auto-advance", action=argparse.BooleanOptionalAction,
-                   help="gates G1-G3 pass by themselves at the end of an epoch (default off; the proof preset: on)")
-    g.add_argument("--min-training-epochs", type=positive,
-                   help=f"G2: epochs a seed trains before it may blend (Esper: 10; default {d['min_training_epochs']}, "
-                        "so that a seed can be fossilized within an episode)")
+    add_env_settings(parser)
 
     g = parser.add_argument_group("population (one vmapped program of P learners, sharded over the devices)")
     g.add_argument("--population", type=positive,

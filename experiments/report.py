@@ -22,11 +22,12 @@ import sys
 from esper_jax.runs import plots
 from esper_jax.runs.config import RunConfig, RunConfigError, read_config
 from esper_jax.runs.rundir import read_json
-from experiments.cli import positive
+from experiments.cli import Parser, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Plot a run's learning curves and its held-out seed timelines.")
+    parser = Parser(prog="python -m experiments.report",
+                    description="Plot a run's learning curves and its held-out seed timelines.")
     parser.add_argument("--run-dir", required=True, help="a run directory written by experiments.ppo")
     parser.add_argument("--no-eval", action="store_true", help="only the learning curves; do not need evaluation.json")
     parser.add_argument("--max-envs", type=positive, default=16, help="held-out envs shown per timeline (default 16)")

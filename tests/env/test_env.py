@@ -96,7 +96,7 @@ def test_single_environment_shapes(tiny, reset):
     obs, new, reward, done, info = jax.eval_shape(env.step, jax.random.key(0), single, WAIT, tiny.data)
     assert obs.shape == (env.observation_size,) and reward.shape == () and done.shape == ()
     for name, value in info.items():
-        assert value.shape == ((env.lattice.slots.num_slots,) if name == "contribution" else ()), name
+        assert value.shape == ((env.lattice.slots.num_slots,) if name in ("contribution", "trained_stage") else ()), name
 
 
 # ---------------------------------------------------------------------------- step
@@ -143,6 +143,8 @@ def test_germinate_is_applied_and_counted(tiny, reset, germinated):
     np.testing.assert_array_equal(np.asarray(state.germinated), [[1, 0], [0, 0]])
     status = np_tree(state.train.lattice.status)
     np.testing.assert_array_equal(status.stage[:, 0], [Stage.GERMINATED, Stage.DORMANT])
+    # the stage the epoch trained with: the seed was planted before training (and not computed in it)
+    np.testing.assert_array_equal(np.asarray(info["trained_stage"])[:, 0], [Stage.GERMINATED, Stage.DORMANT])
     np.testing.assert_array_equal(status.blueprint[:, 0], [0, -1])
     np.testing.assert_array_equal(np.asarray(state.last_op), [Op.GERMINATE, Op.WAIT])
     # the task metric when the seed was planted (accuracy, before this epoch's training)

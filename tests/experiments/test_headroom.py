@@ -27,6 +27,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["--task=cifar10", "--preset=smoke", "--schedules=norm@r0c0@e99"], "outside the episode"),
         (["--task=cifar10", "--preset=nope"], "unknown preset"),
         ([f"--run-dir={tmp_path}"], "not a run directory"),
+        ([f"--run-dir={tmp_path}", "--host-lr=0.1"], "drop --host-lr"),
+        (["--task=cifar10", "--preset=smoke", "--slots=r9c9"], "r9c9"),
         (["--task=cifar10", "--preset=smoke", f"--json={tmp_path}/missing/h.json"], "does not exist"),
     ]
     for argv, expected in cases:

@@ -26,6 +26,21 @@ def test_bad_options_are_one_line(capsys, tmp_path, monkeypatch):
     assert "ESPER_CONV_IMPL" in error_line(capsys, base)
 
 
+def test_presets_and_every_run_setting_by_its_experiments_ppo_name(capsys):
+    """The parser is experiments.ppo's for the run settings: --preset and the env settings resolve
+    the same way (refusals come before any data is loaded)."""
+    parser = heuristic.build_parser()
+    args = parser.parse_args(["--task=cifar10", "--preset=proof", "--host-lr=0.05", "--auto-advance", "--envs=3"])
+    assert vars(args) == {"task": "cifar10", "preset": "proof", "host_lr": 0.05, "auto_advance": True, "envs": 3,
+                          "controller": "all", "json": None}
+    assert "unknown preset" in error_line(capsys, ["--task=cifar10", "--preset=nope"])
+    assert "--task is required" in error_line(capsys, ["--preset=proof"])
+    from experiments import ppo
+
+    ppo_options = {a.dest for a in ppo.build_parser()._actions}
+    assert {a.dest for a in parser._actions} - ppo_options == {"controller", "json"}
+
+
 def test_parser_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         heuristic.build_parser().parse_args(["--task=cifar10", "--envs=0"])

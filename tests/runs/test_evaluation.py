@@ -266,3 +266,15 @@ def test_paired_differences(rig):
     assert "| vs static, mean [95% CI] (better in) | vs heuristic, mean [95% CI] (better in) | vs random" in table
     assert all(line.count("|") == table.splitlines()[4].count("|") for line in table.splitlines() if line.startswith("| "))
     assert payload["controllers"]["static"]["envs_better_than_static"] == 0
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_bad_options_of_evaluate_and_report_are_one_line(command, capsys):
+    """Like experiments.ppo: one line naming the option, exit 2, no usage block."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.{command}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--run-dir", "x", "--max-envs" if command == "report" else "--envs", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().count("\n") == 0 and err.startswith("error: argument --")
