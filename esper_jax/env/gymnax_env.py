@@ -4,8 +4,16 @@ gymnax's ``Environment`` interface, so JAX RL code written for gymnax (PureJaxRL
 trains a growth controller unchanged: ``reset(key, params)``, ``step(key, state, action, params)``
 with gymnax's auto-reset, ``action_space``/``observation_space``, under ``jax.jit`` and ``jax.vmap``.
 
-gymnax is an optional extra (``pip install -e ".[gymnax]"``) and is imported only here; the
-gymnax 1.0 interface is followed (``step`` returns ``terminated`` and ``truncated``).
+gymnax is an optional extra (``pip install -e ".[gymnax]"``) and is imported only here. The
+adapter follows the interface of the gymnax installed (:data:`GYMNAX_INTERFACE`), so code written
+for either runs unchanged:
+
+* gymnax >= 1.0: ``step`` returns ``obs, state, reward, terminated, truncated, info`` (gymnax's
+  ``info`` adds ``terminated``, ``truncated`` and ``final_observation``); ``is_terminated``;
+* gymnax 0.0.x (0.0.9, which PureJaxRL's scripts and the libraries of gymnax algorithms are
+  written against): ``step`` returns ``obs, state, reward, done, info``, ``done`` being the end of
+  the training run or gymnax's time limit (``max_steps_in_episode``), whichever comes first;
+  ``is_terminal``.
 
 * :class:`EnvParams` holds the dataset on device (:class:`~esper_jax.env.environment.EnvData`) and
   ``max_steps_in_episode`` (the env's ``episode_epochs``). Pass it explicitly to ``reset``/``step``
@@ -66,6 +74,9 @@ try:
     from gymnax.environments import spaces
 except ImportError:
     raise OptionalDependencyError('esper_jax.env.gymnax_env needs gymnax: pip install -e ".[gymnax]"') from None
+
+# Which interface the installed gymnax has: 1.0 split ``done`` into ``terminated`` and ``truncated``.
+GYMNAX_INTERFACE: Literal["0.0", "1.0"] = "1.0" if hasattr(gymnax_environment.Environment, "is_truncated") else "0.0"
 
 Encoding = Literal["factored", "flat"]
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
@@ -153,22 +164,31 @@ class GrowthGymnaxEnv(gymnax_environment.Environment[EnvState, EnvParams]):
         return obs, EnvState(time=jnp.zeros((), jnp.int32), inner=inner)
 
     def step_env(self, key: jax.Array, state: EnvState, action: Any, params: EnvParams):
+        """One epoch. The flag returned is ``terminated`` for gymnax 1.0 (whose ``step`` adds the
+        time limit as ``truncated``) and 0.0.x's ``done``, the time limit included."""
         taken, valid = self.executed_action(state, action)
-        obs, inner, reward, done, info = self.env.step(key, state.inner, taken, params.data)
-        return obs, EnvState(time=state.time + 1, inner=inner), reward, done, {**info, "valid": valid}
+        obs, inner, reward, terminated, info = self.env.step(key, state.inner, taken, params.data)
+        new = EnvState(time=state.time + 1, inner=inner)
+        flag = terminated if GYMNAX_INTERFACE == "1.0" else self.is_terminal(new, params)
+        return obs, new, reward, flag, {**info, "valid": valid}
 
     @functools.partial(jax.jit, static_argnames=("self",))
     def step(self, key: jax.Array, state: EnvState, action: Any, params: EnvParams | None = None):
-        """gymnax's step and auto-reset, with the legal actions of the state it returns in ``info``."""
-        obs, state, reward, terminated, truncated, info = super().step(key, state, action, params)
-        return obs, state, reward, terminated, truncated, {**info, **self._mask_info(state)}
+        """gymnax's step and auto-reset (six values from gymnax 1.0, five from 0.0.x), with the legal
+        actions of the state it returns in ``info``."""
+        *out, info = super().step(key, state, action, params)
+        return (*out, {**info, **self._mask_info(out[1])})
 
     def get_obs(self, state: EnvState, params: EnvParams | None = None, key: jax.Array | None = None) -> jax.Array:
         return self.env.observe(state.inner)
 
     def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
-        """The training run is over (``is_terminal`` in gymnax before 1.0)."""
+        """The training run is over (gymnax 1.0's name)."""
         return state.inner.epoch >= self.env.episode_epochs
+
+    def is_terminal(self, state: EnvState, params: EnvParams) -> jax.Array:
+        """The episode is over: the training run, or gymnax's time limit (gymnax 0.0.x's name and meaning)."""
+        return self.is_terminated(state, params) | (state.time >= params.max_steps_in_episode)
 
     # ------------------------------------------------------------------ actions
 

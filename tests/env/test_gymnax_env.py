@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -27,11 +28,13 @@ from gymnax.wrappers import LogWrapper  # noqa: E402
 
 from esper_jax.data.datasets import OptionalDependencyError  # noqa: E402
 from esper_jax.env.actions import HEADS, NUM_OPS, FactoredAction, Op  # noqa: E402
-from esper_jax.env.gymnax_env import GrowthGymnaxEnv  # noqa: E402
+from esper_jax.env.gymnax_env import GYMNAX_INTERFACE, GrowthGymnaxEnv  # noqa: E402
 
 from tests.env_rig import EPISODE_EPOCHS, member, stack_members, tiny_env  # noqa: E402
 
 ENVS = 2
+# The stepping tests below unpack gymnax 1.0's six values; the 0.0.x-style loop has a test of its own.
+needs_gymnax_1 = pytest.mark.skipif(GYMNAX_INTERFACE != "1.0", reason="written against gymnax 1.0's step")
 
 
 def keys(*seeds: int) -> jax.Array:
@@ -188,6 +191,13 @@ def test_without_gymnax_the_import_says_how_to_install_it(monkeypatch):
     assert str(error.value) == 'esper_jax.env.gymnax_env needs gymnax: pip install -e ".[gymnax]"'
 
 
+def test_the_interface_is_the_installed_gymnax_s():
+    from importlib.metadata import version
+
+    major = version("gymnax").split(".")[0]
+    assert GYMNAX_INTERFACE == ("0.0" if major == "0" else "1.0")
+
+
 # ---------------------------------------------------------------------------- stepping (slow)
 
 
@@ -197,6 +207,7 @@ def factored_step(factored):
 
 
 @pytest.mark.slow
+@needs_gymnax_1
 def test_factored_actions_step_and_episodes_reset_themselves(tiny, factored, params, reset, factored_step):
     """Dict actions under vmap and jit; after EPISODE_EPOCHS steps the episode terminates (also
     gymnax's time limit), the env resets itself, and ``info``'s masks are the new state's."""
@@ -232,6 +243,7 @@ def test_factored_actions_step_and_episodes_reset_themselves(tiny, factored, par
 
 
 @pytest.mark.slow
+@needs_gymnax_1
 def test_an_illegal_action_steps_exactly_like_wait(factored, params, reset, factored_step):
     """Env 0 asks for an illegal FOSSILIZE, then for WAIT, from the same state with the same keys
     (the same batch position: rbg keys draw differently across a vmapped batch)."""
@@ -361,6 +373,7 @@ def make_ppo_train(env: GrowthGymnaxEnv, params):
 
 
 @pytest.mark.slow
+@needs_gymnax_1
 def test_a_purejaxrl_style_ppo_loop_trains_on_it(flat, params):
     before, after, losses, traj, returns = make_ppo_train(flat, params)(jax.random.key(0, impl="rbg"))
     c = PPO
@@ -385,3 +398,76 @@ def test_a_purejaxrl_style_ppo_loop_trains_on_it(flat, params):
     np.testing.assert_array_equal(done, np.broadcast_to(
         (np.arange(c["num_steps"]) % EPISODE_EPOCHS == EPISODE_EPOCHS - 1)[None, :, None], leading))
     assert np.isfinite(np.asarray(returns)).all() and np.abs(np.asarray(returns)[done]).sum() > 0
+
+
+# ---------------------------------------------------------------------------- both gymnax interfaces (slow)
+# .ci/run runs these: the installed gymnax's loop in-process, and the other version's in a subprocess
+# with that gymnax on the path (``-k style_loop``).
+
+
+def _loop_steps(flat, params, unpack):
+    """A loop as gymnax code writes it: vmapped, jitted reset and step, a legal action from
+    info's mask each step, EPISODE_EPOCHS + 1 steps (one auto-reset); ``unpack`` turns a step's
+    values into (obs, state, done, info)."""
+    reset = jax.jit(jax.vmap(flat.reset, in_axes=(0, None)))
+    step = jax.jit(jax.vmap(flat.step, in_axes=(0, 0, 0, None)))
+    obs, state = reset(keys(0, 1), params)
+    mask = jax.vmap(flat.flat_action_mask)(state)
+    dones, times = [], []
+    for t in range(EPISODE_EPOCHS + 1):
+        action = jnp.argmax(mask, axis=-1).astype(jnp.int32)  # the first legal action: WAIT
+        obs, state, done, info = unpack(step(keys(10 + t, 20 + t), state, action, params))
+        assert np.asarray(info["valid"]).all() and obs.shape == (ENVS, flat.env.observation_size)
+        mask = info["flat_mask"]
+        dones.append(np.asarray(done).tolist())
+        times.append(np.asarray(state.time).tolist())
+    ended = [[t == EPISODE_EPOCHS - 1] * ENVS for t in range(EPISODE_EPOCHS + 1)]
+    assert dones == ended
+    assert times == [[(t + 1) % EPISODE_EPOCHS] * ENVS for t in range(EPISODE_EPOCHS)] + [[1] * ENVS]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GYMNAX_INTERFACE != "0.0", reason="gymnax 0.0.x is not installed here (see the subprocess test)")
+def test_a_gymnax_0_0_style_loop(flat, params):
+    def unpack(values):
+        obs, state, reward, done, info = values  # gymnax 0.0.x: five values
+        assert np.isfinite(np.asarray(reward)).all()
+        return obs, state, done, info
+
+    _loop_steps(flat, params, unpack)
+
+
+@pytest.mark.slow
+@needs_gymnax_1
+def test_a_gymnax_1_0_style_loop(flat, params):
+    def unpack(values):
+        obs, state, reward, terminated, truncated, info = values  # gymnax 1.0: six values
+        assert "final_observation" in info
+        return obs, state, terminated | truncated, info
+
+    _loop_steps(flat, params, unpack)
+
+
+OTHER_GYMNAX = {"1.0": "gymnax==0.0.9", "0.0": "gymnax==1.0.1"}
+
+
+@pytest.mark.slow
+def test_the_other_gymnax_style_loop_in_a_subprocess(tmp_path):
+    """The other gymnax version, installed (without dependencies: both need the same jax, flax and
+    gymnasium) into a folder put first on the path, runs its own style's loop."""
+    import subprocess
+
+    spec = OTHER_GYMNAX[GYMNAX_INTERFACE]
+    target = tmp_path / "other-gymnax"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                              spec], capture_output=True, text=True)
+    if install.returncode != 0:
+        pytest.skip(f"could not install {spec} from the package index: {install.stderr.strip()[-300:]}")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", __file__,
+                             "-k", "style_loop and not subprocess"], capture_output=True, text=True, env=env,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout, result.stdout[-2000:]
