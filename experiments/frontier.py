@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", default=None,
                         help="comma-separated multiples of the host's width for the static family (default 0.5,1,2,4 "
                              "for a CNN host, 1,2 for a transformer, each at its depth and twice it)")
+    parser.add_argument("--rerender", action="store_true",
+                        help="run nothing: recompute frontier.json's comparisons and frontier.md from the rows it holds "
+                             "(after a change of how they are computed)")
     parser.add_argument("--data", default=None, help="read the data from elsewhere than the run did: synthetic or a path")
     parser.add_argument("--data-dir", default=None, help="directory of the real dataset, if it moved")
     return parser
@@ -171,6 +174,30 @@ def network_row(name: str, network: dict, data, envs: int, key, built_in_key) ->
     return row
 
 
+def rerender(run_dir: Path) -> int:
+    """``--rerender``: the payload and table again from the rows of an existing frontier.json."""
+    from esper_jax.runs import evaluation as ev
+    from esper_jax.runs import frontier as fr
+
+    path = run_dir / FRONTIER_FILE
+    try:
+        old = json.loads(path.read_text())
+        held = old["held_out"]
+        payload = fr.frontier_payload(old["rows"], envs=held["num_envs"], run_seed=held["run_seed"], task=old["task"],
+                                      data_label=old["data"], synthetic=old["synthetic"], host_params=old["host_params"],
+                                      run_dir=old["run_dir"], calibration=old.get("calibration"),
+                                      static_check=old.get("static_reproduced_max_abs_difference"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"error: {path} cannot be rerendered ({error}): run `python -m experiments.frontier --run-dir {run_dir}`",
+              file=sys.stderr)
+        return 2
+    payload["wall_seconds"] = old.get("wall_seconds")
+    markdown = fr.markdown(payload)
+    ev.write_json_and_markdown(path, payload, markdown)
+    print(markdown)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -187,6 +214,8 @@ def main(argv=None) -> int:
     from esper_jax.runs.rundir import write_json
 
     run_dir = Path(args.run_dir)
+    if args.rerender:
+        return rerender(run_dir)
     try:
         scales = parse_multiples(args.lr_scales, "--lr-scales", fr.LR_SCALES)
         widths = parse_multiples(args.widths, "--widths")

@@ -295,9 +295,13 @@ def frontier_payload(rows: Mapping[str, dict[str, Any]], *, envs: int, run_seed:
     envelope = [statics[i] for i in lower_envelope(compute, mean_loss)]
     frontier_compute = np.asarray([rows[n]["flops"] for n in envelope])
     frontier_losses = np.asarray([rows[n]["final_val_loss_per_env"] for n in envelope], np.float64)
+    best_fixed = rows.get(BEST_FIXED_2)
     for name, r in rows.items():
         r["on_frontier"] = name in envelope
         r.update(frontier_gap(r["final_val_loss_per_env"], r["flops_per_env"], frontier_losses, frontier_compute))
+        if best_fixed is not None:  # paired on the same envs: what a learned controller has to beat
+            r[f"minus_{BEST_FIXED_2}_ci"] = paired_ci(np.asarray(r["final_val_loss_per_env"], np.float64)
+                                                     - np.asarray(best_fixed["final_val_loss_per_env"], np.float64))
     return {
         "version": 1, "run_dir": run_dir, "task": task, "data": data_label, "synthetic": bool(synthetic),
         "host_params": host_params,
@@ -338,7 +342,8 @@ def markdown(payload: Mapping[str, Any]) -> str:
               f"{held['num_envs']} held-out envs ({held['derivation']}); host {payload['host_params']:,} parameters. "
               f"Static frontier (lower envelope of loss against FLOPs): {', '.join(front['networks'])}.", "",
               "| row | kind | final val loss | GFLOPs | minus frontier at same compute [95% CI] (lower in) | vs frontier "
-              "| compute / frontier's for same loss |", "|---|---|---|---|---|---|---|"]
+              f"| compute / frontier's for same loss | minus {BEST_FIXED_2} [95% CI] (lower in) |",
+              "|---|---|---|---|---|---|---|---|"]
     order = sorted(payload["rows"].items(), key=lambda kv: (kv[1]["kind"] == STATIC_NETWORK, kv[1]["flops"]))
     for name, r in order:
         ci = r["minus_frontier_ci"]
@@ -346,9 +351,12 @@ def markdown(payload: Mapping[str, Any]) -> str:
         bound = {"interpolated": "", "below_frontier": " (at most: below every static network)",
                  "above_frontier": " (at least: above every static network)"}[r["frontier_compute_to_reach_how"]]
         kind = r["kind"] + (f", lr x{r['lr_scale']:g}" if "lr_scale" in r else "") + (" *" if r.get("on_frontier") else "")
+        fixed = r.get(f"minus_{BEST_FIXED_2}_ci")
+        versus = ("-" if not fixed or fixed["half_width"] is None else
+                  f"{fixed['mean']:+.4f} [{fixed['low']:+.4f}, {fixed['high']:+.4f}] ({fixed['better']}/{fixed['n']})")
         lines.append(f"| {name} | {kind} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | "
                      f"{r['flops'] / 1e9:.3g} | {interval} ({ci['better']}/{ci['n']}) | {_verdict(ci)} | "
-                     f"{r['compute_ratio']:.2f}{bound} |")
+                     f"{r['compute_ratio']:.2f}{bound} | {versus} |")
     check = payload.get("static_reproduced_max_abs_difference")
     lines += ["", "`*`: on the frontier. " + payload["definitions"]["minus_frontier"] + ". Compute: "
               + payload["definitions"]["flops"] + "; compute / frontier's: " + payload["definitions"]["compute_ratio"] + "."]

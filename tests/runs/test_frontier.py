@@ -158,3 +158,20 @@ def test_a_two_seed_schedule_plants_in_order_and_a_built_in_seed_is_computed_fro
     out = built.run("static", data, jax.random.key(0))
     assert np.all(out.trained_stage[:, :, 1] == int(Stage.FOSSILIZED)) and np.all(out.trained_stage[:, :, 0] == 0)
     assert np.all(out.params_added > 0) and np.all(np.isfinite(out.final_val_loss))
+
+
+def test_rerender_recomputes_from_the_rows_and_compares_with_the_best_fixed_schedule(tmp_path, capsys):
+    rows = _rows()
+    rows["best_fixed_2"] = {"kind": "fixed schedule", "final_val_loss_per_env": [1.7, 1.8], "flops_per_env": [2e7, 2e7],
+                            "flops": 2e7}
+    payload = fr.frontier_payload(rows, envs=2, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
+                                  synthetic=True, host_params=100)
+    assert payload["rows"]["policy"]["minus_best_fixed_2_ci"]["mean"] == pytest.approx(-0.05)
+    (tmp_path / "frontier.json").write_text(json.dumps(payload))
+    assert frontier_cli.main(["--run-dir", str(tmp_path), "--rerender"]) == 0
+    assert "minus best_fixed_2" in (tmp_path / "frontier.md").read_text()
+    assert json.loads((tmp_path / "frontier.json").read_text())["frontier"] == payload["frontier"]
+    capsys.readouterr()
+    (tmp_path / "frontier.json").write_text("{}")
+    assert frontier_cli.main(["--run-dir", str(tmp_path), "--rerender"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
