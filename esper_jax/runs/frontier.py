@@ -28,6 +28,7 @@ of all become controllers (``best_fixed_1``, ``best_fixed_2``) evaluated on the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -39,6 +40,8 @@ import optax
 
 from esper_jax.env.controllers import Schedule, schedule_name
 from esper_jax.env.environment import EnvState, MorphogeneticEnv
+from esper_jax.lattice import lifecycle
+from esper_jax.lattice.hosts.base import Host
 from esper_jax.runs.config import RunConfig
 from esper_jax.runs.evaluation import BEST_FIXED, paired_ci
 
@@ -63,7 +66,7 @@ class StaticNetwork:
     """One static network of the frontier: a host, with seeds ``(slot, blueprint)`` built in."""
 
     name: str
-    host: Any
+    host: Host
     built_in: tuple[tuple[str, str], ...] = ()
     description: str = ""
 
@@ -121,17 +124,13 @@ def static_family(config: RunConfig, architectures: Mapping[str, Sequence[tuple[
 def final_architecture(timeline: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The architecture a controller ended with in most envs: the seeds blended at the end
     (BLENDING, HOLDING, FOSSILIZED), as ``(slot, blueprint)``."""
-    from esper_jax.lattice import lifecycle
-
     stage = np.asarray(timeline["stage"])[:, -1]          # [N, S]
     blueprint = np.asarray(timeline["blueprint"])[:, -1]
     blended = np.isin(stage, [int(s) for s in lifecycle.BLENDED_STAGES]) & (blueprint >= 0)
     archs = [tuple((timeline["slots"][s], timeline["blueprints"][blueprint[i, s]])
                    for s in range(stage.shape[1]) if blended[i, s]) for i in range(stage.shape[0])]
-    counts: dict[tuple, int] = {}
-    for a in archs:
-        counts[a] = counts.get(a, 0) + 1
-    return max(counts, key=lambda a: (counts[a], -len(a)))
+    counts = collections.Counter(archs)
+    return max(counts, key=lambda a: (counts[a], -len(a)))  # ties: the smaller architecture
 
 
 # ---------------------------------------------------------------------------- a network's env
