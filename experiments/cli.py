@@ -49,6 +49,10 @@ def add_env_settings(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     parser = _Skipping(parser, skip)
     g = parser.add_argument_group("task and data")
     g.add_argument("--host-variant", help="image tasks: baseline|impaired|pointwise; tinystories: base|tiny|pointwise")
+    g.add_argument("--host", metavar="MODULE:FUNCTION",
+                   help="image tasks: grow your own flax.linen network instead of the task's host; FUNCTION takes no "
+                        "arguments and returns a FlaxHost or (stem, segments, head) modules, with an injection point "
+                        "after each segment (e.g. examples.my_host:make_host, run from the repository root)")
     g.add_argument("--data", help="auto (the real dataset from the data dir), synthetic, or a data directory "
                    "(default auto; the smoke preset uses synthetic); --task=images: the .npz file (x_train, y_train, "
                    "x_test, y_test); --task=tfds:NAME: tfds' data directory (default DATA_DIR/tensorflow_datasets)")

@@ -2,6 +2,8 @@
 
     python -m experiments.ppo --task=cifar10 [--preset=smoke|default|full] [--data=auto|synthetic|PATH]
     python -m experiments.ppo --task=images --data=PATH.npz | --task=tfds:NAME [--data=DIR] [...]
+    python -m experiments.ppo --task=images --data=PATH.npz --host MODULE:FUNCTION [...]
+        (your own flax.linen network, e.g. examples.my_host:make_host; see esper_jax.lattice.hosts.flax_host)
         [--envs N] [--updates U] [--population P --lr log:1e-4:1e-3 --ent-coef 0.01,0.05 ...]
         [--run-dir DIR] [--checkpoint-every C] [--keep-checkpoints K]
     python -m experiments.ppo --resume DIR [--updates U]

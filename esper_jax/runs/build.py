@@ -27,7 +27,7 @@ from esper_jax.env.rewards import RewardConfig
 from esper_jax.env.tasks import TaskConfig, get_task
 from esper_jax.lattice.lifecycle import GateConfig
 from esper_jax.rl import ppo as ppo_lib
-from esper_jax.runs.config import Host, RunConfig, RunConfigError
+from esper_jax.runs.config import USER_HOST_VARIANT, Host, RunConfig, RunConfigError
 from esper_jax.runs.population import Placement, stack_hyperparams
 from esper_jax.trees import add_axis, drop_axis
 
@@ -82,7 +82,7 @@ def _load_dataset(config: RunConfig, data: str | None, data_dir: str | None):
     source = data if data is not None else d.source
     directory = data_dir if data_dir is not None else d.data_dir
     synthetic = source == SYNTHETIC
-    if config.topology == "cnn":
+    if config.kind == "classification":
         sizes = {"n_train": d.synthetic_train or 10_000,
                  "n_test": max(d.synthetic_test or 1_000, config.env.val_size)} if synthetic else {}
         return load_image_dataset(config.task, source, data_dir=directory, **sizes)
@@ -118,15 +118,16 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
     refuses."""
     user_data = is_user_image_dataset(config.task)
     spec = config.env
+    # A user's own host (--host) is none of the task's variants: the task is the same without one.
+    variant = None if config.host_variant == USER_HOST_VARIANT else config.host_variant
     try:
-        if config.topology == "cnn":
+        if config.kind == "classification":
             native = dataset.shape
             dataset = downsample_images(dataset, config.host.image_size)  # the data follows the host's input
             if user_data:  # normalized with its own statistics, at the resolution the host sees
-                task = get_task(config.task, config.host_variant, image=native,
-                                channel_stats=channel_stats(dataset.train_images))
+                task = get_task(config.task, variant, image=native, channel_stats=channel_stats(dataset.train_images))
             else:
-                task = get_task(config.task, config.host_variant)
+                task = get_task(config.task, variant)
             host = config.host
         else:
             task = get_task(config.task, config.host_variant, vocab_size=dataset.vocab_size,

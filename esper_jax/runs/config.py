@@ -3,7 +3,10 @@
 A :class:`RunConfig` is everything needed to rebuild a run: the task and the host actually used,
 the data source, the inner environment (:class:`EnvSpec`), the learner (``PPOConfig``), the
 members of the population, the run's length and checkpoints, and the command-line options it
-was resolved from (kept so that ``--resume`` can compare options given again). Every section is
+was resolved from (kept so that ``--resume`` can compare options given again). A built-in host is
+written as its fields; a user's own (:class:`~esper_jax.lattice.hosts.FlaxHost`) as the import path
+it came from (``module:function``), its input and a digest of its parameters' shapes, and is rebuilt
+by importing that path again: the code must still be importable, and still build the same network. Every section is
 a frozen dataclass; :meth:`RunConfig.to_json`/:meth:`RunConfig.from_json` are the only place the
 JSON layout is spelled, and :func:`read_config` turns a missing, damaged or foreign file into one
 clear line (:class:`RunConfigError`).
@@ -18,8 +21,8 @@ from typing import Any, Mapping
 
 from esper_jax.data import SYNTHETIC
 from esper_jax.env.rewards import RewardKind
-from esper_jax.env.tasks import TaskKind
-from esper_jax.lattice.hosts import CNNHost, TransformerHost
+from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TaskKind
+from esper_jax.lattice.hosts import CNNHost, FlaxHost, HostImportError, TransformerHost, import_host
 from esper_jax.lattice.optim import LRSchedule, OptimizerKind
 from esper_jax.lattice.slots import Topology
 from esper_jax.rl.ppo import PPOConfig
@@ -27,7 +30,9 @@ from esper_jax.rl.ppo import PPOConfig
 CONFIG_VERSION = 1
 CONFIG_FILE = "config.json"
 
-Host = CNNHost | TransformerHost
+Host = CNNHost | TransformerHost | FlaxHost
+# The host variant a run with a user's own host (--host) records: the task's variants name built-in hosts.
+USER_HOST_VARIANT = "user"
 
 
 class RunConfigError(ValueError):
@@ -113,8 +118,9 @@ class RunConfig:
 
     @property
     def kind(self) -> TaskKind:
-        """Every transformer task is a language model, every CNN task a classification."""
-        return "language_model" if self.topology == "transformer" else "classification"
+        """A language-model task's or a classification's: the task decides, not the host's topology
+        (a user's transformer host may classify images)."""
+        return "language_model" if self.task in LANGUAGE_MODEL_TASKS else "classification"
 
     @property
     def population(self) -> int:
@@ -126,12 +132,11 @@ class RunConfig:
     # ------------------------------------------------------------------ JSON
 
     def to_json(self) -> dict[str, Any]:
-        host = {f.name: getattr(self.host, f.name) for f in dataclasses.fields(self.host) if f.init}
         return {
             "version": CONFIG_VERSION,
             "task": self.task,
             "host_variant": self.host_variant,
-            "host": {"topology": self.topology, **host},
+            "host": _host_json(self.host),
             "data": {**dataclasses.asdict(self.data), "synthetic": self.data.synthetic},
             "preset": self.preset,
             "preset_description": self.preset_description,
@@ -156,25 +161,56 @@ class RunConfig:
             raise RunConfigError(f"the configuration has version {value.get('version')!r}; this code reads "
                                  f"version {CONFIG_VERSION}")
         try:
-            host_fields = dict(value["host"])
-            topology = host_fields.pop("topology")
-            host_type = {"cnn": CNNHost, "transformer": TransformerHost}[topology]
+            host = _host_from_json(dict(value["host"]))
             data = {k: v for k, v in value["data"].items() if k != "synthetic"}
             env = dict(value["env"])
             env.update(slots=tuple(env["slots"]), blueprints=tuple(env["blueprints"]))
             known = {f.name for f in dataclasses.fields(EnvSpec)}
             return cls(
-                task=value["task"], host_variant=value["host_variant"], host=host_type(**host_fields),
+                task=value["task"], host_variant=value["host_variant"], host=host,
                 data=DataSpec(**data), env=EnvSpec(**{k: v for k, v in env.items() if k in known}),
                 ppo=PPOConfig(**value["ppo"]), members=tuple(Member(**m) for m in value["members"]),
                 preset=value["preset"], preset_description=value.get("preset_description", ""),
                 updates=value["updates"], checkpoint_every=value["checkpoint_every"],
                 keep_checkpoints=value["keep_checkpoints"], seed=value["seed"], options=dict(value.get("settings", {})),
             )
+        except RunConfigError:
+            raise
         except KeyError as error:
             raise RunConfigError(f"the configuration lacks {error.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as error:
             raise RunConfigError(f"the configuration is not valid: {' '.join(str(error).split())}") from None
+
+
+def _host_json(host: Host) -> dict[str, Any]:
+    if not isinstance(host, FlaxHost):
+        return {"topology": host.topology, **{f.name: getattr(host, f.name) for f in dataclasses.fields(host) if f.init}}
+    if host.source is None:
+        raise RunConfigError("a FlaxHost made in code cannot be written into config.json: a run rebuilds a user's host "
+                             "from its import path; make it with import_host('module:function') (or --host)")
+    return {"topology": host.topology, "import": host.source, "example_shape": list(host.example_shape),
+            "input_dtype": host.input_dtype, "parameters": host.parameter_digest}
+
+
+def _host_from_json(fields: dict[str, Any]) -> Host:
+    """The host of ``to_json``'s form: a built-in host from its fields, a user's by importing it
+    again, refused unless it still builds the network the run recorded."""
+    topology = fields.pop("topology")
+    if "import" not in fields:
+        return {"cnn": CNNHost, "transformer": TransformerHost}[topology](**fields)
+    path, shape = fields["import"], tuple(fields["example_shape"])
+    try:
+        host = import_host(path, shape)
+    except HostImportError as error:
+        raise RunConfigError(f"the run's host cannot be rebuilt: {error}") from None
+    recorded = (topology, shape, fields.get("input_dtype", "float32"), fields["parameters"])
+    now = (host.topology, host.example_shape, host.input_dtype, host.parameter_digest)
+    if now != recorded:
+        what = [name for name, a, b in zip(("topology", "input shape", "input dtype", "parameters"), now, recorded)
+                if a != b]
+        raise RunConfigError(f"{path} now builds a different host than the run's (its {', '.join(what)} changed: "
+                             f"{host.describe()}); restore the code the run started with, or start a new run")
+    return host
 
 
 def read_config(run_dir: str | Path) -> RunConfig:

@@ -25,6 +25,7 @@ import jax
 
 from esper_jax.data import DatasetNotFoundError
 from esper_jax.data.datasets import CorruptDatasetError, OptionalDependencyError, TokenizerUnavailableError
+from esper_jax.lattice.hosts import FlaxHost
 from esper_jax.runs import distributed
 from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
@@ -72,7 +73,8 @@ def enable_compile_cache(directory: str | os.PathLike[str] | None,
 
 def describe(built: Built, run_dir: Path) -> str:
     c, ppo, env = built.config, built.ppo_config, built.config.env
-    host = {f.name: getattr(c.host, f.name) for f in dataclasses.fields(c.host) if f.init}
+    host = (c.host.describe() if isinstance(c.host, FlaxHost) else
+            {f.name: getattr(c.host, f.name) for f in dataclasses.fields(c.host) if f.init})
     rollout = ppo.rollout_steps or env.episode_epochs
     members = "; ".join(f"{i}: lr {m.learning_rate:.3g} ent {m.ent_coef:.3g} seed {m.seed}"
                         for i, m in enumerate(c.members[:8]))

@@ -5,8 +5,11 @@ A run is described by flat *settings*, the command line's options (:data:`DEFAUL
 (:func:`resolve_settings`). :func:`resolve_config` checks them all, without loading data or
 compiling anything, and builds the typed configuration (a user's own image dataset, ``images`` or
 ``tfds:NAME``, gives the host its input size, channels and classes: only its labels and metadata
-are read here). :func:`check_resume_settings` compares the
-options given with ``--resume`` with those the run was resolved from.
+are read here). ``--host MODULE:FUNCTION`` grows a user's own network instead of the task's host
+(:func:`~esper_jax.lattice.hosts.flax_host.import_host`): it is imported and checked against the
+data's images and classes by ``jax.eval_shape`` here, before any data is loaded or anything
+compiled. :func:`check_resume_settings` compares the options given with ``--resume`` with those
+the run was resolved from.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
 from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints.registry import blueprint_names
+from esper_jax.lattice.hosts import FlaxHost, HostImportError, host_forward, import_host
 from esper_jax.lattice.hosts.base import slot_config_for
 from esper_jax.lattice.optim import LR_SCHEDULES, OPTIMIZERS
 from esper_jax.lattice.slots import parse_slot_list, split_slot_list
 from esper_jax.rl import ppo as ppo_lib
-from esper_jax.runs.config import DataSpec, EnvSpec, RunConfig, RunConfigError
+from esper_jax.runs.config import USER_HOST_VARIANT, DataSpec, EnvSpec, RunConfig, RunConfigError
 from esper_jax.runs.population import parse_seeds, parse_sweep, resolve_members
 
 MAX_SEED = 2**32 - 1
@@ -47,7 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "block_size": 256,
     "synthetic_train": 10_000,   # synthetic data only: examples (images) or tokens (x100 for text)
     "synthetic_test": 1_000,
-    "host": {},                  # host field overrides, per topology (presets only)
+    "host": None,                # a user's own network, MODULE:FUNCTION (--host); None: the task's host
+    "host_fields": {},           # the task's host's field overrides, per topology (presets only)
     "envs": 4,
     "updates": 24,
     "episode_epochs": 8,
@@ -101,8 +108,8 @@ PRESETS: dict[str, Preset] = {
         "2 envs x 7-epoch episodes (the shortest in which a seed can be fossilized) of 2 batches of 16, 4 updates",
         {
             "data": SYNTHETIC, "synthetic_train": 512, "synthetic_test": 64, "block_size": 16, "tokenizer": "byte",
-            "host": {"cnn": {"base_width": 4, "num_blocks": 1, "pool_blocks": 1},
-                     "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
+            "host_fields": {"cnn": {"base_width": 4, "num_blocks": 1, "pool_blocks": 1},
+                            "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1}},
             "slots": {"cnn": "r0c0", "transformer": "r0c0"},
             "blueprints": {"cnn": "conv_small,norm", "transformer": "norm,lora"},
             "envs": 2, "updates": 4, "episode_epochs": 7, "min_training_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_size": 32,
@@ -158,7 +165,7 @@ PRESETS: dict[str, Preset] = {
             "data": SYNTHETIC, "synthetic_train": {"cnn": 20_000, "transformer": 10_000}, "synthetic_test": 1_000,
             "tokenizer": {"transformer": "byte"},
             "host_variant": {"cnn": "pointwise", "transformer": "pointwise"}, "image_size": {"cnn": 16},
-            "host": {"transformer": {"d_model": 32}}, "block_size": {"transformer": 16},
+            "host_fields": {"transformer": {"d_model": 32}}, "block_size": {"transformer": 16},
             "slots": {"transformer": "r0c1,r0c0,r1c0"},
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy",
                            "transformer": "norm,lora,attention,mlp_small,depth"},
@@ -240,6 +247,13 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
             if explicit.get(name) is not None:  # a preset sets them for every task; an explicit one is a mistake
                 raise RunConfigError(f"--{name.replace('_', '-')} applies to language-model tasks only "
                                      f"({', '.join(LANGUAGE_MODEL_TASKS)})")
+    if settings["host"] is not None:
+        if explicit.get("host_variant") is not None:
+            raise RunConfigError("--host grows your own network and --host-variant chooses among the built-in ones: "
+                                 "give one of them")
+        # A preset's host variant, field overrides and resolution are made for the task's own host;
+        # a user's host takes its input size from itself or the data (or an explicit --image-size).
+        settings.update(host_variant=None, host_fields={}, image_size=explicit.get("image_size"))
     return settings
 
 
@@ -260,8 +274,51 @@ def _build_host(task: TaskConfig, overrides: dict[str, Any], data: str | None = 
         raise RunConfigError(f"host overrides {overrides} are not valid for the {task.topology} host: {error}") from None
 
 
+def _user_host(path: str, task: TaskConfig, image_size: int | None, data: str) -> FlaxHost:
+    """The host ``--host`` names, checked against the data by ``jax.eval_shape`` (nothing is
+    computed or compiled): images of the data's channels at a size that divides the data's
+    (``image_size`` if given), and logits ``[batch, classes]`` for the data's classes."""
+    native, channels, classes = task.image_size, task.in_channels, task.num_classes
+    holds = f"{data} holds {native}x{native}x{channels} images of {classes} classes"
+    try:
+        host = import_host(path, (image_size or native, image_size or native, channels))
+    except HostImportError as error:
+        raise RunConfigError(str(error)) from None
+    try:
+        size, host_channels = host.image_size, host.in_channels
+    except ValueError as error:
+        raise RunConfigError(f"--host {path}: {error}; {holds}") from None
+    if host_channels != channels or native % size:
+        raise RunConfigError(f"--host {path} takes {size}x{size}x{host_channels} images, but {holds}: a host takes "
+                             f"the data's channels at a size that divides {native} ({_divisors(native)})")
+    if image_size is not None and image_size != size:
+        raise RunConfigError(f"--image-size {image_size} does not match --host {path}, which takes {size}x{size} "
+                             f"images: leave --image-size out (the host's input decides the resolution)")
+    batch = jax.ShapeDtypeStruct(host.input_shape(2), host.input_dtype)
+    try:
+        out = jax.eval_shape(lambda x: host_forward(host, host.init(jax.random.key(0)), x), batch)
+    except Exception as error:  # the user's modules: whatever they raise, in one line
+        raise RunConfigError(f"--host {path} fails on a batch of {list(batch.shape)} images: "
+                             f"{' '.join(f'{type(error).__name__}: {error}'.split())}") from None
+    if tuple(out.shape) != (2, classes):
+        raise RunConfigError(f"--host {path} gives {list(out.shape)} outputs for a batch of 2 images, but {holds}: "
+                             f"its head must give logits [batch, {classes}]")
+    return host
+
+
 def _divisors(size: int) -> str:
     return ", ".join(str(d) for d in range(size, 0, -1) if size % d == 0)
+
+
+def _check_image_size(image_size: Any, native: int, preset: str, topology: str) -> None:
+    """``--image-size``, when given: a positive divisor of the images' size ``native``."""
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or native % image_size:
+        from_preset = _per_topology(PRESETS[preset].settings.get("image_size"), topology) == image_size
+        given = f" (the {preset} preset's; choose one with --image-size)" if from_preset else ""
+        raise RunConfigError(f"--image-size must divide {native}, the images' size ({_divisors(native)}), "
+                             f"got {image_size!r}{given}")
 
 
 def _check_number(name: str, value: Any, allow_zero: bool) -> None:
@@ -291,31 +348,39 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         user_data = is_user_image_dataset(s["task"])
         # A user's own images give the host its input and classes (labels and metadata are read, not images).
         image = describe_image_dataset(s["task"], s["data"], data_dir=s["data_dir"]) if user_data else None
-        topology = get_task(s["task"], image=image).topology
+        base = get_task(s["task"], image=image)
+        location = str(user_image_location(s["task"], s["data"], s["data_dir"])) if user_data else None
+        user_host = None
+        if s["host"] is not None:
+            if base.kind != "classification":
+                raise RunConfigError(f"--host grows your own network on an image classification task ("
+                                     f"{', '.join(t for t in TASK_NAMES if t not in LANGUAGE_MODEL_TASKS)}); "
+                                     f"{s['task']} grows the built-in transformer")
+            image_size = _per_topology(s["image_size"], base.topology)
+            _check_image_size(image_size, base.image_size, s["preset"], base.topology)
+            user_host = _user_host(s["host"], base, image_size, s["task"] if location is None else
+                                   location if s["task"] == IMAGES else f"{s['task']} in {location}")
+        # Per-topology preset values follow the host's topology (a user's transformer host on images
+        # takes the transformer's blueprints and optimizer).
+        topology = base.topology if user_host is None else user_host.topology
         s = {name: _per_topology(value, topology, DEFAULTS.get(name)) for name, value in s.items()}
         for name in POSITIVE_SETTINGS:
             value = s[name]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise RunConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        task = get_task(s["task"], s["host_variant"], block_size=s["block_size"], image=image)
+        task = get_task(s["task"], None if user_host else s["host_variant"], block_size=s["block_size"], image=image)
         image_size = s["image_size"]
-        host_overrides = dict(s["host"] or {})
-        if image_size is not None:
-            if topology != "cnn":
+        host_overrides = dict(s["host_fields"] or {})
+        if image_size is not None and user_host is None:
+            if task.kind != "classification":
                 raise RunConfigError("--image-size applies to image tasks only (cifar10, cifar100, images, tfds:NAME)")
-            native = task.image_size
-            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or native % image_size:
-                from_preset = _per_topology(PRESETS[s["preset"]].settings.get("image_size"), topology) == image_size
-                given = f" (the {s['preset']} preset's; choose one with --image-size)" if from_preset else ""
-                raise RunConfigError(f"--image-size must divide {native}, the images' size ({_divisors(native)}), "
-                                     f"got {image_size!r}{given}")
+            _check_image_size(image_size, task.image_size, s["preset"], topology)
             host_overrides["image_size"] = image_size
-        location = str(user_image_location(s["task"], s["data"], s["data_dir"])) if user_data else None
         # The user's file or tfds directory is recorded absolute, to be found again from anywhere; tfds'
         # default directory stays "auto" (the data directory's, which --data-dir may move on resume).
         data_source = location if user_data and str(s["data"]) != AUTO else str(s["data"])
-        host = _build_host(task, host_overrides, None if location is None else
-                           location if s["task"] == IMAGES else f"{s['task']} in {location}")
+        host = user_host or _build_host(task, host_overrides, None if location is None else
+                                        location if s["task"] == IMAGES else f"{s['task']} in {location}")
         _check_number("host_lr", s["host_lr"], allow_zero=False)
         _check_number("seed_lr", s["seed_lr"], allow_zero=False)
         _check_number("rent_weight", s["rent_weight"], allow_zero=True)
@@ -363,11 +428,12 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         raise RunConfigError(str(error)) from None
     synthetic = data_source == SYNTHETIC
     language_model = task.kind == "language_model"
-    options = {**s, "data": data_source, "image_size": host.image_size if topology == "cnn" else None,
-               "slots": list(slots), "blueprints": list(blueprints), "host": s["host"] or {},
-               "host_variant": task.host_variant, "population": len(members), "seeds": [m.seed for m in members]}
+    variant = task.host_variant if user_host is None else USER_HOST_VARIANT
+    options = {**s, "data": data_source, "image_size": None if language_model else host.image_size,
+               "slots": list(slots), "blueprints": list(blueprints), "host_fields": s["host_fields"] or {},
+               "host_variant": variant, "population": len(members), "seeds": [m.seed for m in members]}
     return RunConfig(
-        task=task.name, host_variant=task.host_variant, host=host,
+        task=task.name, host_variant=variant, host=host,
         data=DataSpec(source=data_source, data_dir=None if s["data_dir"] is None else str(s["data_dir"]),
                       tokenizer=s["tokenizer"] if language_model else None,
                       synthetic_train=s["synthetic_train"] if synthetic else None,
