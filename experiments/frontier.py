@@ -222,6 +222,7 @@ def main(argv=None) -> int:
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunConfigError(f"{run_dir} is not a run directory ({CONFIG_FILE} is missing)")
         config = read_config(run_dir)
+        fr.check_family(config)
         evaluation = _read_evaluation(run_dir)
         built = build(config, data=args.data, data_dir=args.data_dir)
     except USER_ERRORS + (ValueError,) as error:

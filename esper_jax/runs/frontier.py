@@ -41,6 +41,7 @@ import optax
 from esper_jax.env.controllers import Schedule, schedule_name
 from esper_jax.env.environment import EnvState, MorphogeneticEnv
 from esper_jax.lattice import lifecycle
+from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.hosts.base import Host
 from esper_jax.runs.config import RunConfig
 from esper_jax.runs.evaluation import BEST_FIXED, paired_ci
@@ -100,12 +101,20 @@ def _transformer_family(host, widths) -> list[StaticNetwork]:
     return family
 
 
+def check_family(config: RunConfig) -> None:
+    """A ValueError when the run's host cannot be varied into a family (a user's own network)."""
+    if not isinstance(config.host, (CNNHost, TransformerHost)):
+        raise ValueError("the static frontier varies the host's width, depth, kernels and attention, which only the "
+                         "built-in CNN and transformer hosts expose; a run grown from --host cannot be compared with one")
+
+
 def static_family(config: RunConfig, architectures: Mapping[str, Sequence[tuple[str, str]]] = (),
                   widths: Sequence[float] | None = None) -> list[StaticNetwork]:
     """The frontier's networks for a run (module docstring); ``architectures``: name -> the
     ``(slot, blueprint)`` seeds a controller ended with, each built into the run's host;
     ``widths``: multipliers of the host's width (default :data:`WIDTHS`; a transformer's at
     its depth and at twice it)."""
+    check_family(config)
     host = config.host
     widths = tuple(widths or WIDTHS[config.topology])
     family = _cnn_family(host, widths) if config.topology == "cnn" else _transformer_family(host, widths)

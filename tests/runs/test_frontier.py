@@ -175,3 +175,10 @@ def test_rerender_recomputes_from_the_rows_and_compares_with_the_best_fixed_sche
     (tmp_path / "frontier.json").write_text("{}")
     assert frontier_cli.main(["--run-dir", str(tmp_path), "--rerender"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_user_host_has_no_family_and_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="--host"):
+        fr.check_family(SimpleNamespace(host=object(), topology="cnn"))
