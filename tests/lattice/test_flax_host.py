@@ -22,21 +22,12 @@ from esper_jax.lattice.lifecycle import Stage
 from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.lattice.strategy import PopulationStrategy
 
+from examples.my_host import Block  # the README's block: conv -> norm -> ReLU (-> 2x2 max-pooling)
 from tests.conftest import (_read_units, _write_units, assert_close_across_programs, fresh_lattice_state, key,
                             perturb_zero_leaves, set_status, strong, to_device)
 
 HERE = __name__
 BATCH, SIZE, CHANNELS, CLASSES = 3, 8, 1, 3
-
-
-class Block(nn.Module):
-    width: int
-    pool: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.GroupNorm(num_groups=1)(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
-        return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
 
 
 class Head(nn.Module):
