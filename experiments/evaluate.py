@@ -222,16 +222,14 @@ def main(argv=None) -> int:
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
     costs = cp.env_costs(env, handle.env_data)
     for label, out in results.items():
-        compute = cp.episode_compute(costs, *cp.trained_masks(out.trained_stage), out.blueprint,
-                                     env.config.steps_per_epoch)
-        payload["controllers"][label]["compute"] = cp.compute_summary(compute)
+        payload["controllers"][label]["compute"] = cp.compute_summary(
+            cp.output_compute(costs, out, env.config.steps_per_epoch))
     if section is not None:
         for label, row in section["controllers"].items():
             if label in payload["controllers"]:
                 row["flops"] = payload["controllers"][label]["compute"]["flops"]
-        large_compute = cp.episode_compute(cp.env_costs(large_env, handle.env_data),
-                                           *cp.trained_masks(large_out.trained_stage), large_out.blueprint,
-                                           large_env.config.steps_per_epoch)
+        large_compute = cp.output_compute(cp.env_costs(large_env, handle.env_data), large_out,
+                                          large_env.config.steps_per_epoch)
         section["controllers"][eff.LARGE_STATIC]["flops"] = float(large_compute.total.mean())
         payload["efficiency"] = section
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)

@@ -161,8 +161,7 @@ def network_row(name: str, network: dict, data, envs: int, key, built_in_key) ->
                              prepare=fr.prepare_members(net_env, np.full(envs, network["lr_scale"]), net.built_in,
                                                         built_in_key))
     out = evaluator.run("static", data, key)
-    comp = cp.episode_compute(cp.env_costs(net_env, data), *cp.trained_masks(out.trained_stage), out.blueprint,
-                              net_env.config.steps_per_epoch, measured=False)
+    comp = cp.output_compute(cp.env_costs(net_env, data), out, net_env.config.steps_per_epoch, measured=False)
     lattice = net_env.lattice
     seeds = sum(lattice.blueprints[lattice.blueprint_index(b)].num_params(lattice.slots.slots[lattice.slots.index(s)].dim)
                 for s, b in net.built_in)
@@ -280,7 +279,7 @@ def main(argv=None) -> int:
                       "final_val_loss_per_env": evaluation["controllers"][name]["final_val_loss_per_env"]}
     for name, schedule in best.items():
         out = fixed_out[name]
-        comp = cp.episode_compute(costs, *cp.trained_masks(out.trained_stage), out.blueprint, steps)
+        comp = cp.output_compute(costs, out, steps)
         rows[name] = {"kind": "fixed schedule", "schedule": schedule, "trained_stages": "recorded",
                       "final_val_loss_per_env": [float(v) for v in out.final_val_loss], **cp.compute_summary(comp)}
     print("held-out: static networks", flush=True)

@@ -109,6 +109,12 @@ def episode_compute(costs: ModelCosts, computed: np.ndarray, blended: np.ndarray
                           np.asarray(measurement, np.float64))
 
 
+def output_compute(costs: ModelCosts, out, steps_per_epoch: int, measured: bool = True) -> EpisodeCompute:
+    """:func:`episode_compute` of an :class:`~esper_jax.runs.evaluation.EpisodeOutput` (its
+    recorded trained stages and blueprints)."""
+    return episode_compute(costs, *trained_masks(out.trained_stage), out.blueprint, steps_per_epoch, measured)
+
+
 def timeline_compute(costs: ModelCosts, timeline: Mapping[str, Any], steps_per_epoch: int) -> tuple[EpisodeCompute, str]:
     """:func:`episode_compute` of a controller's timeline as ``evaluation.json`` stores it, and
     how the trained stages were known (``"recorded"`` or ``"reconstructed"``)."""

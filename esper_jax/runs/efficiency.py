@@ -39,7 +39,7 @@ from esper_jax.lattice.grid import Lattice
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.runs.build import Built, build_env
 from esper_jax.runs.config import RunConfig
-from esper_jax.runs.evaluation import EpisodeOutput, paired_ci, summarize_episodes
+from esper_jax.runs.evaluation import EpisodeOutput, ci_text, paired_ci, summarize_episodes
 from esper_jax.runs.rundir import fmt
 
 LARGE_STATIC = "large_static"
@@ -167,7 +167,6 @@ def markdown_section(payload: Mapping[str, Any]) -> str:
     if not section:
         return ""
     ref = section["reference"]
-    envs = payload["held_out"]["num_envs"]
     synthetic = " (SYNTHETIC data)" if payload.get("synthetic") else ""
     lines = [
         "",
@@ -182,12 +181,7 @@ def markdown_section(payload: Mapping[str, Any]) -> str:
     ]
     for name, r in section["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
-        ci = r[f"final_val_loss_minus_{LARGE_STATIC}_ci"]
-        if name == LARGE_STATIC or ci["mean"] is None:
-            versus = "0" if name == LARGE_STATIC else "-"
-        else:
-            interval = "" if ci["half_width"] is None else f" [{ci['low']:+.4f}, {ci['high']:+.4f}]"
-            versus = f"{ci['mean']:+.4f}{interval} ({ci['better']}/{envs})"
+        versus = "0" if name == LARGE_STATIC else ci_text(r[f"final_val_loss_minus_{LARGE_STATIC}_ci"])
         flops = "-" if r.get("flops") is None else f"{r['flops']:.3g}"
         lines.append(f"| {name} | {loss} | {fmt(r['final_val_perplexity'], '.2f')} | {r['mean_params']:,.0f} | "
                      f"{r['seconds_per_episode']:.2f} | {r['param_seconds']:.4g} | {flops} | {versus} |")

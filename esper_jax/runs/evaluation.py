@@ -315,14 +315,9 @@ def markdown_table(payload: dict[str, Any]) -> str:
         "| pruned |",
         "|---|---|" + "---|" * len(compared) + "---|---|---|---|---|---|",
     ]
-    envs = held["num_envs"]
 
     def versus(r, base):
-        ci = r.get(f"final_val_loss_minus_{base}_ci")
-        if not ci or ci["mean"] is None:
-            return "-"
-        interval = "" if ci["half_width"] is None else f" [{ci['low']:+.4f}, {ci['high']:+.4f}]"
-        return f"{ci['mean']:+.4f}{interval} ({ci['better']}/{envs})"
+        return ci_text(r.get(f"final_val_loss_minus_{base}_ci"))
 
     for name, r in payload["controllers"].items():
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
@@ -368,6 +363,14 @@ BEST_FIXED = ("best_fixed_1", "best_fixed_2")
 # growing at random (a learned controller has to beat chance, not only the rules), and the best
 # fixed schedule when the run has one (what a learned controller has to beat to be worth learning).
 BASELINES = ("static", "heuristic", "random", BEST_FIXED[1])
+
+
+def ci_text(ci: Mapping[str, Any] | None) -> str:
+    """A :func:`paired_ci` as a table cell: ``mean [low, high] (lower in/n)``; ``-`` without a mean."""
+    if not ci or ci["mean"] is None:
+        return "-"
+    interval = "" if ci["half_width"] is None else f" [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+    return f"{ci['mean']:+.4f}{interval} ({ci['better']}/{ci['n']})"
 
 
 def paired_ci(differences: np.ndarray, level: float = 0.95) -> dict[str, Any]:

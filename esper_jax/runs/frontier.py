@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from esper_jax.env.controllers import Schedule, schedule_name
+from esper_jax.env.controllers import Schedule
 from esper_jax.env.environment import EnvState, MorphogeneticEnv
 from esper_jax.lattice import lifecycle
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.hosts.base import Host
 from esper_jax.runs.config import RunConfig
-from esper_jax.runs.evaluation import BEST_FIXED, paired_ci
+from esper_jax.runs.evaluation import BEST_FIXED, ci_text, paired_ci
 
 # The calibration envs' stream: fold_in(key(run seed), CALIBRATION_STREAM). The proof presets were
 # calibrated on this stream of seed 0; training splits key(seed), the held-out envs fold in EVAL_STREAM.
@@ -355,15 +355,14 @@ def markdown(payload: Mapping[str, Any]) -> str:
     order = sorted(payload["rows"].items(), key=lambda kv: (kv[1]["kind"] == STATIC_NETWORK, kv[1]["flops"]))
     for name, r in order:
         ci = r["minus_frontier_ci"]
-        interval = "-" if ci["half_width"] is None else f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        gap = ci_text(ci) if ci["half_width"] is not None else f"- ({ci['better']}/{ci['n']})"
         bound = {"interpolated": "", "below_frontier": " (at most: below every static network)",
                  "above_frontier": " (at least: above every static network)"}[r["frontier_compute_to_reach_how"]]
         kind = r["kind"] + (f", lr x{r['lr_scale']:g}" if "lr_scale" in r else "") + (" *" if r.get("on_frontier") else "")
         fixed = r.get(f"minus_{BEST_FIXED_2}_ci")
-        versus = ("-" if not fixed or fixed["half_width"] is None else
-                  f"{fixed['mean']:+.4f} [{fixed['low']:+.4f}, {fixed['high']:+.4f}] ({fixed['better']}/{fixed['n']})")
+        versus = "-" if not fixed or fixed["half_width"] is None else ci_text(fixed)
         lines.append(f"| {name} | {kind} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | "
-                     f"{r['flops'] / 1e9:.3g} | {interval} ({ci['better']}/{ci['n']}) | {_verdict(ci)} | "
+                     f"{r['flops'] / 1e9:.3g} | {gap} | {_verdict(ci)} | "
                      f"{r['compute_ratio']:.2f}{bound} | {versus} |")
     check = payload.get("static_reproduced_max_abs_difference")
     lines += ["", "`*`: on the frontier. " + payload["definitions"]["minus_frontier"] + ". Compute: "
