@@ -148,22 +148,24 @@ def _activation_shapes(host, x: jax.ShapeDtypeStruct) -> dict[str, tuple]:
     return {k: v.shape for k, v in jax.eval_shape(forward, params, x).items()}
 
 
-def _host_costs(host, x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct) -> tuple[int, int]:
+def _host_flops(host, x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct, train: bool) -> int:
+    """The host on one batch: its loss's forward, and with ``train`` the backward too."""
     params = jax.eval_shape(host.init, jax.random.key(0))
     loss = lambda p, x, y: host.loss(host_forward(host, p, x), y)
-    return function_flops(jax.value_and_grad(loss), params, x, y), function_flops(loss, params, x, y)
+    return function_flops(jax.value_and_grad(loss) if train else loss, params, x, y)
 
 
-def _seed_costs(blueprint, dim: int, shape: tuple) -> tuple[int, int]:
+def _seed_flops(blueprint, dim: int, shape: tuple, train: bool) -> int:
+    """A seed alone on an activation of ``shape``: its forward, and with ``train`` the backward
+    from a cotangent too (gradients of its parameters and of its input)."""
     params = jax.eval_shape(lambda k: blueprint.init(k, dim), jax.random.key(0))
     h = jax.ShapeDtypeStruct(shape, jnp.float32)
 
-    def train(p, h):
-        # forward, and the backward from a cotangent: gradients of the parameters and the input
+    def forward_backward(p, h):
         out, vjp = jax.vjp(blueprint.apply, p, h)
         return vjp(out)
 
-    return function_flops(train, params, h), function_flops(blueprint.apply, params, h)
+    return function_flops(forward_backward if train else blueprint.apply, params, h)
 
 
 def model_costs(model, train_batch: int, eval_batch: int, example_shape: tuple, target_shape: tuple = (),
@@ -178,8 +180,8 @@ def model_costs(model, train_batch: int, eval_batch: int, example_shape: tuple, 
         return (jax.ShapeDtypeStruct((n,) + tuple(example_shape), input_dtype),
                 jax.ShapeDtypeStruct((n,) + tuple(target_shape), target_dtype))
 
-    host_train, _ = _host_costs(host, *batch(train_batch))
-    _, host_eval = _host_costs(host, *batch(eval_batch))
+    host_train = _host_flops(host, *batch(train_batch), train=True)
+    host_eval = _host_flops(host, *batch(eval_batch), train=False)
     train_shapes = _activation_shapes(host, batch(train_batch)[0])
     eval_shapes = _activation_shapes(host, batch(eval_batch)[0])
     slots, blueprints = lattice.slots.slots, lattice.blueprints
@@ -189,6 +191,6 @@ def model_costs(model, train_batch: int, eval_batch: int, example_shape: tuple, 
         for b, bp in enumerate(blueprints):
             if bp.is_noop:
                 continue
-            seed_train[s, b], _ = _seed_costs(bp, spec.dim, train_shapes[spec.slot_id])
-            _, seed_eval[s, b] = _seed_costs(bp, spec.dim, eval_shapes[spec.slot_id])
+            seed_train[s, b] = _seed_flops(bp, spec.dim, train_shapes[spec.slot_id], train=True)
+            seed_eval[s, b] = _seed_flops(bp, spec.dim, eval_shapes[spec.slot_id], train=False)
     return ModelCosts(float(host_train), float(host_eval), seed_train, seed_eval)
