@@ -86,6 +86,15 @@ def add_env_settings(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     g.add_argument("--rent-weight", type=float,
                    help=f"parameter rent per epoch, rent_weight * log1p(added / host parameters) (default {d['rent_weight']}; "
                         "the proof preset: 0.01)")
+    g.add_argument("--compute-weight", type=float,
+                   help="the reward's price of compute: compute_weight x (an epoch's FLOPs beyond the host's) / (the "
+                        "host's episode FLOPs), per epoch (default 0: compute is free; loss and contribution rewards)")
+    g.add_argument("--train-fraction",
+                   help="problem family: each env trains on a fraction of the training set drawn log-uniformly from "
+                        "LOW:HIGH, e.g. 0.05:1 (default 1: the whole set)")
+    g.add_argument("--label-noise",
+                   help="problem family: each env replaces a fraction of its training labels (tokens), drawn uniformly "
+                        "from LOW:HIGH, e.g. 0:0.3, by random ones, fixed per example (default 0)")
     g.add_argument("--min-prune-age", type=positive,
                    help="epochs a seed lives before it may be pruned (default 1; the proof preset: 4, so a seed is "
                         "blended in before it is judged)")

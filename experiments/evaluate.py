@@ -220,7 +220,7 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
-    costs = cp.env_costs(env, handle.env_data)
+    costs = env.model_costs(handle.env_data)
     for label, out in results.items():
         payload["controllers"][label]["compute"] = cp.compute_summary(
             cp.output_compute(costs, out, env.config.steps_per_epoch))
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         for label, row in section["controllers"].items():
             if label in payload["controllers"]:
                 row["flops"] = payload["controllers"][label]["compute"]["flops"]
-        large_compute = cp.output_compute(cp.env_costs(large_env, handle.env_data), large_out,
+        large_compute = cp.output_compute(large_env.model_costs(handle.env_data), large_out,
                                           large_env.config.steps_per_epoch)
         section["controllers"][eff.LARGE_STATIC]["flops"] = float(large_compute.total.mean())
         payload["efficiency"] = section

@@ -161,7 +161,7 @@ def network_row(name: str, network: dict, data, envs: int, key, built_in_key) ->
                              prepare=fr.prepare_members(net_env, np.full(envs, network["lr_scale"]), net.built_in,
                                                         built_in_key))
     out = evaluator.run("static", data, key)
-    comp = cp.output_compute(cp.env_costs(net_env, data), out, net_env.config.steps_per_epoch, measured=False)
+    comp = cp.output_compute(net_env.model_costs(data), out, net_env.config.steps_per_epoch, measured=False)
     lattice = net_env.lattice
     seeds = sum(lattice.blueprints[lattice.blueprint_index(b)].num_params(lattice.slots.slots[lattice.slots.index(s)].dim)
                 for s, b in net.built_in)
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     stored_static = np.asarray(evaluation["controllers"].get("static", {}).get("final_val_loss_per_env") or [], float)
     static_check = (float(np.max(np.abs(stored_static - fixed_out["static"].final_val_loss)))
                     if stored_static.size == envs else None)
-    costs, steps = cp.env_costs(env, data), env.config.steps_per_epoch
+    costs, steps = env.model_costs(data), env.config.steps_per_epoch
     rows = {}
     for name, timeline in evaluation["timelines"].items():
         comp, how = cp.timeline_compute(costs, timeline, steps)

@@ -33,9 +33,11 @@ import numpy as np
 from flax import struct
 
 from esper_jax.lattice import lifecycle
+from esper_jax.lattice.flops import ModelCosts, epoch_flops, model_costs
 
 from esper_jax.env import observations
 from esper_jax.env.governor import GovernorConfig, Verdict, judge
+from esper_jax.env.problems import Problem, ProblemFamily, draw_problem, noisy_targets, train_count
 from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, FactoredAction, Op, action_masks, apply_action
 from esper_jax.data.augment import draw_crop_flip, gather_crop_flip, normalize_images
 from esper_jax.lattice.lifecycle import GateConfig, Stage
@@ -79,6 +81,7 @@ class EnvState:
     germinated: jax.Array          # [NB] counts per blueprint
     fossilized: jax.Array          # [NB]
     pruned: jax.Array              # [NB]
+    problem: Problem               # the inner problem this env drew at reset (esper_jax.env.problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,7 @@ class EnvConfig:
     batch_size: int = 128
     val_size: int = 512
     augment: bool = True
+    problems: ProblemFamily = ProblemFamily()
     reward: RewardConfig = RewardConfig()
     governor: GovernorConfig = GovernorConfig()
     actions: ActionConfig = ActionConfig()
@@ -171,6 +175,7 @@ class MorphogeneticEnv:
         self.trainer = make_train_step(config.model, config.host_optimizer)
         self.host_param_count = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(
             jax.eval_shape(self.model.host.init, jax.random.key(0))))
+        self._costs: dict[tuple, ModelCosts] = {}  # model_costs per validation shape: tracing them takes seconds
 
     # ------------------------------------------------------------------ sizes
 
@@ -181,39 +186,64 @@ class MorphogeneticEnv:
     def feature_names(self) -> list[str]:
         return observations.feature_names(self.lattice)
 
+    def model_costs(self, data: EnvData) -> ModelCosts:
+        """The per-batch FLOPs of this env's model (:mod:`esper_jax.lattice.flops`) at its training
+        batch and ``data``'s validation set; from shapes alone, so it may be asked while tracing."""
+        cfg = self.config
+        key = tuple(data.val_x.shape)
+        if key not in self._costs:
+            if cfg.task.kind == "classification":
+                example, target, dtype = key[1:], (), jnp.float32
+            else:
+                example, target, dtype = (cfg.task.block_size,), (cfg.task.block_size,), jnp.int32
+            self._costs[key] = model_costs(self.model, cfg.batch_size, key[0], example, target, dtype)
+        return self._costs[key]
+
     # ------------------------------------------------------------------ data
 
-    def _draw_batch(self, key: jax.Array, data: EnvData) -> BatchDraw:
-        """One batch's random choices (which examples, and how each image is cropped and flipped)."""
+    def _draw_batch(self, key: jax.Array, data: EnvData, problem: Problem) -> BatchDraw:
+        """One batch's random choices (which examples, and how each image is cropped and flipped),
+        from the part of the training set the env's problem trains on."""
         cfg = self.config
+        total = data.train_x.shape[0]
         if cfg.task.kind == "classification":
             k_idx, k_aug = jax.random.split(key)
-            index = jax.random.randint(k_idx, (cfg.batch_size,), 0, data.train_x.shape[0])
+            count = train_count(problem, total) if cfg.problems.subsets else total
+            index = jax.random.randint(k_idx, (cfg.batch_size,), 0, count)
             if cfg.augment:
                 offsets, flips = draw_crop_flip(k_aug, cfg.batch_size, self._crop_pad(data))
                 return BatchDraw(index, offsets, flips)
         else:
-            index = jax.random.randint(key, (cfg.batch_size,), 0, data.train_x.shape[0] - cfg.task.block_size - 1)
+            window = cfg.task.block_size + 1
+            count = train_count(problem, total, window + 1) if cfg.problems.subsets else total
+            index = jax.random.randint(key, (cfg.batch_size,), 0, count - window)
         return BatchDraw(index, jnp.zeros((cfg.batch_size, 2), jnp.int32), jnp.zeros((cfg.batch_size,), bool))
 
     def _crop_pad(self, data: EnvData) -> int:
         return max(1, data.train_x.shape[1] // 8)  # CIFAR's 4-pixel shifts at 32x32, scaled with the resolution
 
-    def _make_batch(self, draw: BatchDraw, data: EnvData):
-        """The batch a draw names: images gathered, cropped, flipped and normalized (or token windows)."""
+    def _make_batch(self, draw: BatchDraw, data: EnvData, problem: Problem):
+        """The batch a draw names: images gathered, cropped, flipped and normalized (or token
+        windows), with the targets the env's problem replaced by noise."""
         cfg = self.config
         if cfg.task.kind == "classification":
             if cfg.augment:
                 images = gather_crop_flip(data.train_x, draw.index, draw.offsets, draw.flips, self._crop_pad(data))
             else:
                 images = data.train_x[draw.index]
-            return normalize_images(images, *cfg.task.channel_stats), data.train_y[draw.index]
-        block = cfg.task.block_size
-        windows = jax.vmap(lambda s: jax.lax.dynamic_slice(data.train_x, (s,), (block + 1,)))(draw.index).astype(jnp.int32)
-        return windows[:, :-1], windows[:, 1:]
+            x, y, ids = normalize_images(images, *cfg.task.channel_stats), data.train_y[draw.index], draw.index
+        else:
+            block = cfg.task.block_size
+            windows = jax.vmap(lambda s: jax.lax.dynamic_slice(data.train_x, (s,), (block + 1,)))(
+                draw.index).astype(jnp.int32)
+            x, y = windows[:, :-1], windows[:, 1:]
+            ids = draw.index[:, None] + 1 + jnp.arange(block)  # each target's position in the token stream
+        if cfg.problems.noisy:
+            y = noisy_targets(problem, ids, y, cfg.task.num_classes)
+        return x, y
 
-    def _sample_batch(self, key: jax.Array, data: EnvData):
-        return self._make_batch(self._draw_batch(key, data), data)
+    def _sample_batch(self, key: jax.Array, data: EnvData, problem: Problem):
+        return self._make_batch(self._draw_batch(key, data, problem), data, problem)
 
     def _val_inputs(self, data: EnvData):
         if self.config.task.kind == "classification":
@@ -235,6 +265,7 @@ class MorphogeneticEnv:
     def population_reset(self, keys: jax.Array, data: EnvData):
         cfg = self.config
         train = jax.vmap(self.trainer.init)(keys)
+        problem = jax.vmap(lambda k: draw_problem(cfg.problems, k))(keys)
         val_loss, accuracy = self._evaluate(train, self._val_inputs(data), data.val_y)
         val_loss = jnp.nan_to_num(val_loss, nan=cfg.task.baseline_loss, posinf=cfg.task.baseline_loss)
         p, s, nb = keys.shape[0], self.lattice.slots.num_slots, self.lattice.num_blueprints
@@ -245,7 +276,7 @@ class MorphogeneticEnv:
             loss_history=jnp.repeat(val_loss[:, None], observations.LOSS_HISTORY, axis=1),
             recent_val_losses=jnp.repeat(val_loss[:, None], cfg.governor.history, axis=1),
             divergent_epochs=zeros_i(), rollbacks=zeros_i(), metric_at_germination=jnp.zeros((p, s), jnp.float32),
-            last_op=zeros_i(), germinated=zeros_i(nb), fossilized=zeros_i(nb), pruned=zeros_i(nb),
+            last_op=zeros_i(), germinated=zeros_i(nb), fossilized=zeros_i(nb), pruned=zeros_i(nb), problem=problem,
         )
         return jax.vmap(self.observe)(state), state
 
@@ -279,7 +310,7 @@ class MorphogeneticEnv:
         act_keys, train_keys = split[:, 0], split[:, 1]
         before = state.train.lattice.status
         lattice_trained, applied, metric_at_germination = self._act(state, action, act_keys)
-        train, fit = self._train_epoch(state.train.replace(lattice=lattice_trained), train_keys, data)
+        train, fit = self._train_epoch(state.train.replace(lattice=lattice_trained), train_keys, data, state.problem)
         validation = self._validate(train, data)
         verdict = judge(self.config.governor, validation.val_loss, fit.loss, state.recent_val_losses,
                         state.divergent_epochs)
@@ -289,7 +320,9 @@ class MorphogeneticEnv:
                                  metric_at_germination, action, applied, before)
         done = new_state.epoch >= self.config.episode_epochs
         added = jax.vmap(self.lattice.live_param_count)(lattice)
-        reward = self._reward(state, new_state, before, added, done, verdict)
+        reward = self._reward(state, new_state, before, added, done, verdict,
+                              self._seed_compute(lattice_trained, data) if self.config.reward.compute_weight > 0
+                              else jnp.zeros_like(new_state.val_loss))
         info = {
             "val_loss": new_state.val_loss, "val_accuracy": new_state.val_accuracy, "train_loss": train_loss,
             "applied": applied, "rolled_back": verdict.rolled_back, "added_params": added,
@@ -311,18 +344,19 @@ class MorphogeneticEnv:
         planted = germinated_now[:, None] & (jnp.arange(self.lattice.slots.num_slots) == action.slot[:, None])
         return lattice, applied, jnp.where(planted, metric_now[:, None], state.metric_at_germination)
 
-    def _train_epoch(self, train: TrainState, keys: jax.Array, data: EnvData) -> tuple[TrainState, StepMetrics]:
-        """``steps_per_epoch`` batches (``lax.scan``), each member drawing its own; returns the
-        epoch's mean step metrics."""
+    def _train_epoch(self, train: TrainState, keys: jax.Array, data: EnvData,
+                     problem: Problem) -> tuple[TrainState, StepMetrics]:
+        """``steps_per_epoch`` batches (``lax.scan``), each member drawing its own from its own
+        problem; returns the epoch's mean step metrics."""
         batch_keys = jax.vmap(lambda k: jax.random.split(k, self.config.steps_per_epoch))(keys).swapaxes(0, 1)
         # Every batch's random choices are drawn before the scan, which then reads them as data.
         # Why: drawn inside the body, XLA fused the draw's arithmetic (threefry bits to offsets,
         # flips, indices) into the gather-crop-normalize loop and recomputed it for every pixel:
         # 2.4 ms per batch of 64 CIFAR images, 8% of an env step (``--only breakdown``'s profile).
-        draws = jax.vmap(jax.vmap(lambda k: self._draw_batch(k, data)))(batch_keys)
+        draws = jax.vmap(jax.vmap(lambda k, p: self._draw_batch(k, data, p)), in_axes=(0, None))(batch_keys, problem)
 
         def train_batch(train, member_draws):
-            x, y = jax.vmap(lambda d: self._make_batch(d, data))(member_draws)
+            x, y = jax.vmap(lambda d, p: self._make_batch(d, data, p))(member_draws, problem)
             return self.trainer.population_step(train, x, y)
 
         train, metrics = jax.lax.scan(train_batch, train, draws)
@@ -403,15 +437,30 @@ class MorphogeneticEnv:
             fossilized=state.fossilized + counts(newly_fossilized), pruned=state.pruned + counts(newly_pruned),
         )
 
+    def _seed_compute(self, lattice_trained, data: EnvData) -> jax.Array:
+        """Each member's epoch FLOPs beyond the host's (its computed seeds' training and validation
+        forwards, the counterfactual passes of its blended seeds), as a fraction of the static host's
+        whole episode (its batches and validation passes): what the reward's compute price charges.
+        The same count as :func:`esper_jax.runs.compute.episode_compute`'s, epoch by epoch."""
+        cfg, costs = self.config, self.model_costs(data)
+        host_epoch = cfg.steps_per_epoch * costs.host_train + costs.host_eval
+        host_episode = cfg.episode_epochs * host_epoch + costs.host_eval
+        scaled = ModelCosts(*(jnp.asarray(np.asarray(c, np.float64) / host_episode, jnp.float32) for c in costs))
+        status = lattice_trained.status
+        epoch = epoch_flops(scaled, lifecycle.in_stages(status.stage, lifecycle.COMPUTED_STAGES),
+                            lifecycle.in_stages(status.stage, lifecycle.BLENDED_STAGES), status.blueprint,
+                            cfg.steps_per_epoch, xp=jnp)
+        return epoch.train + epoch.validation + epoch.measurement - jnp.float32(host_epoch / host_episode)
+
     def _reward(self, state: EnvState, new_state: EnvState, before, added: jax.Array, done: jax.Array,
-                verdict: Verdict) -> jax.Array:
+                verdict: Verdict, seed_compute: jax.Array) -> jax.Array:
         after = new_state.train.lattice.status
         signals = RewardSignals(
             val_loss=new_state.val_loss, prev_val_loss=state.val_loss, stage_before=before.stage,
             stage_after=after.stage, contribution=after.contribution, contribution_measured=after.contribution_measured,
             added_params=added.astype(jnp.float32),
             host_params=jnp.full_like(new_state.val_loss, float(self.host_param_count)),
-            is_terminal=done, rolled_back=verdict.rolled_back,
+            is_terminal=done, rolled_back=verdict.rolled_back, seed_compute=seed_compute,
         )
         return jax.vmap(lambda sig: compute_reward(sig, self.config.reward))(signals)
 

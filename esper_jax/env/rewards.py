@@ -13,7 +13,11 @@ This module owns :class:`RewardConfig` (all reward weights, one static, hashable
 * ``"sparse"`` — the ablation: zero except at the terminal step (terminal bonus minus rent).
 
 :func:`compute_reward` dispatches on ``config.kind`` (static) and always subtracts the
-governor penalty when the governor rolled this step back. Every function is pure ``jnp``:
+governor penalty when the governor rolled this step back. The loss and contribution kinds also
+charge a *compute price*: ``compute_weight`` times the step's training compute beyond the host's,
+in units of the host's whole episode (:func:`compute_price`), so that an episode's return is its
+loss improvement minus ``compute_weight`` x the compute its growth cost (the issue "Learned growth
+that pays": the objective is final loss plus lambda x training compute). Every function is pure ``jnp``:
 jit- and vmap-able, with no Python control flow on traced values. Non-finite losses are read
 as the worst case the clipping allows, so the reward is always a finite float32.
 """
@@ -94,6 +98,8 @@ class RewardConfig:
     stage_potentials: tuple[float, ...] = DEFAULT_STAGE_POTENTIALS
     # shared
     rent_weight: float = 0.05               # per step: rent_weight * log1p(added_params / host_params)
+    # per step: compute_weight * (this step's FLOPs beyond the host's) / (the host's episode FLOPs)
+    compute_weight: float = 0.0
     governor_penalty: float = 1.0           # subtracted when the governor rolled back this step
 
     def __post_init__(self):
@@ -112,9 +118,12 @@ class RewardConfig:
                 raise ValueError(f"{field.name} must be finite, got {value!r}")
         # These signs are what makes the reward monotone in improvement and contribution.
         for name in ("loss_delta_weight", "max_loss_delta", "regression_penalty_scale", "terminal_loss_weight",
-                     "contribution_weight", "max_contribution", "rent_weight"):
+                     "contribution_weight", "max_contribution", "rent_weight", "compute_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.kind == "sparse" and self.compute_weight > 0:
+            raise ValueError("compute_weight prices each step's compute, and the sparse reward is zero before the last "
+                             "step: use the loss or contribution reward, or compute_weight 0")
         if self.typical_loss_delta_std <= 0:
             raise ValueError(f"typical_loss_delta_std must be positive, got {self.typical_loss_delta_std}")
         if not 0.0 < self.gamma <= 1.0:
@@ -144,6 +153,8 @@ class RewardSignals:
     host_params: jax.Array            # host parameter count (> 0)
     is_terminal: jax.Array            # bool: last epoch of the episode
     rolled_back: jax.Array            # bool: the governor rolled back this step
+    # this step's FLOPs beyond the host's, as a fraction of the host's episode FLOPs (0 without growth)
+    seed_compute: jax.Array = 0.0
 
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
@@ -212,6 +223,15 @@ def _rent(signals: RewardSignals, config: RewardConfig) -> jax.Array:
     return parameter_rent(added, host, config.rent_weight)
 
 
+def compute_price(signals: RewardSignals, config: RewardConfig) -> jax.Array:
+    """``compute_weight * seed_compute``: what this step's compute beyond the host's costs. Summed
+    over an episode it is ``compute_weight`` x (episode FLOPs / the static host's - 1), so lambda = 1
+    trades one unit of terminal reward for doubling the static host's compute. Non-finite counts
+    are charged nothing rather than poisoning the return (they cannot arise from a count)."""
+    extra = jnp.nan_to_num(_f32(signals.seed_compute), nan=0.0, posinf=0.0, neginf=0.0)
+    return config.compute_weight * jnp.maximum(extra, 0.0)
+
+
 def _contribution_term(signals: RewardSignals, config: RewardConfig) -> jax.Array:
     """Summed measured contribution of blended seeds, in typical-loss-delta units (contributions
     arrive in loss units, as small as the loss deltas), clipped to ±max_contribution.
@@ -236,6 +256,7 @@ def loss_primary_reward(signals: RewardSignals, config: RewardConfig) -> jax.Arr
         + _stage_bonus(signals.stage_after, config)
         + _terminal_improvement(signals, config)
         - _rent(signals, config)
+        - compute_price(signals, config)
     )
 
 
@@ -246,6 +267,7 @@ def contribution_reward(signals: RewardSignals, config: RewardConfig) -> jax.Arr
         + pbrs_shaping(signals.stage_before, signals.stage_after, config)
         + _terminal_improvement(signals, config)
         - _rent(signals, config)
+        - compute_price(signals, config)
     )
 
 
@@ -277,6 +299,7 @@ __all__ = [
     "stage_potential",
     "pbrs_shaping",
     "parameter_rent",
+    "compute_price",
     "loss_primary_reward",
     "contribution_reward",
     "sparse_reward",

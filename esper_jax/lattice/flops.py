@@ -27,7 +27,7 @@ example and position in the forward alone).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,35 @@ class ModelCosts(NamedTuple):
     host_eval: float
     seed_train: np.ndarray
     seed_eval: np.ndarray
+
+
+class EpochFlops(NamedTuple):
+    """FLOPs of one epoch of an env (leading axes as the masks'): ``train`` its batches through the
+    host and the computed seeds, ``validation`` its validation forward, ``measurement`` the
+    leave-one-out passes of its blended seeds (zeros where nothing measures them)."""
+
+    train: Any
+    validation: Any
+    measurement: Any
+
+
+def epoch_flops(costs: ModelCosts, computed, blended, blueprint, steps_per_epoch: int, measured: bool = True,
+                xp=np) -> EpochFlops:
+    """The FLOPs of epochs whose seeds were ``computed`` (``[..., S]``: TRAINING to FOSSILIZED
+    while the epoch trained) and ``blended`` (BLENDING, HOLDING, FOSSILIZED), with ``blueprint``
+    ``[..., S]`` (-1 empty): ``steps_per_epoch`` training batches, one validation forward, and
+    with ``measured`` one more forward per blended slot without that slot's seed (the
+    counterfactual a controller observes). ``xp``: ``numpy`` (float64, exact for any count a run
+    reaches) or ``jax.numpy`` (inside a jitted env)."""
+    slot = xp.arange(blueprint.shape[-1])
+    live = computed & (blueprint >= 0)
+    index = xp.clip(blueprint, 0, None)
+    seed_train = xp.where(live, xp.asarray(costs.seed_train)[slot, index], 0.0).sum(axis=-1)
+    seed_eval = xp.where(live, xp.asarray(costs.seed_eval)[slot, index], 0.0)
+    train = steps_per_epoch * (costs.host_train + seed_train)
+    forward = costs.host_eval + seed_eval.sum(axis=-1)
+    leave_one_out = xp.where(blended, forward[..., None] - seed_eval, 0.0).sum(axis=-1)
+    return EpochFlops(train, forward, leave_one_out if measured else xp.zeros_like(forward))
 
 
 def _activation_shapes(host, x: jax.ShapeDtypeStruct) -> dict[str, tuple]:

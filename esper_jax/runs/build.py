@@ -23,6 +23,7 @@ from esper_jax.data.augment import channel_stats
 from esper_jax.data.datasets import CorruptDatasetError, ImageDataset, downsample_images, image_fingerprint
 from esper_jax.env.actions import ActionConfig
 from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
+from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import RewardConfig
 from esper_jax.env.tasks import TaskConfig, get_task
 from esper_jax.lattice.lifecycle import GateConfig
@@ -136,7 +137,8 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
         env_config = make_env_config(
             task, spec.slots, blueprints=spec.blueprints, host=host, episode_epochs=spec.episode_epochs,
             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size, val_size=spec.val_size,
-            reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight),
+            reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight, compute_weight=spec.compute_weight),
+            problems=ProblemFamily(spec.train_fraction, spec.label_noise),
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
             actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age),
             host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr,

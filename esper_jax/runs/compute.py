@@ -27,9 +27,8 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from esper_jax.env.actions import Op
-from esper_jax.env.environment import EnvData, MorphogeneticEnv
 from esper_jax.lattice import lifecycle
-from esper_jax.lattice.flops import ModelCosts, model_costs
+from esper_jax.lattice.flops import ModelCosts, epoch_flops
 from esper_jax.lattice.lifecycle import Stage
 
 
@@ -43,17 +42,6 @@ class EpisodeCompute(NamedTuple):
     @property
     def total(self) -> np.ndarray:
         return self.train + self.validation + self.measurement
-
-
-def env_costs(env: MorphogeneticEnv, data: EnvData) -> ModelCosts:
-    """The per-batch costs of ``env``'s model at its training batch and validation set size."""
-    cfg = env.config
-    val_count = int(data.val_x.shape[0])
-    if cfg.task.kind == "classification":
-        example, target, dtype = tuple(data.val_x.shape[1:]), (), np.float32
-    else:
-        example, target, dtype = (cfg.task.block_size,), (cfg.task.block_size,), np.int32
-    return model_costs(env.model, cfg.batch_size, val_count, example, target, dtype)
 
 
 def _in(stage: np.ndarray, stages) -> np.ndarray:
@@ -94,19 +82,12 @@ def episode_compute(costs: ModelCosts, computed: np.ndarray, blended: np.ndarray
     network with seeds built in, which nothing measures)."""
     blueprint = np.asarray(blueprint)
     previous = np.concatenate([np.full_like(blueprint[:, :1], -1), blueprint[:, :-1]], axis=1)
-    bp = np.where(blueprint >= 0, blueprint, previous)
-    slot = np.arange(blueprint.shape[-1])
-    seed_train = np.where(computed & (bp >= 0), costs.seed_train[slot, np.clip(bp, 0, None)], 0.0)
-    seed_eval = np.where(computed & (bp >= 0), costs.seed_eval[slot, np.clip(bp, 0, None)], 0.0)
-    epochs = blueprint.shape[1]
-    train = steps_per_epoch * (epochs * costs.host_train + seed_train.sum(axis=(1, 2)))
-    forward = costs.host_eval + seed_eval.sum(axis=2)                  # [N, E] one validation pass
-    validation = costs.host_eval + forward.sum(axis=1)
-    # one pass per blended slot, without that slot's seed
-    leave_one_out = np.where(blended, forward[..., None] - seed_eval, 0.0).sum(axis=(1, 2))
-    measurement = leave_one_out if measured else np.zeros_like(validation)
-    return EpisodeCompute(np.asarray(train, np.float64), np.asarray(validation, np.float64),
-                          np.asarray(measurement, np.float64))
+    epochs = epoch_flops(costs, np.asarray(computed, bool), np.asarray(blended, bool),
+                         np.where(blueprint >= 0, blueprint, previous), steps_per_epoch, measured)
+    # the reset's validation pass, then the epochs'
+    return EpisodeCompute(np.asarray(epochs.train.sum(axis=1), np.float64),
+                          np.asarray(costs.host_eval + epochs.validation.sum(axis=1), np.float64),
+                          np.asarray(epochs.measurement.sum(axis=1), np.float64))
 
 
 def output_compute(costs: ModelCosts, out, steps_per_epoch: int, measured: bool = True) -> EpisodeCompute:

@@ -82,6 +82,10 @@ class EnvSpec:
     seed_lr: float = 0.01
     optimizer: OptimizerKind = "sgd"  # host and seeds
     block_size: int | None = None    # language-model tasks: tokens per training window
+    # the problem family each env draws from (esper_jax.env.problems); the default is one problem
+    train_fraction: tuple[float, float] = (1.0, 1.0)
+    label_noise: tuple[float, float] = (0.0, 0.0)
+    compute_weight: float = 0.0      # the reward's price of compute (esper_jax.env.rewards.compute_price)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,7 @@ class RunConfig:
             data = {k: v for k, v in value["data"].items() if k != "synthetic"}
             env = dict(value["env"])
             env.update(slots=tuple(env["slots"]), blueprints=tuple(env["blueprints"]))
+            env.update({name: tuple(env[name]) for name in ("train_fraction", "label_noise") if name in env})
             known = {f.name for f in dataclasses.fields(EnvSpec)}
             return cls(
                 task=value["task"], host_variant=value["host_variant"], host=host,

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
+from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
 from esper_jax.lattice import ops
@@ -66,6 +67,12 @@ DEFAULTS: dict[str, Any] = {
     "reward": _ENV_DEFAULTS["reward"],
     # parameter rent per epoch: rent_weight * log1p(added / host parameters)
     "rent_weight": _ENV_DEFAULTS["rent_weight"],
+    # the reward's price of compute beyond the host's, per host-episode of FLOPs (0: compute is free)
+    "compute_weight": _ENV_DEFAULTS["compute_weight"],
+    # the problem family: each env trains on a fraction of the training set (log-uniform in the
+    # range) with a fraction of its labels replaced by noise (uniform in the range)
+    "train_fraction": list(_ENV_DEFAULTS["train_fraction"]),
+    "label_noise": list(_ENV_DEFAULTS["label_noise"]),
     "image_size": None,          # CNN tasks: input resolution, a divisor of the data's (None: the data's own)
     "host_lr": _ENV_DEFAULTS["host_lr"],  # host learning rate (Esper's 0.01)
     "host_lr_schedule": _ENV_DEFAULTS["host_lr_schedule"],  # or "cosine": decayed to 0 over each episode
@@ -223,6 +230,8 @@ def _canonical(name: str, value: Any) -> Any:
             return ",".join(repr(v) for v in sweep.values)
         if name == "seeds":
             return ",".join(str(s) for s in parse_seeds(value))
+        if name in ("train_fraction", "label_noise"):
+            return list(getattr(ProblemFamily(**{name: value}), name))
     except RunConfigError:
         raise
     except ValueError as error:
@@ -384,6 +393,11 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         _check_number("host_lr", s["host_lr"], allow_zero=False)
         _check_number("seed_lr", s["seed_lr"], allow_zero=False)
         _check_number("rent_weight", s["rent_weight"], allow_zero=True)
+        _check_number("compute_weight", s["compute_weight"], allow_zero=True)
+        problems = ProblemFamily(s["train_fraction"], s["label_noise"])  # ValueError names the flag
+        if s["compute_weight"] and s["reward"] == "sparse":
+            raise RunConfigError("--compute-weight prices each epoch's compute, and the sparse reward is zero before "
+                                 "the last epoch: use --reward loss or contribution, or leave --compute-weight out")
         if s["optimizer"] not in OPTIMIZERS:
             raise RunConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {s['optimizer']!r}")
         if s["host_lr_schedule"] not in LR_SCHEDULES:
@@ -446,7 +460,9 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                     auto_advance=bool(s["auto_advance"]), host_lr=float(s["host_lr"]),
                     host_lr_schedule=s["host_lr_schedule"], seed_lr=float(s["seed_lr"]),
                     optimizer=s["optimizer"],
-                    block_size=s["block_size"] if language_model else None),
+                    block_size=s["block_size"] if language_model else None,
+                    train_fraction=problems.train_fraction, label_noise=problems.label_noise,
+                    compute_weight=float(s["compute_weight"])),
         ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
         seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())},
@@ -459,7 +475,8 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
     base = dict(stored.options)
     # A setting added after the run was written is not among its options; what the run used is its
     # configuration's value (the field's default when the configuration was read).
-    base.update({f.name: getattr(stored.env, f.name) for f in dataclasses.fields(EnvSpec) if f.name not in base})
+    base.update({f.name: _canonical(f.name, getattr(stored.env, f.name)) for f in dataclasses.fields(EnvSpec)
+                 if f.name not in base})
     for name, value in explicit.items():
         if value is None or name in RESUME_MAY_CHANGE:
             continue

@@ -71,8 +71,9 @@ def bench_breakdown(args) -> dict:
     key = jax.random.key(7)
     # Compiled once, for the timing and the profile alike (every state has the same shapes).
     step, step_compile = compile_timed(jax.jit(env.step), key, states["live"], wait, data)
-    train_epoch = jax.jit(lambda train, key: env._train_epoch(add_axis(train), key[None], data))
-    sample = jax.jit(lambda key: jax.vmap(lambda k: env._sample_batch(k, data))(
+    problem = add_axis(fresh.problem)
+    train_epoch = jax.jit(lambda train, key: env._train_epoch(add_axis(train), key[None], data, problem))
+    sample = jax.jit(lambda key: jax.vmap(lambda k: env._sample_batch(k, data, fresh.problem))(
         jax.random.split(key, config.steps_per_epoch)))
     validate = jax.jit(lambda train: env._validate(add_axis(train), data))
 

@@ -55,7 +55,7 @@ potential_fn = jax.jit(stage_potential, static_argnums=1)
 
 def signals(val_loss=1.0, prev_val_loss=1.2, stage_before=None, stage_after=None, contribution=None,
             contribution_measured=None, added_params=0.0, host_params=6418.0, is_terminal=False,
-            rolled_back=False) -> RewardSignals:
+            rolled_back=False, seed_compute=0.0) -> RewardSignals:
     """Signals with fixed dtypes and shapes (so every call hits the same compiled function)."""
     dormant = [int(Stage.DORMANT)] * S
     return RewardSignals(
@@ -66,6 +66,7 @@ def signals(val_loss=1.0, prev_val_loss=1.2, stage_before=None, stage_after=None
         contribution_measured=jnp.asarray([False] * S if contribution_measured is None else contribution_measured, bool),
         added_params=jnp.float32(added_params), host_params=jnp.float32(host_params),
         is_terminal=jnp.bool_(is_terminal), rolled_back=jnp.bool_(rolled_back),
+        seed_compute=jnp.float32(seed_compute),
     )
 
 
@@ -309,6 +310,15 @@ def test_rent_grows_with_added_params(kind):
     assert all(x > y for x, y in zip(rewards, rewards[1:])), rewards
     no_rent = reward(signals(added_params=0.0, is_terminal=True), config)
     assert rewards[-1] == pytest.approx(no_rent - config.rent_weight * math.log1p(1e5 / host), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["loss", "contribution"])
+def test_compute_is_charged_at_its_weight_and_only_above_the_host(kind):
+    free, priced = RewardConfig(kind=kind), RewardConfig(kind=kind, compute_weight=2.0)
+    sig = signals(seed_compute=0.25)
+    assert reward(sig, priced) == pytest.approx(reward(sig, free) - 0.5, abs=1e-6)
+    assert reward(signals(seed_compute=0.0), priced) == reward(signals(seed_compute=0.0), free)
+    assert reward(signals(seed_compute=math.nan), priced) == reward(signals(seed_compute=0.0), priced)
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))

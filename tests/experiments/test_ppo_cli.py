@@ -94,6 +94,9 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                            ("--host-lr-schedule=linear", "invalid choice"),
                            ("--optimizer=lamb", "invalid choice"),
                            ("--max-concurrent-training=0", "--max-concurrent-training"),
+                           ("--train-fraction=0:1", "--train-fraction must be a number or a range LOW:HIGH"),
+                           ("--label-noise=0.5:0.1", "--label-noise must be a number or a range LOW:HIGH"),
+                           ("--compute-weight=-1", "--compute-weight must be a non-negative number"),
                            ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
         assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
     assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
@@ -121,6 +124,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     line = error_line(capsys, ["--task=tinystories", "--host-variant=tiny", "--slots=r0c1,r1c3"])
     assert "r1c3 does not exist on this transformer host" in line and "r0c0, r0c1, r0c2, r1c0, r1c1, r1c2" in line
     assert "invalid choice" in error_line(capsys, ["--task=cifar10", "--reward=shaped"])
+    assert "sparse reward is zero before" in error_line(capsys, ["--task=cifar10", "--reward=sparse", "--compute-weight=1"])
     assert "lists 2 values but the population has 3" in error_line(
         capsys, ["--task=cifar10", "--population=3", "--lr=1e-3,3e-4"])
     assert "LO < HI" in error_line(capsys, ["--task=cifar10", "--lr=log:1e-3:1e-4"])
@@ -543,5 +547,9 @@ def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():
     config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
     old = config.replace(options={k: v for k, v in config.options.items() if k != "optimizer"})
     check_resume_settings(old, {"optimizer": "sgd"})
+    older = config.replace(options={k: v for k, v in config.options.items() if k != "train_fraction"})
+    check_resume_settings(older, {"train_fraction": "1"})
+    with pytest.raises(RunConfigError, match="--train-fraction"):
+        check_resume_settings(older, {"train_fraction": "0.1:1"})
     with pytest.raises(RunConfigError, match="--optimizer=adamw does not match the run's --optimizer=sgd"):
         check_resume_settings(old, {"optimizer": "adamw"})

@@ -1,0 +1,106 @@
+"""The problem family (esper_jax.env.problems) and the compute price of the reward, each on its own
+and inside the tiny env: the batches an env draws come from its problem's part of the training
+set with its problem's noisy labels, and the env's per-epoch compute beyond the host's is
+``runs.compute``'s count. Only one batch sampler is compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.env_rig import tiny_env
+from esper_jax.env.environment import MorphogeneticEnv
+from esper_jax.env.problems import ProblemFamily, draw_problem, noisy_targets, train_count
+from esper_jax.env.rewards import RewardConfig
+from esper_jax.lattice.lifecycle import Stage
+from esper_jax.runs import compute as cp
+
+
+def test_draws_fall_in_the_family_and_depend_on_the_key_alone():
+    family = ProblemFamily((0.05, 0.5), (0.1, 0.3))
+    problems = jax.vmap(lambda k: draw_problem(family, k))(jax.random.split(jax.random.key(0), 400))
+    fraction, noise = np.asarray(problems.train_fraction), np.asarray(problems.label_noise)
+    assert fraction.min() >= 0.05 and fraction.max() <= 0.5 and noise.min() >= 0.1 and noise.max() <= 0.3
+    # log-uniform: about half the draws below the geometric mean of the range
+    assert 0.4 < np.mean(fraction < np.sqrt(0.05 * 0.5)) < 0.6
+    again = draw_problem(family, jax.random.key(7))
+    assert float(again.train_fraction) == float(draw_problem(family, jax.random.key(7)).train_fraction)
+    single = draw_problem(ProblemFamily(0.25, 0.2), jax.random.key(3))
+    assert (float(single.train_fraction), float(single.label_noise)) == (0.25, np.float32(0.2))
+
+
+def test_train_count_rounds_up_and_keeps_a_minimum():
+    problem = draw_problem(ProblemFamily(0.01), jax.random.key(0))
+    assert int(train_count(problem, 1000)) == 10
+    assert int(train_count(problem, 50, minimum=18)) == 18
+
+
+def test_noisy_targets_replace_the_drawn_fraction_the_same_way_every_time():
+    problem = draw_problem(ProblemFamily(1.0, 0.4), jax.random.key(1))
+    ids = jnp.arange(4000)
+    labels = ids % 10
+    noisy = np.asarray(noisy_targets(problem, ids, labels, 10))
+    changed = np.mean(noisy != np.asarray(labels))
+    assert 0.33 < changed < 0.39  # 0.4 replaced, a tenth of them by their own class
+    again = np.asarray(noisy_targets(problem, ids[::-1], labels[::-1], 10))[::-1]
+    np.testing.assert_array_equal(noisy, again)  # a target's fate is its id's, not its place in the batch
+    clean = noisy_targets(draw_problem(ProblemFamily(1.0, 0.0), jax.random.key(1)), ids, labels, 10)
+    np.testing.assert_array_equal(np.asarray(clean), np.asarray(labels))
+
+
+@pytest.mark.parametrize("flag, value", [("train_fraction", "0:1"), ("train_fraction", 1.5),
+                                         ("label_noise", "0.3:0.1"), ("label_noise", "a:b")])
+def test_a_bad_range_is_refused_naming_its_flag(flag, value):
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be a number or a range"):
+        ProblemFamily(**{flag: value})
+
+
+def test_the_default_family_is_trivial_and_a_drawn_one_is_not():
+    assert ProblemFamily().trivial and not ProblemFamily((0.1, 1.0)).trivial and ProblemFamily(label_noise=0.1).noisy
+
+
+def test_an_env_samples_from_its_problem_with_its_noisy_labels():
+    tiny = tiny_env()
+    family = ProblemFamily(0.25, 0.5)  # the first 64 of 256 images, half the labels replaced
+    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=family, augment=False))
+    problem = draw_problem(family, jax.random.key(5))
+    draws = jax.jit(jax.vmap(lambda k: env._draw_batch(k, tiny.data, problem)))(jax.random.split(jax.random.key(0), 40))
+    index = np.asarray(draws.index)
+    assert index.max() < 64 and index.max() > 48
+    x, y = jax.jit(lambda d: env._make_batch(d, tiny.data, problem))(jax.tree.map(lambda a: a[0], draws))
+    truth = np.asarray(tiny.data.train_y)[index[0]]
+    expected = np.asarray(noisy_targets(problem, jnp.asarray(index[0]), jnp.asarray(truth), 10))
+    np.testing.assert_array_equal(np.asarray(y), expected)
+    assert np.any(np.asarray(y) != truth)
+    # the images themselves are untouched (normalized by another program: a float tolerance)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(env._val_inputs(tiny.data.replace(
+        val_x=tiny.data.train_x[index[0]]))), rtol=1e-5, atol=1e-6)
+
+
+def test_the_priced_compute_is_the_episode_count_beyond_the_host():
+    tiny = tiny_env()
+    cfg = tiny.env.config
+    env = MorphogeneticEnv(dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, compute_weight=1.0)))
+    costs = env.model_costs(tiny.data)
+    # two members: one seed TRAINING (computed), one BLENDING (computed and measured); blueprint 0
+    stage = jnp.array([[Stage.TRAINING], [Stage.BLENDING]], jnp.int32)
+    lattice = types.SimpleNamespace(status=types.SimpleNamespace(stage=stage, blueprint=jnp.zeros((2, 1), jnp.int32)))
+    priced = np.asarray(env._seed_compute(lattice, tiny.data))
+    steps, epochs = cfg.steps_per_epoch, cfg.episode_epochs
+    counted = cp.episode_compute(costs, np.array([[[True]], [[True]]]), np.array([[[False]], [[True]]]),
+                                 np.zeros((2, 1, 1), int), steps)
+    host_only = cp.episode_compute(costs, np.zeros((2, 1, 1), bool), np.zeros((2, 1, 1), bool),
+                                   np.full((2, 1, 1), -1), steps)
+    host_episode = epochs * (steps * costs.host_train + costs.host_eval) + costs.host_eval
+    np.testing.assert_allclose(priced, (counted.total - host_only.total) / host_episode, rtol=1e-5)
+    assert priced[1] > priced[0] > 0
+
+
+def test_compute_weight_is_refused_with_the_sparse_reward():
+    with pytest.raises(ValueError, match="sparse reward"):
+        RewardConfig(kind="sparse", compute_weight=1.0)
