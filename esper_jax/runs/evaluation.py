@@ -39,6 +39,7 @@ from flax import struct
 
 from esper_jax.env.actions import FactoredAction, Op
 from esper_jax.env.controllers import CONTROLLERS, make_controller
+from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.environment import EnvData, EnvState, MorphogeneticEnv
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.rewards import parameter_rent
@@ -129,6 +130,8 @@ class EpisodeOutput:
     val_accuracy: jax.Array         # [N, E]
     op: jax.Array                   # [N, E] the op requested
     applied: jax.Array              # [N, E] whether it was valid and applied
+    train_fraction: jax.Array       # [N] each env's problem (esper_jax.env.problems)
+    label_noise: jax.Array          # [N]
 
 
 def _as_action(action: FactoredAction, num_envs: int) -> FactoredAction:
@@ -213,6 +216,7 @@ class Evaluator:
             final_stage=status.stage, final_blueprint=status.blueprint, stage=stage, trained_stage=trained_stage,
             blueprint=blueprint,
             val_loss=val_loss, val_accuracy=val_accuracy, op=op, applied=applied,
+            train_fraction=state.problem.train_fraction, label_noise=state.problem.label_noise,
         )
 
     def run(self, name: str, data: EnvData, key: jax.Array, inputs: Any = None) -> EpisodeOutput:
@@ -301,6 +305,9 @@ def markdown_table(payload: dict[str, Any]) -> str:
         f"{held['num_envs']} held-out envs x {held['episode_epochs']} epochs (held-out seed stream "
         f"{held['derivation']}); host {payload['host_params']} parameters.",
     ]
+    problems = held.get("problems")
+    if problems and problems["family"] != ProblemFamily().describe():
+        lines.append(f"Inner problems: {problems['family']}; each env's drawn problem is in evaluation.json.")
     if payload.get("policy"):
         pol = payload["policy"]
         lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
@@ -458,6 +465,10 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
             "derivation": f"fold_in(key({int(run_seed)}), {EVAL_STREAM:#x})",
             "num_envs": int(np.asarray(first.final_val_loss).shape[0]),
             "episode_epochs": env.config.episode_epochs,
+            # every env's problem, the same for every controller (drawn from the env's reset key)
+            "problems": {"family": env.config.problems.describe(),
+                         "train_fraction": [float(v) for v in np.asarray(first.train_fraction)],
+                         "label_noise": [float(v) for v in np.asarray(first.label_noise)]},
         },
         "policy": policy,
         "controllers": {name: {**summarize_episodes(env, out), **paired_differences(out, results)}

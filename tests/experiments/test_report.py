@@ -52,6 +52,7 @@ def _episode(rng, grow: bool) -> EpisodeOutput:
         episode_return=rng.normal(size=2), rollbacks=np.zeros(2, int), germinated=germinated, fossilized=fossilized,
         pruned=pruned, final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, trained_stage=stage, blueprint=blueprint,
         val_loss=val_loss, val_accuracy=rng.random((2, 6)), op=np.zeros((2, 6), int), applied=np.ones((2, 6), bool),
+        train_fraction=np.ones(2), label_noise=np.zeros(2),
     )
 
 

@@ -109,7 +109,7 @@ def _episode(stage, blueprint, final_loss) -> EpisodeOutput:
         episode_return=np.zeros(n), rollbacks=np.zeros(n, int), germinated=zeros, fossilized=zeros, pruned=zeros,
         final_stage=stage[:, -1], final_blueprint=blueprint[:, -1], stage=stage, trained_stage=stage, blueprint=blueprint,
         val_loss=np.zeros((n, e)), val_accuracy=np.zeros((n, e)), op=np.zeros((n, e), int),
-        applied=np.ones((n, e), bool))
+        applied=np.ones((n, e), bool), train_fraction=np.ones(n), label_noise=np.zeros(n))
 
 
 def _env(num_layers: int) -> MorphogeneticEnv:

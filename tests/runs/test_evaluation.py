@@ -143,6 +143,8 @@ def test_payload_json_and_table(rig, tmp_path):
     loaded = json.loads(open(json_path).read())
     assert list(loaded["controllers"]) == list(results)
     assert loaded["held_out"]["num_envs"] == NUM_ENVS and loaded["synthetic"] is True
+    problems = loaded["held_out"]["problems"]  # one problem: every env trains on all of its set, clean
+    assert problems["train_fraction"] == [1.0] * NUM_ENVS and problems["label_noise"] == [0.0] * NUM_ENVS
     static = loaded["controllers"]["static"]
     assert static["params_added"] == 0 and set(static["germinated"]) == {"conv_small", "norm"}
     assert sum(loaded["controllers"]["random"]["germinated"].values()) == int(results["random"].germinated.sum())
