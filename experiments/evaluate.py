@@ -220,10 +220,8 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
-    costs = env.model_costs(handle.env_data)
-    for label, out in results.items():
-        payload["controllers"][label]["compute"] = cp.compute_summary(
-            cp.output_compute(costs, out, env.config.steps_per_epoch))
+    for label, compute in cp.controllers_compute(env, handle.env_data, results).items():
+        payload["controllers"][label]["compute"] = cp.compute_summary(compute)
     if section is not None:
         for label, row in section["controllers"].items():
             if label in payload["controllers"]:

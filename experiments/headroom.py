@@ -3,6 +3,8 @@
     python -m experiments.headroom --run-dir DIR [--envs 16] [--schedules conv_heavy@r1c0@e0,...]
     python -m experiments.headroom --task cifar10 --preset proof [--envs 16] [--json PATH] [any experiments.ppo
         setting by its name: --data synthetic, --host-lr 0.05, --slots ...]
+    python -m experiments.headroom --task cifar10 --preset default --stream calibration --envs 24
+        --strata train_fraction:3        # which schedule is best where in the problem family
 
 Each schedule germinates one seed (``blueprint@slot@eEPOCH``), advances it whenever the gates
 allow and fossilizes it as soon as G5 passes (:class:`esper_jax.env.controllers.Schedule`). Every
@@ -10,6 +12,12 @@ schedule, static and the heuristic run one episode on the same held-out envs as
 ``experiments.evaluate`` uses (same reset keys, same batches: the run seed's held-out stream, which
 training never draws from), so the paired difference to static is what the growth decision
 changed. The default schedules are every enabled blueprint in every slot, germinated at epoch 0.
+``--stream calibration`` uses the calibration envs instead (``fold_in(key(seed), 0xCA11B)``, what
+problem design and schedule choices may be tuned on; the held-out stream is for the final
+evaluation). Every controller's training compute is counted in FLOPs (:mod:`esper_jax.runs.compute`),
+and ``--strata DIM:N`` splits the envs into N quantile bins of their drawn problem's ``DIM``
+(train_fraction or label_noise) and names the best controller in each, by loss and by the loss
+priced as the reward prices compute (:mod:`esper_jax.runs.strata`).
 
 Prints the table (paired mean difference to static with its 95% confidence interval) and writes
 ``headroom.json`` and ``headroom.md`` into the run directory (or to ``--json``/its ``.md`` twin).
@@ -24,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from esper_jax.runs import compute as cp
 from esper_jax.runs import evaluation as ev
+from esper_jax.runs import frontier as fr
+from esper_jax.runs import strata as st
 from esper_jax.runs import settings as run_settings
 from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError, read_config
@@ -33,7 +44,8 @@ from esper_jax.env.controllers import Schedule, make_scripted_controller
 from experiments.cli import Parser, add_env_settings, given_settings, positive
 
 
-OWN_OPTIONS = ("run_dir", "envs", "schedules", "tempo", "json")
+OWN_OPTIONS = ("run_dir", "envs", "schedules", "tempo", "json", "stream", "strata")
+STREAMS = ("held-out", "calibration")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated blueprint@slot[@eEPOCH] (default: every blueprint in every slot at epoch 0)")
     g.add_argument("--tempo", type=positive, default=3, help="blend tempo of the schedules, epochs (default 3)")
     g.add_argument("--json", default=None, help="where to write the results (default RUN_DIR/headroom.json)")
+    g.add_argument("--stream", choices=STREAMS, default="held-out",
+                   help="which envs: the run seed's held-out stream (default), or its calibration stream (for "
+                        "choosing a problem or a schedule)")
+    g.add_argument("--strata", default=None, metavar="DIM:N",
+                   help="compare controllers within N quantile bins of the envs' drawn train_fraction or label_noise, "
+                        "e.g. train_fraction:3")
     add_env_settings(parser, skip=("--envs",))  # with --task: any experiments.ppo setting by its name
     return parser
 
@@ -60,21 +78,36 @@ def default_schedules(env) -> list[Schedule]:
     return [Schedule(b.name, slot) for slot in env.lattice.slots.slot_ids for b in env.lattice.blueprints if not b.is_noop]
 
 
+def parse_strata(text: str | None) -> tuple[str, int] | None:
+    """``DIM:N`` as (dimension, bins); ValueError naming the option otherwise."""
+    if text is None:
+        return None
+    dimension, _, count = text.partition(":")
+    if dimension not in st.DIMENSIONS or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--strata must be DIM:N with DIM one of {', '.join(st.DIMENSIONS)} and N a positive "
+                         f"integer, got {text!r}")
+    return dimension, int(count)
+
+
 def headroom_table(payload: dict) -> str:
     lines = []
     if payload["synthetic"]:
         lines += ["**SYNTHETIC data**: these results are on the synthetic stand-in, not the real dataset.", ""]
     held = payload["held_out"]
-    lines += [f"Headroom on task {payload['task']} ({payload['data']}): {held['num_envs']} held-out envs x "
+    lines += [f"Headroom on task {payload['task']} ({payload['data']}): {held['num_envs']} "
+              f"{payload.get('stream', 'held-out')} envs x "
               f"{held['episode_epochs']} epochs (stream {held['derivation']}); host {payload['host_params']} parameters; "
-              f"static ends at val loss {payload['static_final_val_loss']:.4f}.", "",
-              "| controller | final val loss | minus static, mean [95% CI] | better in | fossilized | params added |",
-              "|---|---|---|---|---|---|"]
+              f"static ends at val loss {payload['static_final_val_loss']:.4f}."
+              + (f" Inner problems: {held['problems']['family']}." if held.get("problems") else ""), "",
+              "| controller | final val loss | minus static, mean [95% CI] | better in | fossilized | params added "
+              "| GFLOPs |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in payload["controllers"].items():
         ci = r["final_val_loss_minus_static_ci"]
         interval = "-" if ci["half_width"] is None else f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
         lines.append(f"| {name} | {r['final_val_loss']:.4f} | {interval} | {ci['better']}/{ci['n']} | "
-                     f"{sum(r['fossilized'].values())} | {r['params_added']:.0f} |")
+                     f"{sum(r['fossilized'].values())} | {r['params_added']:.0f} | "
+                     f"{r['compute']['flops'] / 1e9 if 'compute' in r else float('nan'):.3g} |")
     lines += ["", "Schedules are blueprint@slot@eEPOCH: germinate then, advance whenever the gates allow, fossilize "
               "when G5 passes. minus static: final loss minus static's on the same env (negative = better), "
               "Student-t interval over envs."]
@@ -100,6 +133,7 @@ def main(argv=None) -> int:
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
                      else [Schedule(s.blueprint, s.slot, tempo_epochs=args.tempo) for s in default_schedules(env)])
         scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
+        strata = parse_strata(args.strata)
         json_path = Path(args.json) if args.json else (Path(run_dir) / "headroom.json" if run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
             raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
@@ -107,8 +141,8 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     evaluator = ev.Evaluator(env, args.envs, ("static", "heuristic"), scripted=scripted)
-    key = ev.held_out_key(config.seed)
-    print(f"{len(evaluator.names)} controllers x {args.envs} held-out envs on {built.data_label}")
+    key = ev.held_out_key(config.seed) if args.stream == "held-out" else fr.calibration_key(config.seed)
+    print(f"{len(evaluator.names)} controllers x {args.envs} {args.stream} envs on {built.data_label}")
     results, started = {}, time.perf_counter()
     for name in evaluator.names:
         t = time.perf_counter()
@@ -120,7 +154,21 @@ def main(argv=None) -> int:
     payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
     payload["schedules"] = [s.name for s in schedules]
     payload["wall_seconds"] = time.perf_counter() - started
+    computes = cp.controllers_compute(env, built.env_data, results)
+    for name, compute in computes.items():
+        payload["controllers"][name]["compute"] = cp.compute_summary(compute)
+    payload["stream"] = args.stream
+    if args.stream == "calibration":
+        payload["held_out"]["derivation"] = f"calibration stream fold_in(key({config.seed}), {fr.CALIBRATION_STREAM:#x})"
     table = headroom_table(payload)
+    if strata is not None:
+        losses = {n: np.asarray(o.final_val_loss, np.float64) for n, o in results.items()}
+        priced = st.priced_losses(losses, {n: c.total for n, c in computes.items()}, env.config.reward,
+                                  computes["static"].total)
+        payload["strata"] = st.strata_section(losses, priced, np.asarray(getattr(results["static"], strata[0])),
+                                              *strata)
+        payload["loss_per_compute"] = st.loss_per_compute(env.config.reward)
+        table += "\n" + st.strata_markdown(payload["strata"])
     print(table)
     if json_path is not None:
         ev.write_json_and_markdown(json_path, payload, table)

@@ -110,6 +110,12 @@ def timeline_compute(costs: ModelCosts, timeline: Mapping[str, Any], steps_per_e
     return episode_compute(costs, computed, blended, blueprint, steps_per_epoch), how
 
 
+def controllers_compute(env, data, results: Mapping[str, Any]) -> dict[str, EpisodeCompute]:
+    """The compute of every controller's episode (``results``: name -> ``EpisodeOutput``) on ``env``."""
+    costs = env.model_costs(data)
+    return {name: output_compute(costs, out, env.config.steps_per_epoch) for name, out in results.items()}
+
+
 def compute_summary(compute: EpisodeCompute) -> dict[str, Any]:
     """JSON-ready means and per-env totals."""
     return {

@@ -30,6 +30,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         ([f"--run-dir={tmp_path}", "--host-lr=0.1"], "drop --host-lr"),
         (["--task=cifar10", "--preset=smoke", "--slots=r9c9"], "r9c9"),
         (["--task=cifar10", "--preset=smoke", f"--json={tmp_path}/missing/h.json"], "does not exist"),
+        (["--task=cifar10", "--preset=smoke", "--strata=width:2"], "--strata must be DIM:N"),
+        (["--task=cifar10", "--preset=smoke", "--strata=label_noise:0"], "--strata must be DIM:N"),
     ]
     for argv, expected in cases:
         assert headroom.main(argv) == 2
@@ -58,3 +60,20 @@ def test_headroom_runs_schedules_against_static_on_the_held_out_envs(tmp_path, c
     table = (tmp_path / "headroom.md").read_text()
     assert "SYNTHETIC" in table and "conv_small@r0c0@e0" in table and "[95% CI]" in table
     assert "conv_small@r0c0@e0" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~15 s of compiling and running schedules
+def test_strata_of_a_problem_family_on_the_calibration_envs(tmp_path):
+    out = tmp_path / "strata.json"
+    argv = ["--task=cifar10", "--preset=smoke", "--envs=4", "--schedules=conv_small@r0c0@e0", "--stream=calibration",
+            "--train-fraction=0.05:1", "--compute-weight=1", "--strata=train_fraction:2", f"--json={out}"]
+    assert headroom.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert "calibration stream" in payload["held_out"]["derivation"] and payload["stream"] == "calibration"
+    fractions = payload["held_out"]["problems"]["train_fraction"]
+    assert len(set(fractions)) == 4 and all(0.05 <= f <= 1 for f in fractions)
+    bins = payload["strata"]["bins"]
+    assert sorted(i for b in bins for i in b["envs"]) == [0, 1, 2, 3]
+    grown = payload["controllers"]["conv_small@r0c0@e0"]["compute"]["flops"]
+    assert grown > payload["controllers"]["static"]["compute"]["flops"]
+    assert "best by priced loss" in (tmp_path / "strata.md").read_text()
