@@ -45,9 +45,9 @@ def epochs_to_fossilize(gates: GateConfig, tempo_epochs: int, germinate_at: int 
 
 
 # The presets whose problem is calibrated for learning: a seed planted anywhere in the first third
-# of an episode can still be fossilized. The smoke and default presets are short looks at the
-# pipeline; in them only a seed planted at epoch 0 can finish its lifecycle.
-LEARNING_PRESETS = ("proof", "full")
+# of an episode can still be fossilized. The smoke preset is a short look at the pipeline; in it
+# only a seed planted at epoch 0 can finish its lifecycle.
+LEARNING_PRESETS = ("default", "proof", "full")
 
 
 @pytest.mark.parametrize("task", ["cifar10", "tinystories"])
