@@ -3,6 +3,7 @@
     python -m experiments.evaluate --run-dir DIR [--envs N] [--member best|all|K]
         [--controllers policy,heuristic,random,static,best_fixed_1,best_fixed_2] [--stochastic] [--step U] [--eval-seed S]
         [--data synthetic|PATH] [--data-dir PATH] [--efficiency | --no-efficiency] [--timing-rounds R]
+        [--schedules conv_heavy@r2c0@e0,...] [--strata train_fraction:2]
 
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
 heuristic, random and static controllers for one episode each on the same ``N`` held-out
@@ -12,6 +13,9 @@ seed timelines) and ``evaluation.md`` (the comparison table) into the run direct
 the table. A run that ``experiments.frontier`` has calibrated (``calibration.json``) is also
 evaluated with its best fixed schedules, ``best_fixed_1`` (one seed) and ``best_fixed_2`` (one or
 two seeds), chosen on calibration envs; every controller is compared with ``best_fixed_2``.
+``--schedules`` adds fixed schedules by name (``a@slot@eN``, ``+`` between the seeds of one; for
+example the best of ``experiments.headroom --stream calibration``). ``--strata DIM:N`` compares the
+controllers within N quantile bins of the envs' drawn problems (:mod:`esper_jax.runs.strata`).
 
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
@@ -62,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--efficiency", action=argparse.BooleanOptionalAction, default=None,
                         help="language-model runs: time every controller and compare with a large static reference "
                              "(the host with twice the layers; a second compile). Default: on for language-model runs")
+    parser.add_argument("--schedules", default=None,
+                        help="comma-separated fixed schedules to evaluate too, blueprint@slot@eEPOCH, + between the "
+                             "seeds of one (choose them on calibration envs: experiments.headroom --stream calibration)")
+    parser.add_argument("--strata", default=None, metavar="DIM:N",
+                        help="also compare the controllers within N quantile bins of the envs' drawn train_fraction "
+                             "or label_noise (runs with a problem family; static is run for it)")
     parser.add_argument("--timing-rounds", type=positive, default=1,
                         help="with --efficiency: time every episode this many times, interleaved, and take the median "
                              "(default 1)")
@@ -127,7 +137,8 @@ def main(argv=None) -> int:
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
-    from esper_jax.env.controllers import make_scripted_controller
+    from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
+    from esper_jax.runs import strata as st
 
     try:
         parse_controllers(args.controllers, ev.BEST_FIXED)  # the names alone, before anything is read
@@ -136,6 +147,10 @@ def main(argv=None) -> int:
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
         fixed = read_best_schedules(args.run_dir)
         controllers = parse_controllers(args.controllers, tuple(fixed))
+        strata = st.parse_strata(args.strata)
+        if strata is not None and st.STATIC not in controllers:
+            raise ValueError("--strata compares with static: keep static among --controllers")
+        extra = {schedule_name(s): s for s in (parse_schedules(t) for t in (args.schedules or "").split(",") if t)}
         config = read_config(args.run_dir)
         efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
@@ -161,7 +176,12 @@ def main(argv=None) -> int:
     seed = handle.config.seed if args.eval_seed is None else args.eval_seed
     use_policy = ev.POLICY in controllers
     rule_based = tuple(n for n in controllers if n in CONTROLLERS)
-    scripted = {n: make_scripted_controller(env, fixed[n]) for n in controllers if n in ev.BEST_FIXED}
+    try:
+        scripted = {n: make_scripted_controller(env, fixed[n]) for n in controllers if n in ev.BEST_FIXED}
+        scripted.update({n: make_scripted_controller(env, s) for n, s in extra.items()})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     policy = ev.policy_driver(handle.trainer, deterministic=not args.stochastic) if use_policy else None
     evaluator = ev.Evaluator(env, args.envs, rule_based, policy=policy, scripted=scripted)
     key = ev.held_out_key(seed)
@@ -220,7 +240,8 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
-    for label, compute in cp.controllers_compute(env, handle.env_data, results).items():
+    computes = cp.controllers_compute(env, handle.env_data, results)
+    for label, compute in computes.items():
         payload["controllers"][label]["compute"] = cp.compute_summary(compute)
     if section is not None:
         for label, row in section["controllers"].items():
@@ -231,6 +252,9 @@ def main(argv=None) -> int:
         section["controllers"][eff.LARGE_STATIC]["flops"] = float(large_compute.total.mean())
         payload["efficiency"] = section
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
+    if strata is not None:
+        markdown += "\n" + st.add_strata(payload, env.config.reward, results,
+                                         {n: c.total for n, c in computes.items()}, strata)
     json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown)
     print()
     print(markdown)

@@ -78,17 +78,6 @@ def default_schedules(env) -> list[Schedule]:
     return [Schedule(b.name, slot) for slot in env.lattice.slots.slot_ids for b in env.lattice.blueprints if not b.is_noop]
 
 
-def parse_strata(text: str | None) -> tuple[str, int] | None:
-    """``DIM:N`` as (dimension, bins); ValueError naming the option otherwise."""
-    if text is None:
-        return None
-    dimension, _, count = text.partition(":")
-    if dimension not in st.DIMENSIONS or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"--strata must be DIM:N with DIM one of {', '.join(st.DIMENSIONS)} and N a positive "
-                         f"integer, got {text!r}")
-    return dimension, int(count)
-
-
 def headroom_table(payload: dict) -> str:
     lines = []
     if payload["synthetic"]:
@@ -133,7 +122,7 @@ def main(argv=None) -> int:
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
                      else [Schedule(s.blueprint, s.slot, tempo_epochs=args.tempo) for s in default_schedules(env)])
         scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
-        strata = parse_strata(args.strata)
+        strata = st.parse_strata(args.strata)
         json_path = Path(args.json) if args.json else (Path(run_dir) / "headroom.json" if run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
             raise RunConfigError(f"--json {json_path}: directory {json_path.parent} does not exist")
@@ -162,13 +151,8 @@ def main(argv=None) -> int:
         payload["held_out"]["derivation"] = f"calibration stream fold_in(key({config.seed}), {fr.CALIBRATION_STREAM:#x})"
     table = headroom_table(payload)
     if strata is not None:
-        losses = {n: np.asarray(o.final_val_loss, np.float64) for n, o in results.items()}
-        priced = st.priced_losses(losses, {n: c.total for n, c in computes.items()}, env.config.reward,
-                                  computes["static"].total)
-        payload["strata"] = st.strata_section(losses, priced, np.asarray(getattr(results["static"], strata[0])),
-                                              *strata)
-        payload["loss_per_compute"] = st.loss_per_compute(env.config.reward)
-        table += "\n" + st.strata_markdown(payload["strata"])
+        table += "\n" + st.add_strata(payload, env.config.reward, results, {n: c.total for n, c in computes.items()},
+                                      strata)
     print(table)
     if json_path is not None:
         ev.write_json_and_markdown(json_path, payload, table)

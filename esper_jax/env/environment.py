@@ -37,7 +37,7 @@ from esper_jax.lattice.flops import ModelCosts, epoch_flops, model_costs
 
 from esper_jax.env import observations
 from esper_jax.env.governor import GovernorConfig, Verdict, judge
-from esper_jax.env.problems import Problem, ProblemFamily, draw_problem, noisy_targets, train_count
+from esper_jax.env.problems import Problem, ProblemFamily, draw_problem, noisy_targets, problem_size, train_count
 from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, FactoredAction, Op, action_masks, apply_action
 from esper_jax.data.augment import draw_crop_flip, gather_crop_flip, normalize_images
 from esper_jax.lattice.lifecycle import GateConfig, Stage
@@ -181,10 +181,10 @@ class MorphogeneticEnv:
 
     @property
     def observation_size(self) -> int:
-        return observations.observation_size(self.lattice)
+        return observations.observation_size(self.lattice, self.config.problems.subsets)
 
     def feature_names(self) -> list[str]:
-        return observations.feature_names(self.lattice)
+        return observations.feature_names(self.lattice, self.config.problems.subsets)
 
     def model_costs(self, data: EnvData) -> ModelCosts:
         """The per-batch FLOPs of this env's model (:mod:`esper_jax.lattice.flops`) at its training
@@ -479,4 +479,5 @@ class MorphogeneticEnv:
             train_loss=state.train_loss, val_loss=state.val_loss, prev_val_loss=state.prev_val_loss,
             best_val_loss=state.best_val_loss, initial_val_loss=state.initial_val_loss,
             loss_history=state.loss_history, last_op=state.last_op,
+            train_set_size=problem_size(cfg.problems, state.problem) if cfg.problems.subsets else None,
         )

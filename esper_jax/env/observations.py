@@ -7,6 +7,13 @@ learner normalizes online on top of this.
 
 Validation accuracy is telemetry, not an input (as the loss-primary design has it): the
 controller sees losses, which every task has, and is judged on the loss.
+
+An env whose problem family draws the training set's size (:mod:`esper_jax.env.problems`) also
+shows it, as one more global feature (``train_set_size``: the log of the env's fraction over the
+log of the family's smallest, 0 for the whole set, 1 for the smallest): whoever grows a network
+knows how much data it has, and before the first epochs show a train-validation gap nothing else
+tells. The label noise is not shown (nobody knows theirs). Runs without such a family keep the
+layout they always had.
 """
 
 from __future__ import annotations
@@ -45,15 +52,15 @@ def slot_feature_names(lattice: Lattice, slot_id: str) -> list[str]:
     return [f"{slot_id}.{n}" for n in names]
 
 
-def feature_names(lattice: Lattice) -> list[str]:
-    names = global_feature_names()
+def feature_names(lattice: Lattice, train_set_size: bool = False) -> list[str]:
+    names = global_feature_names() + (["train_set_size"] if train_set_size else [])
     for slot_id in lattice.slots.slot_ids:
         names += slot_feature_names(lattice, slot_id)
     return names
 
 
-def observation_size(lattice: Lattice) -> int:
-    return len(feature_names(lattice))
+def observation_size(lattice: Lattice, train_set_size: bool = False) -> int:
+    return len(feature_names(lattice, train_set_size))
 
 
 def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax.Array:
@@ -74,8 +81,9 @@ def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax
 
 
 def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int, train_loss, val_loss, prev_val_loss,
-            best_val_loss, initial_val_loss, loss_history, last_op) -> jax.Array:
-    """The observation vector; every input is a jnp scalar (``loss_history`` is ``[LOSS_HISTORY]``)."""
+            best_val_loss, initial_val_loss, loss_history, last_op, train_set_size=None) -> jax.Array:
+    """The observation vector; every input is a jnp scalar (``loss_history`` is ``[LOSS_HISTORY]``;
+    ``train_set_size``, when the family draws it, in [0, 1] as the module docstring says)."""
     stage_counts = jnp.sum(jax.nn.one_hot(status.stage, NUM_STAGES), axis=0) / status.num_slots
     parts = [
         jnp.asarray([epoch / episode_epochs]), symlog(jnp.stack([train_loss, val_loss, val_loss - prev_val_loss, best_val_loss,
@@ -83,5 +91,7 @@ def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int,
         symlog(loss_history),
     ]
     parts += [stage_counts, jax.nn.one_hot(last_op, NUM_OPS)]
+    if train_set_size is not None:
+        parts.append(jnp.asarray([train_set_size]))
     parts.append(_slot_features(lattice, status, episode_epochs).reshape(-1))
     return jnp.concatenate([jnp.asarray(p, jnp.float32).reshape(-1) for p in parts])

@@ -109,6 +109,15 @@ def train_count(problem: Problem, total: int, minimum: int = 1) -> jax.Array:
     return jnp.clip(count, min(minimum, total), total)
 
 
+def problem_size(family: ProblemFamily, problem: Problem) -> jax.Array:
+    """The problem's training-set size as the controller sees it: ``log f / log f_min`` (0 for the
+    whole set, 1 for the family's smallest; 0 where the family draws no subsets)."""
+    smallest = family.train_fraction[0]
+    if smallest >= 1.0:
+        return jnp.zeros_like(problem.train_fraction)
+    return jnp.log(problem.train_fraction) / math.log(smallest)
+
+
 def noisy_targets(problem: Problem, ids: jax.Array, targets: jax.Array, num_classes: int) -> jax.Array:
     """``targets`` with the problem's noisy ones replaced; ``ids`` (same shape) name each target
     (its example's index, or its token's position), so that a target is replaced, and by what,

@@ -82,7 +82,8 @@ def describe(built: Built, run_dir: Path) -> str:
         f"task {c.task} ({c.host_variant} host variant, {built.env.host_param_count} parameters: "
         f"{c.topology} {host}) on {built.data_label}",
         f"preset {c.preset}: {c.preset_description}",
-        f"slots {','.join(env.slots)}; blueprints {','.join(env.blueprints)}; reward {env.reward}",
+        f"slots {','.join(env.slots)}; blueprints {','.join(env.blueprints)}; reward {env.reward} (parameter rent "
+        f"{env.rent_weight:g}, compute price {env.compute_weight:g}); {built.env.config.problems.describe()}",
         f"population {c.population} x {ppo.num_envs} envs x {env.episode_epochs}-epoch episodes of "
         f"{env.steps_per_epoch} batches of {env.batch_size}; {rollout} env steps per env per update; "
         f"{c.updates} updates, a checkpoint every {c.checkpoint_every}",

@@ -79,6 +79,29 @@ def strata_section(losses: Mapping[str, np.ndarray], priced: Mapping[str, np.nda
     return {"dimension": dimension, "bins": out, "one_best_for_all": len(bests) == 1}
 
 
+def parse_strata(text: str | None) -> tuple[Dimension, int] | None:
+    """``--strata DIM:N`` as (dimension, bins); ValueError naming the option otherwise."""
+    if text is None:
+        return None
+    dimension, _, count = text.partition(":")
+    if dimension not in DIMENSIONS or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--strata must be DIM:N with DIM one of {', '.join(DIMENSIONS)} and N a positive "
+                         f"integer, got {text!r}")
+    return dimension, int(count)
+
+
+def add_strata(payload: dict[str, Any], reward: RewardConfig, results: Mapping[str, Any],
+               flops: Mapping[str, np.ndarray], strata: tuple[Dimension, int]) -> str:
+    """Put the strata of ``results`` (name -> ``EpisodeOutput``, static among them; ``flops``: each
+    one's per-env FLOPs) into an evaluation ``payload``; returns their Markdown."""
+    losses = {n: np.asarray(o.final_val_loss, np.float64) for n, o in results.items()}
+    priced = priced_losses(losses, flops, reward, np.asarray(flops[STATIC]))
+    values = np.asarray(getattr(results[STATIC], strata[0]))
+    payload["strata"] = strata_section(losses, priced, values, *strata)
+    payload["loss_per_compute"] = loss_per_compute(reward)
+    return strata_markdown(payload["strata"])
+
+
 def strata_markdown(section: Mapping[str, Any], top: int = 4) -> str:
     """Each bin's best controllers (by priced loss), as Markdown."""
     lines = [f"Strata by {section['dimension']} (quantile bins of the envs' drawn problems): the {top} best by priced "

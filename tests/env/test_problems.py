@@ -15,7 +15,8 @@ import pytest
 
 from tests.env_rig import tiny_env
 from esper_jax.env.environment import MorphogeneticEnv
-from esper_jax.env.problems import ProblemFamily, draw_problem, noisy_targets, train_count
+from esper_jax.env.observations import global_feature_names
+from esper_jax.env.problems import ProblemFamily, draw_problem, noisy_targets, problem_size, train_count
 from esper_jax.env.rewards import RewardConfig
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.runs import compute as cp
@@ -104,3 +105,17 @@ def test_the_priced_compute_is_the_episode_count_beyond_the_host():
 def test_compute_weight_is_refused_with_the_sparse_reward():
     with pytest.raises(ValueError, match="sparse reward"):
         RewardConfig(kind="sparse", compute_weight=1.0)
+
+
+def test_a_family_of_set_sizes_shows_the_size_and_one_problem_keeps_the_old_layout():
+    tiny = tiny_env()
+    family = ProblemFamily((0.01, 1.0))
+    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=family))
+    globals_ = len(global_feature_names())
+    assert env.feature_names() == (tiny.env.feature_names()[:globals_] + ["train_set_size"]
+                                   + tiny.env.feature_names()[globals_:])
+    assert env.observation_size == tiny.env.observation_size + 1
+    assert "train_set_size" not in MorphogeneticEnv(dataclasses.replace(
+        tiny.env.config, problems=ProblemFamily(label_noise=0.2))).feature_names()
+    sizes = [float(problem_size(family, draw_problem(ProblemFamily(f), jax.random.key(0)))) for f in (1.0, 0.1, 0.01)]
+    np.testing.assert_allclose(sizes, [0.0, 0.5, 1.0], atol=1e-6)

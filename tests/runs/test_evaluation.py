@@ -208,6 +208,9 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     _fails(capsys, ["--run-dir", str(tmp_path / "nowhere")], "config.json is missing", "python -m experiments.ppo")
     _fails(capsys, ["--run-dir", str(tmp_path), "--controllers", "policy,oracle"], "unknown controller 'oracle'")
     write_json(tmp_path / "config.json", _smoke_config().to_json())
+    _fails(capsys, ["--run-dir", str(tmp_path), "--strata", "width:2"], "--strata must be DIM:N")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--strata", "label_noise:2", "--controllers", "policy"], "keep static")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--schedules", "norm"], "blueprint@slot")
     _fails(capsys, ["--run-dir", str(tmp_path)], "checkpoint", "python -m experiments.ppo")
     (tmp_path / "config.json").write_text("{not json")
     _fails(capsys, ["--run-dir", str(tmp_path)], "config.json is damaged")
@@ -240,17 +243,20 @@ def test_train_evaluate_report(tmp_path, capsys):
     assert result.checkpoint == 2
     best = result.summary["best_member"]
     capsys.readouterr()
-    assert evaluate.main(["--run-dir", str(run_dir), "--envs", "3", "--member", "all"]) == 0
+    assert evaluate.main(["--run-dir", str(run_dir), "--envs", "3", "--member", "all",
+                          "--schedules", "conv_small@r0c0@e0"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and "| policy_m" in out
     loaded = json.loads((run_dir / "evaluation.json").read_text())
     assert loaded["policy"]["member"] == best and loaded["policy"]["checkpoint_update"] == 2
-    assert list(loaded["controllers"]) == ["policy", "heuristic", "random", "static", f"policy_m{1 - best}"]
+    assert list(loaded["controllers"]) == ["policy", "heuristic", "random", "static", "conv_small@r0c0@e0",
+                                           f"policy_m{1 - best}"]
+    assert loaded["controllers"]["conv_small@r0c0@e0"]["germinated"]["conv_small"] == 3
     assert loaded["controllers"]["static"]["params_added"] == 0
     assert np.asarray(loaded["timelines"]["policy"]["stage"]).shape == (3, config.env.episode_epochs, 1)
     assert report.main(["--run-dir", str(run_dir)]) == 0
     plots = sorted(p.name for p in (run_dir / "plots").iterdir())
-    assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 9
+    assert "learning_curves.png" in plots and f"timeline_policy_m{1 - best}.png" in plots and len(plots) == 10
 
 
 def test_paired_differences(rig):
