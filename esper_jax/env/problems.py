@@ -88,18 +88,20 @@ class Problem:
 
     train_fraction: jax.Array  # float32: the fraction of the training set it trains on
     label_noise: jax.Array     # float32: the fraction of its training targets replaced
-    noise_key: jax.Array       # which targets are replaced, and by what
+    # which targets are replaced, and by what: the uint32 seed of the key that decides it (a number,
+    # not a typed key, so that the state stays plain arrays for NumPy, checkpoints and slicing)
+    noise_seed: jax.Array
 
 
 def draw_problem(family: ProblemFamily, reset_key: jax.Array) -> Problem:
     """The problem of the env reset with ``reset_key``."""
-    k_fraction, k_noise, noise_key = jax.random.split(jax.random.fold_in(reset_key, PROBLEM_STREAM), 3)
+    k_fraction, k_noise, k_seed = jax.random.split(jax.random.fold_in(reset_key, PROBLEM_STREAM), 3)
     (f_lo, f_hi), (p_lo, p_hi) = family.train_fraction, family.label_noise
     log_fraction = jax.random.uniform(k_fraction, (), jnp.float32, math.log(f_lo), math.log(f_hi))
     return Problem(train_fraction=jnp.exp(log_fraction) if f_lo < f_hi else jnp.float32(f_lo),
                    label_noise=jax.random.uniform(k_noise, (), jnp.float32, p_lo, p_hi) if p_lo < p_hi
                    else jnp.float32(p_lo),
-                   noise_key=noise_key)
+                   noise_seed=jax.random.bits(k_seed, (), jnp.uint32))
 
 
 def train_count(problem: Problem, total: int, minimum: int = 1) -> jax.Array:
@@ -123,7 +125,7 @@ def noisy_targets(problem: Problem, ids: jax.Array, targets: jax.Array, num_clas
     (its example's index, or its token's position), so that a target is replaced, and by what,
     the same way in every batch that holds it."""
     def one(i, y):
-        k_flip, k_class = jax.random.split(jax.random.fold_in(problem.noise_key, i))
+        k_flip, k_class = jax.random.split(jax.random.fold_in(jax.random.key(problem.noise_seed), i))
         flipped = jax.random.uniform(k_flip) < problem.label_noise
         return jnp.where(flipped, jax.random.randint(k_class, (), 0, num_classes, y.dtype), y)
 
