@@ -292,18 +292,21 @@ def test_proof_preset_resolves_the_calibrated_problem():
 
 
 def test_language_model_context_length():
-    """The TinyStories design's context of 256 tokens by default, for the host and the data's
-    windows; ``--block-size`` overrides it; the smoke preset uses 16."""
-    config = resolve_config(resolve_settings({"task": "tinystories"}))
+    """The TinyStories design's context of 256 tokens where a preset does not choose one (full),
+    for the host and the data's windows; ``--block-size`` overrides it; the smoke and default
+    presets use 16."""
+    config = resolve_config(resolve_settings({"task": "tinystories"}, "full"))
     assert config.host.block_size == 256 and config.env.block_size == 256
-    config = resolve_config(resolve_settings({"task": "tinystories", "block_size": 128, "host_variant": "tiny"}))
+    config = resolve_config(resolve_settings({"task": "tinystories", "block_size": 128, "host_variant": "tiny"}, "full"))
     assert config.host.block_size == 128 and config.env.block_size == 128
     assert resolve_config(resolve_settings({"task": "tinystories"}, "smoke")).host.block_size == 16
+    assert resolve_config(resolve_settings({"task": "tinystories"})).host.block_size == 16
 
 
 def test_the_tiny_tinystories_host_takes_every_column_and_the_depth_block():
     config = resolve_config(resolve_settings(
-        {"task": "tinystories", "host_variant": "tiny", "slots": "r1c2,r0c1,r0c0", "blueprints": "depth,attention,mlp"}))
+        {"task": "tinystories", "host_variant": "tiny", "slots": "r1c2,r0c1,r0c0", "blueprints": "depth,attention,mlp"},
+        "full"))
     assert (config.host.d_model, config.host.num_layers) == (64, 2)
     assert config.env.slots == ("r0c0", "r0c1", "r1c2") and config.env.blueprints == ("depth", "attention", "mlp")
     model = MorphogeneticModel.build(config.host, slot_ids=config.env.slots, blueprints=config.env.blueprints)
