@@ -240,9 +240,7 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
-    computes = cp.controllers_compute(env, handle.env_data, results)
-    for label, compute in computes.items():
-        payload["controllers"][label]["compute"] = cp.compute_summary(compute)
+    computes = cp.add_compute(payload, env, handle.env_data, results)
     if section is not None:
         for label, row in section["controllers"].items():
             if label in payload["controllers"]:
@@ -253,8 +251,7 @@ def main(argv=None) -> int:
         payload["efficiency"] = section
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
     if strata is not None:
-        markdown += "\n" + st.add_strata(payload, env.config.reward, results,
-                                         {n: c.total for n, c in computes.items()}, strata)
+        markdown += "\n" + st.add_strata(payload, env.config.reward, results, computes, strata)
     json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown)
     print()
     print(markdown)

@@ -143,16 +143,13 @@ def main(argv=None) -> int:
     payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
     payload["schedules"] = [s.name for s in schedules]
     payload["wall_seconds"] = time.perf_counter() - started
-    computes = cp.controllers_compute(env, built.env_data, results)
-    for name, compute in computes.items():
-        payload["controllers"][name]["compute"] = cp.compute_summary(compute)
+    computes = cp.add_compute(payload, env, built.env_data, results)
     payload["stream"] = args.stream
     if args.stream == "calibration":
         payload["held_out"]["derivation"] = f"calibration stream fold_in(key({config.seed}), {fr.CALIBRATION_STREAM:#x})"
     table = headroom_table(payload)
     if strata is not None:
-        table += "\n" + st.add_strata(payload, env.config.reward, results, {n: c.total for n, c in computes.items()},
-                                      strata)
+        table += "\n" + st.add_strata(payload, env.config.reward, results, computes, strata)
     print(table)
     if json_path is not None:
         ev.write_json_and_markdown(json_path, payload, table)

@@ -110,10 +110,14 @@ def timeline_compute(costs: ModelCosts, timeline: Mapping[str, Any], steps_per_e
     return episode_compute(costs, computed, blended, blueprint, steps_per_epoch), how
 
 
-def controllers_compute(env, data, results: Mapping[str, Any]) -> dict[str, EpisodeCompute]:
-    """The compute of every controller's episode (``results``: name -> ``EpisodeOutput``) on ``env``."""
+def add_compute(payload: dict[str, Any], env, data, results: Mapping[str, Any]) -> dict[str, EpisodeCompute]:
+    """The compute of every controller's episode (``results``: name -> ``EpisodeOutput``) on ``env``,
+    its :func:`compute_summary` put into an evaluation ``payload``'s controller rows; returns it."""
     costs = env.model_costs(data)
-    return {name: output_compute(costs, out, env.config.steps_per_epoch) for name, out in results.items()}
+    computes = {name: output_compute(costs, out, env.config.steps_per_epoch) for name, out in results.items()}
+    for name, compute in computes.items():
+        payload["controllers"][name]["compute"] = compute_summary(compute)
+    return computes
 
 
 def compute_summary(compute: EpisodeCompute) -> dict[str, Any]:

@@ -91,10 +91,12 @@ def parse_strata(text: str | None) -> tuple[Dimension, int] | None:
 
 
 def add_strata(payload: dict[str, Any], reward: RewardConfig, results: Mapping[str, Any],
-               flops: Mapping[str, np.ndarray], strata: tuple[Dimension, int]) -> str:
-    """Put the strata of ``results`` (name -> ``EpisodeOutput``, static among them; ``flops``: each
-    one's per-env FLOPs) into an evaluation ``payload``; returns their Markdown."""
+               computes: Mapping[str, Any], strata: tuple[Dimension, int]) -> str:
+    """Put the strata of ``results`` (name -> ``EpisodeOutput``, static among them; ``computes``:
+    each one's :class:`~esper_jax.runs.compute.EpisodeCompute`) into an evaluation ``payload``;
+    returns their Markdown."""
     losses = {n: np.asarray(o.final_val_loss, np.float64) for n, o in results.items()}
+    flops = {n: np.asarray(c.total) for n, c in computes.items()}
     priced = priced_losses(losses, flops, reward, np.asarray(flops[STATIC]))
     values = np.asarray(getattr(results[STATIC], strata[0]))
     payload["strata"] = strata_section(losses, priced, values, *strata)
