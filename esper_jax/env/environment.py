@@ -39,7 +39,7 @@ from esper_jax.env import observations
 from esper_jax.env.governor import GovernorConfig, Verdict, judge
 from esper_jax.env.problems import Problem, ProblemFamily, draw_problem, noisy_targets, problem_size, train_count
 from esper_jax.env.actions import ActionConfig, ActionMasks, ActionSpace, FactoredAction, Op, action_masks, apply_action
-from esper_jax.data.augment import draw_crop_flip, gather_crop_flip, normalize_images
+from esper_jax.data.augment import AUGMENTS, Augment, draw_crop_flip, gather_crop_flip, normalize_images
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.lattice.model import MorphogeneticModel
 from esper_jax.lattice.optim import LRSchedule, OptimizerKind, inner_optimizer
@@ -92,7 +92,9 @@ class EnvConfig:
     steps_per_epoch: int = 20
     batch_size: int = 128
     val_size: int = 512
-    augment: bool = True
+    # images only: crop_flip (CIFAR's shifts and mirrors), crop (shifts only: digits and text are not
+    # mirror-symmetric) or none
+    augment: Augment = "crop_flip"
     problems: ProblemFamily = ProblemFamily()
     reward: RewardConfig = RewardConfig()
     governor: GovernorConfig = GovernorConfig()
@@ -104,6 +106,8 @@ class EnvConfig:
         for name in ("episode_epochs", "steps_per_epoch", "batch_size", "val_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.task.kind == "classification" and self.task.channel_stats is None:
             raise ValueError(f"task {self.task.name} has no channel statistics yet: they come from its training "
                              f"images (get_task(..., channel_stats=channel_stats(images)))")
@@ -210,9 +214,9 @@ class MorphogeneticEnv:
             k_idx, k_aug = jax.random.split(key)
             count = train_count(problem, total) if cfg.problems.subsets else total
             index = jax.random.randint(k_idx, (cfg.batch_size,), 0, count)
-            if cfg.augment:
+            if cfg.augment != "none":
                 offsets, flips = draw_crop_flip(k_aug, cfg.batch_size, self._crop_pad(data))
-                return BatchDraw(index, offsets, flips)
+                return BatchDraw(index, offsets, flips & (cfg.augment == "crop_flip"))
         else:
             window = cfg.task.block_size + 1
             count = train_count(problem, total, window + 1) if cfg.problems.subsets else total
@@ -227,7 +231,7 @@ class MorphogeneticEnv:
         windows), with the targets the env's problem replaced by noise."""
         cfg = self.config
         if cfg.task.kind == "classification":
-            if cfg.augment:
+            if cfg.augment != "none":
                 images = gather_crop_flip(data.train_x, draw.index, draw.offsets, draw.flips, self._crop_pad(data))
             else:
                 images = data.train_x[draw.index]

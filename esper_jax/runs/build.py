@@ -142,7 +142,7 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
             actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age),
             host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr,
-            optimizer=spec.optimizer,
+            optimizer=spec.optimizer, augment=spec.augment,
             data_label=data_label(dataset))
         return task, host, MorphogeneticEnv(env_config), dataset
     except (ValueError, TypeError) as error:

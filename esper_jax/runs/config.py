@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from esper_jax.data import SYNTHETIC
+from esper_jax.data.augment import Augment
 from esper_jax.env.rewards import RewardKind
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TaskKind
 from esper_jax.lattice.hosts import CNNHost, FlaxHost, HostImportError, TransformerHost, import_host
@@ -86,6 +87,7 @@ class EnvSpec:
     train_fraction: tuple[float, float] = (1.0, 1.0)
     label_noise: tuple[float, float] = (0.0, 0.0)
     compute_weight: float = 0.0      # the reward's price of compute (esper_jax.env.rewards.compute_price)
+    augment: Augment = "crop_flip"   # image tasks' training augmentation (EnvConfig.augment)
 
 
 @dataclasses.dataclass(frozen=True)

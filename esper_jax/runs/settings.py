@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
+from esper_jax.data.augment import AUGMENTS
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     # range) with a fraction of its labels replaced by noise (uniform in the range)
     "train_fraction": list(_ENV_DEFAULTS["train_fraction"]),
     "label_noise": list(_ENV_DEFAULTS["label_noise"]),
+    "augment": _ENV_DEFAULTS["augment"],  # image tasks: crop_flip, crop (no mirroring: digits) or none
     "image_size": None,          # CNN tasks: input resolution, a divisor of the data's (None: the data's own)
     "host_lr": _ENV_DEFAULTS["host_lr"],  # host learning rate (Esper's 0.01)
     "host_lr_schedule": _ENV_DEFAULTS["host_lr_schedule"],  # or "cosine": decayed to 0 over each episode
@@ -283,6 +285,8 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
             if explicit.get(name) is not None:  # a preset sets them for every task; an explicit one is a mistake
                 raise RunConfigError(f"--{name.replace('_', '-')} applies to language-model tasks only "
                                      f"({', '.join(LANGUAGE_MODEL_TASKS)})")
+    if settings["task"] in LANGUAGE_MODEL_TASKS and explicit.get("augment") is not None:
+        raise RunConfigError(f"--augment applies to image tasks only; {settings['task']} trains on token windows")
     if settings["host"] is not None:
         if explicit.get("host_variant") is not None:
             raise RunConfigError("--host grows your own network and --host-variant chooses among the built-in ones: "
@@ -427,6 +431,8 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                                  "the last epoch: use --reward loss or contribution, or leave --compute-weight out")
         if s["optimizer"] not in OPTIMIZERS:
             raise RunConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {s['optimizer']!r}")
+        if s["augment"] not in AUGMENTS:
+            raise RunConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {s['augment']!r}")
         if s["host_lr_schedule"] not in LR_SCHEDULES:
             raise RunConfigError(f"--host-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                                  f"got {s['host_lr_schedule']!r}")
@@ -471,6 +477,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
     language_model = task.kind == "language_model"
     variant = task.host_variant if user_host is None else USER_HOST_VARIANT
     options = {**s, "data": data_source, "image_size": None if language_model else host.image_size,
+               "augment": "none" if language_model else s["augment"],
                "slots": list(slots), "blueprints": list(blueprints), "host_fields": s["host_fields"] or {},
                "host_variant": variant, "population": len(members), "seeds": [m.seed for m in members]}
     return RunConfig(
@@ -489,7 +496,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                     optimizer=s["optimizer"],
                     block_size=s["block_size"] if language_model else None,
                     train_fraction=problems.train_fraction, label_noise=problems.label_noise,
-                    compute_weight=float(s["compute_weight"])),
+                    compute_weight=float(s["compute_weight"]), augment="none" if language_model else s["augment"]),
         ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
         seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())},

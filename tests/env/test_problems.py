@@ -68,7 +68,7 @@ def test_the_default_family_is_trivial_and_a_drawn_one_is_not():
 def test_an_env_samples_from_its_problem_with_its_noisy_labels():
     tiny = tiny_env()
     family = ProblemFamily(0.25, 0.5)  # the first 64 of 256 images, half the labels replaced
-    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=family, augment=False))
+    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=family, augment="none"))
     problem = draw_problem(family, jax.random.key(5))
     draws = jax.jit(jax.vmap(lambda k: env._draw_batch(k, tiny.data, problem)))(jax.random.split(jax.random.key(0), 40))
     index = np.asarray(draws.index)
@@ -81,6 +81,22 @@ def test_an_env_samples_from_its_problem_with_its_noisy_labels():
     # the images themselves are untouched (normalized by another program: a float tolerance)
     np.testing.assert_allclose(np.asarray(x), np.asarray(env._val_inputs(tiny.data.replace(
         val_x=tiny.data.train_x[index[0]]))), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "crop", "none"])
+def test_augment_shifts_and_mirrors_as_configured(augment):
+    tiny = tiny_env()
+    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, augment=augment))
+    problem = draw_problem(ProblemFamily(), jax.random.key(0))
+    draw = env._draw_batch(jax.random.key(1), tiny.data, problem)
+    flips, offsets = np.asarray(draw.flips), np.asarray(draw.offsets)
+    assert flips.any() == (augment == "crop_flip")  # 50% flips over a batch: some, unless mirroring is off
+    assert (offsets != offsets[0]).any() == (augment != "none")
+
+
+def test_an_unknown_augmentation_is_refused():
+    with pytest.raises(ValueError, match="augment must be one of crop_flip, crop, none"):
+        dataclasses.replace(tiny_env().env.config, augment="mirror")
 
 
 def test_the_priced_compute_is_the_episode_count_beyond_the_host():

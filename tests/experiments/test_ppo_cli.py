@@ -100,6 +100,8 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                            ("--host-variant=wide", "choose one of baseline, impaired, pointwise")):
         assert expected in error_line(capsys, ["--task=cifar10", flag]), flag
     assert "image tasks only" in error_line(capsys, ["--task=tinystories", "--image-size=16"])
+    assert "--augment applies to image tasks only" in error_line(capsys, ["--task=tinystories", "--augment=crop"])
+    assert "invalid choice" in error_line(capsys, ["--task=cifar10", "--augment=mirror"])
     for flag in ("--block-size=32", "--tokenizer=byte"):
         assert "language-model tasks only" in error_line(capsys, ["--task=cifar10", flag]), flag
     for flag in ("--seed=99999999999", "--seed=-1"):
@@ -548,6 +550,9 @@ def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():
     """A run written before a setting existed has no option for it: giving the value the run used
     is accepted on resume, another value is refused by name."""
     config = resolve_config(resolve_settings({"task": "cifar10"}, "smoke"))
+    assert config.env.augment == "crop_flip"
+    assert resolve_config(resolve_settings({"task": "cifar10", "augment": "crop"}, "smoke")).env.augment == "crop"
+    assert resolve_config(resolve_settings({"task": "tinystories"}, "smoke")).env.augment == "none"
     old = config.replace(options={k: v for k, v in config.options.items() if k != "optimizer"})
     check_resume_settings(old, {"optimizer": "sgd"})
     older = config.replace(options={k: v for k, v in config.options.items() if k != "train_fraction"})
