@@ -262,12 +262,18 @@ def frontier_gap(loss: np.ndarray, compute: np.ndarray, frontier_losses: np.ndar
     loss, compute = np.asarray(loss, np.float64), np.asarray(compute, np.float64)
     at_compute = np.array([interpolate_log(compute[i], frontier_compute, frontier_losses[:, i])
                            for i in range(loss.size)])
+    # One static network for the whole family at the controller's mean compute (what a user picks
+    # without knowing each problem): the frontier's networks' losses on each env at that one compute.
+    at_mean_compute = np.array([interpolate_log(compute.mean(), frontier_compute, frontier_losses[:, i])
+                                for i in range(loss.size)])
     mean_curve = frontier_losses.mean(axis=1)
     needed, how = compute_to_reach(float(loss.mean()), frontier_compute, mean_curve)
     inside = bool(frontier_compute[0] <= compute.mean() <= frontier_compute[-1])
     return {
         "frontier_loss_at_compute": float(at_compute.mean()),
         "minus_frontier_ci": paired_ci(loss - at_compute),
+        "frontier_loss_at_mean_compute": float(np.mean(at_mean_compute)),
+        "minus_frontier_at_mean_compute_ci": paired_ci(loss - at_mean_compute),
         "compute_within_frontier_range": inside,
         "frontier_compute_to_reach_loss": needed,
         "frontier_compute_to_reach_how": how,
@@ -326,6 +332,9 @@ def frontier_payload(rows: Mapping[str, dict[str, Any]], *, envs: int, run_seed:
                      "(esper_jax.runs.compute)",
             "minus_frontier": "final loss minus the frontier's loss at the same compute (the envelope's networks' "
                               "losses on the same env, piecewise-linear in log compute), paired over envs, 95% CI",
+            "minus_frontier_at_mean_compute": "final loss minus the frontier's at the row's mean compute (one "
+                                              "static network for every env, as a user picks one without knowing "
+                                              "each env's problem), paired over envs, 95% CI",
             "compute_ratio": "the row's compute / the compute the frontier needs for the row's mean loss "
                              "(< 1: fewer FLOPs than the best static network of that loss)",
         },
@@ -350,8 +359,9 @@ def markdown(payload: Mapping[str, Any]) -> str:
               f"{held['num_envs']} held-out envs ({held['derivation']}); host {payload['host_params']:,} parameters. "
               f"Static frontier (lower envelope of loss against FLOPs): {', '.join(front['networks'])}.", "",
               "| row | kind | final val loss | GFLOPs | minus frontier at same compute [95% CI] (lower in) | vs frontier "
+              "| minus frontier at mean compute [95% CI] "
               f"| compute / frontier's for same loss | minus {BEST_FIXED_2} [95% CI] (lower in) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(payload["rows"].items(), key=lambda kv: (kv[1]["kind"] == STATIC_NETWORK, kv[1]["flops"]))
     for name, r in order:
         ci = r["minus_frontier_ci"]
@@ -361,11 +371,14 @@ def markdown(payload: Mapping[str, Any]) -> str:
         kind = r["kind"] + (f", lr x{r['lr_scale']:g}" if "lr_scale" in r else "") + (" *" if r.get("on_frontier") else "")
         fixed = r.get(f"minus_{BEST_FIXED_2}_ci")
         versus = "-" if not fixed or fixed["half_width"] is None else ci_text(fixed)
+        mean_ci = r.get("minus_frontier_at_mean_compute_ci")  # absent from payloads written before it existed
+        at_mean = "-" if not mean_ci or mean_ci["half_width"] is None else ci_text(mean_ci)
         lines.append(f"| {name} | {kind} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | "
-                     f"{r['flops'] / 1e9:.3g} | {gap} | {_verdict(ci)} | "
+                     f"{r['flops'] / 1e9:.3g} | {gap} | {_verdict(ci)} | {at_mean} | "
                      f"{r['compute_ratio']:.2f}{bound} | {versus} |")
     check = payload.get("static_reproduced_max_abs_difference")
-    lines += ["", "`*`: on the frontier. " + payload["definitions"]["minus_frontier"] + ". Compute: "
+    lines += ["", "`*`: on the frontier. " + payload["definitions"]["minus_frontier"] + "; at mean compute: "
+              + payload["definitions"].get("minus_frontier_at_mean_compute", "not computed for this payload") + ". Compute: "
               + payload["definitions"]["flops"] + "; compute / frontier's: " + payload["definitions"]["compute_ratio"] + "."]
     if check is not None:
         lines += ["", f"Static re-run here vs the evaluation's static: largest per-env difference {check:.2e}."]

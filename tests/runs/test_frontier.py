@@ -44,6 +44,21 @@ def test_gap_is_paired_per_env_at_each_envs_compute():
     assert gap["frontier_compute_to_reach_how"] == "interpolated" and gap["compute_within_frontier_range"]
 
 
+def test_gap_at_mean_compute_compares_one_static_network_for_every_env():
+    """An adaptive controller, cheap on env 0 and costly on env 1: per env it is level with the
+    frontier at its own compute; against the one network at its mean compute it is better on both
+    (that network is too large for env 0 and too small for env 1)."""
+    frontier_compute = np.array([1.0, 100.0])
+    frontier_losses = np.array([[1.0, 3.0], [1.4, 1.0]])   # env 0 overfits the large network
+    loss, compute = np.array([1.0, 1.0]), np.array([1.0, 100.0])
+    gap = fr.frontier_gap(loss, compute, frontier_losses, frontier_compute)
+    assert gap["minus_frontier_ci"]["mean"] == pytest.approx(0.0)
+    # at the mean compute 50.5 (log fraction t = log(50.5)/log(100)) the frontier is 1 + 0.4t and 3 - 2t
+    t = np.log(50.5) / np.log(100.0)
+    assert gap["frontier_loss_at_mean_compute"] == pytest.approx(np.mean([1.0 + 0.4 * t, 3.0 - 2.0 * t]))
+    assert gap["minus_frontier_at_mean_compute_ci"]["better"] == 2
+
+
 def _rows():
     rows = {
         "small": {"kind": fr.STATIC_NETWORK, "final_val_loss_per_env": [2.0, 2.2], "flops_per_env": [1e6, 1e6],
