@@ -134,14 +134,18 @@ PRESETS: dict[str, Preset] = {
     #   between strata, and an env's train-validation gap shows which stratum it is in.
     # * compute_weight 2 priced conv_heavy@r2c0's +0.8 static episodes at 0.032 of loss, more than it gains; at 1
     #   (0.016) growing there pays on the large-set envs only.
+    # * TinyStories (tiny transformer with attention, width 32, SYNTHETIC bytes), 16 calibration envs: at 30 batches
+    #   per epoch static ends at 3.578 and no schedule moves it by more than 0.009; at 60 (the preset) static ends at
+    #   3.211, depth@r1c0@e0 -0.100 [-0.125, -0.075] (16/16), depth@r0c0@e0 -0.065, mlp_small@r0c0@e0 -0.023,
+    #   attention@r0c1@e0 +0.006: growth decides the outcome, though depth@r1c0 is best in both halves of the family.
     "default": Preset(
         "growth that has to pay for itself, sized for a 2-core CPU (about 15 minutes; a GPU when JAX sees one): a host "
         "weak by capacity (CIFAR: the baseline's 3x3 CNN at half its width, base width 4, on 16x16 images; TinyStories: "
         "the tiny transformer with attention at width 32), 5 blueprints, 3 slots; every env draws its own problem "
         "(training on a log-uniform 0.5-100% of the training set, 0-20% of its labels noisy), so that no fixed schedule "
         "is best for every env; the reward prices compute (--compute-weight 1: a static host's episode of extra FLOPs "
-        "costs as much as 0.02 of final loss) instead of parameters; 10-epoch episodes of 30 batches, host lr "
-        "cosine-decayed; 8 envs, 40 updates",
+        "costs as much as 0.02 of final loss) instead of parameters; 10-epoch episodes of 30 batches (TinyStories: 60), "
+        "host lr cosine-decayed; 8 envs, 40 updates",
         {
             "synthetic_train": {"cnn": 20_000, "transformer": 10_000}, "synthetic_test": 1_000,
             "tokenizer": {"transformer": "byte"}, "block_size": {"transformer": 16},
@@ -151,7 +155,8 @@ PRESETS: dict[str, Preset] = {
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy",
                            "transformer": "norm,lora,attention,mlp_small,depth"},
             "train_fraction": [0.005, 1.0], "label_noise": [0.0, 0.2], "compute_weight": 1.0, "rent_weight": 0.0,
-            "envs": 8, "updates": 40, "episode_epochs": 10, "steps_per_epoch": 30,
+            "envs": 8, "updates": 40, "episode_epochs": 10,
+            "steps_per_epoch": {"cnn": 30, "transformer": 60},
             "batch_size": {"cnn": 64, "transformer": 32}, "val_size": {"cnn": 512, "transformer": 128},
             "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4,
             "optimizer": {"transformer": "adamw"}, "host_lr": {"cnn": 0.1, "transformer": 3e-3},
