@@ -21,6 +21,7 @@ is the number of updates done. What it adds to Orbax:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -177,11 +178,14 @@ class Checkpointer:
         return CheckpointError(f"saving a checkpoint in {self.directory} failed: {reason}; {intact}; "
                                f"free space and continue with --resume")
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any]:
+    def restore(self, target: Any, step: int | None = None, *, only: tuple[str, ...] | None = None) -> tuple[int, Any]:
         """Restore ``step`` (default: the newest complete one) as ``(step, state)``.
 
         ``target`` is a state of the right structure (arrays or ``ShapeDtypeStruct`` leaves); the
-        result has its structure, dtypes and shardings. Errors name the directory and what to do."""
+        result has its structure, dtypes and shardings. ``only``: restore just these fields of a
+        dataclass target and leave the others ``None`` (evaluation needs the policy, not the
+        training envs, so a checkpoint whose env state predates a change of its layout still
+        loads). Errors name the directory and what to do."""
         steps = self.steps()
         if not steps:
             hint = ""
@@ -193,7 +197,16 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint for update {step} in {self.directory}; available: {steps}")
         earlier = [s for s in steps if s < step]
         try:
-            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+            if only is None:
+                state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+            else:
+                part = {name: abstract_like(getattr(target, name)) for name in only}
+                # a checkpointer of its own: the manager's item is registered with the standard handler
+                with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+                    restored = reader.restore(self.directory / str(step) / "default", args=ocp.args.PyTreeRestore(
+                        part, restore_args=ocp.checkpoint_utils.construct_restore_args(part), partial_restore=True))
+                state = target.replace(**{f.name: restored[f.name] if f.name in only else None
+                                          for f in dataclasses.fields(target)})
         except Exception as error:  # Orbax raises many types (JSON, tensorstore, tree mismatch)
             where = self.directory / str(step)
             advice = (f"delete {where} to resume from update {earlier[-1]}" if earlier

@@ -19,10 +19,17 @@ from esper_jax.trees import take
 
 
 
+# What evaluation restores of a checkpoint: the learner, not its training envs (env_state, obs, the
+# policy's carry and the running episodes are None), so a run saved before the env state's layout
+# changed still evaluates.
+LEARNER_FIELDS = ("params", "opt_state", "obs_stats", "key", "update", "hyper")
+
+
 @dataclasses.dataclass
 class RunHandle(Built):
     """A run directory, rebuilt (everything :class:`~esper_jax.runs.build.Built` holds), with the
-    restored learner state of a checkpoint with its population axis (``state`` leaves ``[P, ...]``)."""
+    restored learner state of a checkpoint with its population axis (``state`` leaves ``[P, ...]``;
+    only :data:`LEARNER_FIELDS`)."""
 
     run_dir: Path
     state: Any
@@ -63,7 +70,7 @@ def load_run(run_dir: str | os.PathLike[str], *, step: int | None = None, data: 
     built = build(read_config(run_dir), data=data, data_dir=data_dir)
     programs = make_programs(built)
     with Checkpointer(run_dir / CHECKPOINT_DIR, read_only=True) as checkpointer:
-        restored_step, state = checkpointer.restore(programs.abstract_state, step)
+        restored_step, state = checkpointer.restore(programs.abstract_state, step, only=LEARNER_FIELDS)
     summary_path = run_dir / SUMMARY_FILE
     fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(Built)}
     return RunHandle(**fields, run_dir=run_dir, state=state, step=restored_step,

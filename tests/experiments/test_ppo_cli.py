@@ -435,7 +435,8 @@ def test_interrupt_then_resume_is_identical(reference, tmp_path, cache):
     assert handle.step == 4 and handle.population == 1 and handle.synthetic and handle.best_member == 0
     assert handle.state.update.shape == (1,) and int(handle.state.update[0]) == 4
     member = handle.member_state(0)
-    assert member.obs.shape == (2, handle.env.observation_size)
+    assert member.obs_stats.mean.shape == (handle.env.observation_size,)
+    assert member.env_state is None and member.obs is None  # the learner, not its training envs
 
     # a damaged newest checkpoint: a clear error naming it and the fallback
     for path in (run_dir / "checkpoints" / "4").rglob("*"):

@@ -88,6 +88,27 @@ def test_abstract_target_from_eval_shape(tmp_path):
     assert_same(restored, state)
 
 
+@struct.dataclass
+class OtherEnvState(State):
+    """A state whose env part (``done``) has another layout than the one saved."""
+
+
+def test_only_restores_the_named_fields_of_a_state_whose_other_parts_changed(tmp_path):
+    state = make_state(4)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait()
+        changed = make_state(0).replace(done=jnp.zeros((5,), jnp.uint32))
+        with pytest.raises(CheckpointError, match="cannot be restored"):
+            ckpt.restore(changed)
+        target = jax.eval_shape(lambda: changed)
+        step, restored = ckpt.restore(target, only=("params", "opt_state", "key", "update"))
+    assert step == 1 and restored.done is None and restored.rbg_key is None
+    for name in ("params", "opt_state", "key", "update"):
+        assert_same(getattr(restored, name), getattr(state, name))
+    assert type(restored.opt_state[1]) is type(state.opt_state[1])
+
+
 def test_async_saves_keep_newest_and_reopen(tmp_path):
     directory = tmp_path / "ckpt"
     states = {step: make_state(step) for step in (2, 4, 6, 8)}
