@@ -201,9 +201,11 @@ class Checkpointer:
                 state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
             else:
                 part = {name: abstract_like(getattr(target, name)) for name in only}
-                # a checkpointer of its own: the manager's item is registered with the standard handler
+                # A checkpointer of its own (the manager's item is registered with the standard handler,
+                # which has no partial restore), reading the manager's single item directly.
+                item = self.directory / str(step) / ocp.checkpoint_manager.DEFAULT_ITEM_NAME
                 with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-                    restored = reader.restore(self.directory / str(step) / "default", args=ocp.args.PyTreeRestore(
+                    restored = reader.restore(item, args=ocp.args.PyTreeRestore(
                         part, restore_args=ocp.checkpoint_utils.construct_restore_args(part), partial_restore=True))
                 state = target.replace(**{f.name: restored[f.name] if f.name in only else None
                                           for f in dataclasses.fields(target)})

@@ -260,12 +260,15 @@ def frontier_gap(loss: np.ndarray, compute: np.ndarray, frontier_losses: np.ndar
     ``[N]``; ``frontier_losses`` ``[K, N]``: the envelope's networks' final losses per env (in
     envelope order), ``frontier_compute`` ``[K]``: their mean FLOPs."""
     loss, compute = np.asarray(loss, np.float64), np.asarray(compute, np.float64)
-    at_compute = np.array([interpolate_log(compute[i], frontier_compute, frontier_losses[:, i])
-                           for i in range(loss.size)])
+    def frontier_at(per_env_compute: np.ndarray) -> np.ndarray:
+        """The frontier's networks' losses on each env, at that env's compute."""
+        return np.array([interpolate_log(per_env_compute[i], frontier_compute, frontier_losses[:, i])
+                         for i in range(loss.size)])
+
+    at_compute = frontier_at(compute)
     # One static network for the whole family at the controller's mean compute (what a user picks
     # without knowing each problem): the frontier's networks' losses on each env at that one compute.
-    at_mean_compute = np.array([interpolate_log(compute.mean(), frontier_compute, frontier_losses[:, i])
-                                for i in range(loss.size)])
+    at_mean_compute = frontier_at(np.full_like(compute, compute.mean()))
     mean_curve = frontier_losses.mean(axis=1)
     needed, how = compute_to_reach(float(loss.mean()), frontier_compute, mean_curve)
     inside = bool(frontier_compute[0] <= compute.mean() <= frontier_compute[-1])

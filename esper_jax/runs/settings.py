@@ -481,8 +481,9 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
     synthetic = data_source == SYNTHETIC
     language_model = task.kind == "language_model"
     variant = task.host_variant if user_host is None else USER_HOST_VARIANT
+    augment = "none" if language_model else s["augment"]  # token windows are never augmented
     options = {**s, "data": data_source, "image_size": None if language_model else host.image_size,
-               "augment": "none" if language_model else s["augment"],
+               "augment": augment,
                "slots": list(slots), "blueprints": list(blueprints), "host_fields": s["host_fields"] or {},
                "host_variant": variant, "population": len(members), "seeds": [m.seed for m in members]}
     return RunConfig(
@@ -501,7 +502,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                     optimizer=s["optimizer"],
                     block_size=s["block_size"] if language_model else None,
                     train_fraction=problems.train_fraction, label_noise=problems.label_noise,
-                    compute_weight=float(s["compute_weight"]), augment="none" if language_model else s["augment"]),
+                    compute_weight=float(s["compute_weight"]), augment=augment),
         ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
         seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())},

@@ -88,11 +88,6 @@ def test_abstract_target_from_eval_shape(tmp_path):
     assert_same(restored, state)
 
 
-@struct.dataclass
-class OtherEnvState(State):
-    """A state whose env part (``done``) has another layout than the one saved."""
-
-
 def test_only_restores_the_named_fields_of_a_state_whose_other_parts_changed(tmp_path):
     state = make_state(4)
     with Checkpointer(tmp_path / "ckpt") as ckpt:
