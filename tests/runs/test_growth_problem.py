@@ -64,6 +64,17 @@ def test_a_seed_can_be_fossilized_within_every_presets_episode(preset, task):
     assert epochs_to_fossilize(gates, HeuristicConfig.scaled(gates).tempo_epochs) <= episode
 
 
+@pytest.mark.parametrize("task", ["cifar10", "tinystories"])
+def test_the_default_presets_lifecycle_takes_a_small_part_of_its_episode(task):
+    # A seed planted at epoch 0 of a 10-epoch episode was fossilized only at epoch 7 and ended far
+    # from the same network built in (settings.py, "30 epochs of 10 batches"); the default preset
+    # cuts its batches into finer epochs so that growing is not a lossy way to reach a network.
+    env = resolve_config(resolve_settings({"task": task}, "default")).env
+    gates = GateConfig(min_training_epochs=env.min_training_epochs, auto_advance=env.auto_advance)
+    assert epochs_to_fossilize(gates, min(blending.TEMPOS)) <= env.episode_epochs / 4
+    assert env.episode_epochs * env.steps_per_epoch == {"cifar10": 300, "tinystories": 600}[task]
+
+
 def test_fastest_lifecycle_matches_the_gates():
     # germinate; G1 opens the first of G2's epochs in TRAINING; G2 opens the first of tempo epochs
     # of blending; G3 opens one epoch of holding; G5 fossilizes
