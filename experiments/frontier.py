@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     envs = int(evaluation["held_out"]["num_envs"])
     seed = int(evaluation["held_out"]["run_seed"])
     held_key, cal_key = ev.held_out_key(seed), fr.calibration_key(seed)
-    built_in_key = jax.random.fold_in(held_key, 0xB11D)
+    built_in_key = jax.random.fold_in(held_key, fr.BUILT_IN_STREAM)
     print(f"frontier of run {run_dir} ({built.data_label}): {envs} held-out envs (stream fold_in(key({seed}), "
           f"{ev.EVAL_STREAM:#x})), {args.calibration_envs} calibration envs (fold_in(key({seed}), "
           f"{fr.CALIBRATION_STREAM:#x}))", flush=True)

@@ -5,6 +5,8 @@
         setting by its name: --data synthetic, --host-lr 0.05, --slots ...]
     python -m experiments.headroom --task cifar10 --preset default --stream calibration --envs 24
         --strata train_fraction:3        # which schedule is best where in the problem family
+    python -m experiments.headroom ... --schedules conv_heavy@r2c0@e0 --built-in conv_heavy@r2c0
+                                         # growing a seed against the same network trained from the start
 
 Each schedule germinates one seed (``blueprint@slot@eEPOCH``), advances it whenever the gates
 allow and fossilizes it as soon as G5 passes (:class:`esper_jax.env.controllers.Schedule`). Every
@@ -17,7 +19,10 @@ problem design and schedule choices may be tuned on; the held-out stream is for 
 evaluation). Every controller's training compute is counted in FLOPs (:mod:`esper_jax.runs.compute`),
 and ``--strata DIM:N`` splits the envs into N quantile bins of their drawn problem's ``DIM``
 (train_fraction or label_noise) and names the best controller in each, by loss and by the loss
-priced as the reward prices compute (:mod:`esper_jax.runs.strata`).
+priced as the reward prices compute (:mod:`esper_jax.runs.strata`). ``--built-in`` adds static
+networks with seeds built in from epoch 0 (``built_in:blueprint@slot[+blueprint@slot]``, trained at
+the run's own rates, as :mod:`esper_jax.runs.frontier` builds them): how far growing a seed is from
+the network it grows into, on the same envs.
 
 Prints the table (paired mean difference to static with its 95% confidence interval) and writes
 ``headroom.json`` and ``headroom.md`` into the run directory (or to ``--json``/its ``.md`` twin).
@@ -30,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from esper_jax.runs import compute as cp
@@ -40,11 +46,11 @@ from esper_jax.runs import settings as run_settings
 from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError, read_config
 from esper_jax.runs.loop import USER_ERRORS
-from esper_jax.env.controllers import Schedule, make_scripted_controller
+from esper_jax.env.controllers import Schedule, make_scripted_controller, parse_schedules
 from experiments.cli import Parser, add_env_settings, given_settings, positive
 
 
-OWN_OPTIONS = ("run_dir", "envs", "schedules", "tempo", "json", "stream", "strata")
+OWN_OPTIONS = ("run_dir", "envs", "schedules", "tempo", "json", "stream", "strata", "built_in")
 STREAMS = ("held-out", "calibration")
 
 
@@ -70,12 +76,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strata", default=None, metavar="DIM:N",
                    help="compare controllers within N quantile bins of the envs' drawn train_fraction or label_noise, "
                         "e.g. train_fraction:3")
+    g.add_argument("--built-in", default=None, metavar="NETWORKS",
+                   help="comma-separated static networks with seeds built in from epoch 0, each blueprint@slot joined "
+                        "by + (e.g. conv_heavy@r2c0,depthwise@r2c0+conv_heavy@r1c0), trained at the run's rates")
     add_env_settings(parser, skip=("--envs",))  # with --task: any experiments.ppo setting by its name
     return parser
 
 
 def default_schedules(env) -> list[Schedule]:
     return [Schedule(b.name, slot) for slot in env.lattice.slots.slot_ids for b in env.lattice.blueprints if not b.is_noop]
+
+
+def parse_built_in(text: str | None, env) -> dict[str, tuple[tuple[str, str], ...]]:
+    """``--built-in``: row name -> the ``(slot, blueprint)`` seeds built in; a ValueError naming
+    a bad network (an epoch, a slot used twice, a blueprint or slot the run does not have)."""
+    networks = {}
+    for text_ in (text.split(",") if text else []):
+        if any(part.count("@") == 2 for part in text_.split("+")):
+            raise ValueError(f"--built-in {text_}: a built-in seed is there from epoch 0; write blueprint@slot "
+                             "without @eEPOCH")
+        seeds = parse_schedules(text_)
+        make_scripted_controller(env, seeds)  # the run has these slots and blueprints
+        networks["built_in:" + text_] = tuple((s.slot, s.blueprint) for s in seeds)
+    return networks
+
+
+def built_in_results(env, networks, num_envs: int, data, key) -> dict:
+    """Each built-in network's episode on the envs of ``key`` (the static controller, seeds
+    FOSSILIZED at alpha 1 from epoch 0)."""
+    net_env = fr.with_lr_scale(env)  # scale 1: the run's own host rate
+    results = {}
+    for name, seeds in networks.items():
+        t = time.perf_counter()
+        prepare = fr.prepare_members(net_env, np.ones(num_envs), seeds, jax.random.fold_in(key, fr.BUILT_IN_STREAM))
+        results[name] = ev.Evaluator(net_env, num_envs, ("static",), prepare=prepare).run("static", data, key)
+        print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    return results
 
 
 def headroom_table(payload: dict) -> str:
@@ -98,7 +135,7 @@ def headroom_table(payload: dict) -> str:
                      f"{sum(r['fossilized'].values())} | {r['params_added']:.0f} | "
                      f"{r['compute']['flops'] / 1e9 if 'compute' in r else float('nan'):.3g} |")
     lines += ["", "Schedules are blueprint@slot@eEPOCH: germinate then, advance whenever the gates allow, fossilize "
-              "when G5 passes. minus static: final loss minus static's on the same env (negative = better), "
+              "when G5 passes; built_in:blueprint@slot, a static network with that seed built in from epoch 0. minus static: final loss minus static's on the same env (negative = better), "
               "Student-t interval over envs."]
     return "\n".join(lines) + "\n"
 
@@ -122,6 +159,7 @@ def main(argv=None) -> int:
         schedules = ([Schedule.parse(t, tempo_epochs=args.tempo) for t in texts] if texts is not None
                      else [Schedule(s.blueprint, s.slot, tempo_epochs=args.tempo) for s in default_schedules(env)])
         scripted = {s.name: make_scripted_controller(env, s) for s in schedules}
+        networks = parse_built_in(args.built_in, env)
         strata = st.parse_strata(args.strata)
         json_path = Path(args.json) if args.json else (Path(run_dir) / "headroom.json" if run_dir else None)
         if json_path is not None and not json_path.parent.is_dir():
@@ -138,10 +176,12 @@ def main(argv=None) -> int:
         results[name] = evaluator.run(name, built.env_data, key)
         print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
               flush=True)
+    results.update(built_in_results(env, networks, args.envs, built.env_data, key))
     payload = ev.evaluation_payload(env, results, run_seed=config.seed, task=config.task,
                                     data_label=built.data_label, synthetic=built.synthetic, run_dir=run_dir)
     payload["static_final_val_loss"] = payload["controllers"]["static"]["final_val_loss"]
     payload["schedules"] = [s.name for s in schedules]
+    payload["built_in"] = {name: [f"{b}@{s}" for s, b in seeds] for name, seeds in networks.items()}
     payload["wall_seconds"] = time.perf_counter() - started
     computes = cp.add_compute(payload, env, built.env_data, results)
     payload["stream"] = args.stream

@@ -49,6 +49,8 @@ from esper_jax.runs.evaluation import BEST_FIXED, ci_text, paired_ci
 # The calibration envs' stream: fold_in(key(run seed), CALIBRATION_STREAM). The proof presets were
 # calibrated on this stream of seed 0; training splits key(seed), the held-out envs fold in EVAL_STREAM.
 CALIBRATION_STREAM = 0xCA11B
+# A built-in network's initial seed weights: fold_in(the envs' key, BUILT_IN_STREAM).
+BUILT_IN_STREAM = 0xB11D
 # Learning-rate scales a static network's sweep tries (times the run's host rate).
 LR_SCALES = (0.5, 1.0, 2.0)
 BEST_FIXED_1, BEST_FIXED_2 = BEST_FIXED

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from esper_jax.env.controllers import Schedule
+from esper_jax.lattice.lifecycle import Stage
 from experiments import headroom
 
 
@@ -32,6 +34,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["--task=cifar10", "--preset=smoke", f"--json={tmp_path}/missing/h.json"], "does not exist"),
         (["--task=cifar10", "--preset=smoke", "--strata=width:2"], "--strata must be DIM:N"),
         (["--task=cifar10", "--preset=smoke", "--strata=label_noise:0"], "--strata must be DIM:N"),
+        (["--task=cifar10", "--preset=smoke", "--built-in=norm@r0c0@e2"], "without @eEPOCH"),
+        (["--task=cifar10", "--preset=smoke", "--built-in=conv_heavy@r0c0"], "not enabled"),
+        (["--task=cifar10", "--preset=smoke", "--built-in=norm@r0c0+conv_small@r0c0"], "slot of its own"),
     ]
     for argv, expected in cases:
         assert headroom.main(argv) == 2
@@ -47,11 +52,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_headroom_runs_schedules_against_static_on_the_held_out_envs(tmp_path, capsys):
     out = tmp_path / "headroom.json"
     argv = ["--task=cifar10", "--preset=smoke", "--envs=3", "--schedules=conv_small@r0c0@e0,norm@r0c0@e1",
-            f"--json={out}"]
+            "--built-in=conv_small@r0c0", f"--json={out}"]
     assert headroom.main(argv) == 0
     payload = json.loads(out.read_text())
     assert payload["synthetic"] and payload["schedules"] == ["conv_small@r0c0@e0", "norm@r0c0@e1"]
-    assert list(payload["controllers"]) == ["static", "heuristic", "conv_small@r0c0@e0", "norm@r0c0@e1"]
+    assert list(payload["controllers"]) == ["static", "heuristic", "conv_small@r0c0@e0", "norm@r0c0@e1",
+                                            "built_in:conv_small@r0c0"]
+    # the built-in network: fossilized from the start in every env, computed in every epoch (as grown, but longer)
+    built_in, grown = payload["controllers"]["built_in:conv_small@r0c0"], payload["controllers"]["conv_small@r0c0@e0"]
+    assert payload["built_in"] == {"built_in:conv_small@r0c0": ["conv_small@r0c0"]}
+    assert (np.asarray(payload["timelines"]["built_in:conv_small@r0c0"]["stage"]) == Stage.FOSSILIZED).all()
+    assert built_in["compute"]["flops"] > grown["compute"]["flops"] > payload["controllers"]["static"]["compute"]["flops"]
+    assert built_in["final_val_loss_minus_static_ci"]["mean"] != 0.0
     assert payload["held_out"]["num_envs"] == 3 and "0x45564c31" in payload["held_out"]["derivation"]
     grown = payload["controllers"]["conv_small@r0c0@e0"]
     ci = grown["final_val_loss_minus_static_ci"]
