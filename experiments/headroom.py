@@ -91,13 +91,13 @@ def parse_built_in(text: str | None, env) -> dict[str, tuple[tuple[str, str], ..
     """``--built-in``: row name -> the ``(slot, blueprint)`` seeds built in; a ValueError naming
     a bad network (an epoch, a slot used twice, a blueprint or slot the run does not have)."""
     networks = {}
-    for text_ in (text.split(",") if text else []):
-        if any(part.count("@") == 2 for part in text_.split("+")):
-            raise ValueError(f"--built-in {text_}: a built-in seed is there from epoch 0; write blueprint@slot "
+    for network in (text.split(",") if text else []):
+        if any(part.count("@") == 2 for part in network.split("+")):
+            raise ValueError(f"--built-in {network}: a built-in seed is there from epoch 0; write blueprint@slot "
                              "without @eEPOCH")
-        seeds = parse_schedules(text_)
+        seeds = parse_schedules(network)
         make_scripted_controller(env, seeds)  # the run has these slots and blueprints
-        networks["built_in:" + text_] = tuple((s.slot, s.blueprint) for s in seeds)
+        networks["built_in:" + network] = tuple((s.slot, s.blueprint) for s in seeds)
     return networks
 
 
@@ -135,8 +135,9 @@ def headroom_table(payload: dict) -> str:
                      f"{sum(r['fossilized'].values())} | {r['params_added']:.0f} | "
                      f"{r['compute']['flops'] / 1e9 if 'compute' in r else float('nan'):.3g} |")
     lines += ["", "Schedules are blueprint@slot@eEPOCH: germinate then, advance whenever the gates allow, fossilize "
-              "when G5 passes; built_in:blueprint@slot, a static network with that seed built in from epoch 0. minus static: final loss minus static's on the same env (negative = better), "
-              "Student-t interval over envs."]
+              "when G5 passes; built_in:blueprint@slot, a static network with that seed built in from epoch 0. "
+              "minus static: final loss minus static's on the same env (negative = better), Student-t interval over "
+              "envs."]
     return "\n".join(lines) + "\n"
 
 

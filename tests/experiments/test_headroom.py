@@ -65,7 +65,6 @@ def test_headroom_runs_schedules_against_static_on_the_held_out_envs(tmp_path, c
     assert built_in["compute"]["flops"] > grown["compute"]["flops"] > payload["controllers"]["static"]["compute"]["flops"]
     assert built_in["final_val_loss_minus_static_ci"]["mean"] != 0.0
     assert payload["held_out"]["num_envs"] == 3 and "0x45564c31" in payload["held_out"]["derivation"]
-    grown = payload["controllers"]["conv_small@r0c0@e0"]
     ci = grown["final_val_loss_minus_static_ci"]
     assert ci["n"] == 3 and ci["low"] <= ci["mean"] <= ci["high"] and grown["germinated"]["conv_small"] == 3
     assert payload["controllers"]["static"]["final_val_loss_minus_static_ci"]["mean"] == 0.0
