@@ -253,8 +253,9 @@ class Trainer(NamedTuple):
     rollout_steps: int
     updates_per_chunk: int
     config: PPOConfig
-    rollout: Callable             # (runner, data, key) -> (runner, Transition [T, N], EpisodeStats [T, N],
-                                  #  last_value [N]): one rollout without learning (tests, diagnostics)
+    rollout: Callable             # (runner, data, key, teacher=None) -> (runner, Transition [T, N],
+                                  #  EpisodeStats [T, N], last_value [N]): one rollout without learning
+                                  #  (tests, diagnostics, a teacher's episodes for imitation)
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -411,7 +412,10 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
         episode_return: jax.Array
         key: jax.Array
 
-    def rollout(runner: RunnerState, data, key):
+    def rollout(runner: RunnerState, data, key, teacher: Callable | None = None):
+        """One rollout; with a ``teacher`` (``(keys [N], env_state) -> FactoredAction [N]``) the teacher
+        acts instead of the policy (warm start by imitation, :mod:`esper_jax.rl.imitation`), and
+        ``log_prob`` is the policy's log-probability of the teacher's action."""
         params = runner.params
 
         def step(carry: RolloutCarry, t):
@@ -420,7 +424,10 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
             nobs = norm(stats, carry.obs)
             masks = env.population_masks(carry.env_state)
             pcarry, logits, value = policy.apply(params, carry.policy_carry, nobs, carry.episode_start)
-            action = sample_action(k_act, logits, masks)
+            if teacher is None:
+                action = sample_action(k_act, logits, masks)
+            else:
+                action = teacher(jax.random.split(k_act, num_envs), carry.env_state)
             log_prob, _, _ = evaluate_actions(logits, masks, action)
             next_obs, next_state, reward, done, info = env.population_step(
                 jax.random.split(k_env, num_envs), carry.env_state, action, data)
