@@ -132,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ent-coef", help=f"entropy coefficient: {SWEEP_HELP} (default {d['ent_coef']})")
     g.add_argument("--seeds", help="comma-separated seed per member (default SEED, SEED+1, ...)")
 
+    g = parser.add_argument_group("warm start (behaviour cloning of a teacher before PPO; esper_jax.rl.imitation)")
+    g.add_argument("--imitate", metavar="TEACHER",
+                   help="fit the policy and value to a teacher's episodes before PPO: a controller (heuristic, "
+                        "random, static) or a fixed schedule blueprint@slot@eN[+...] (e.g. conv_heavy@r2c0@e0); "
+                        "choose it on calibration envs (experiments.headroom --stream calibration), never on "
+                        "held-out ones (default: none, PPO from its initial policy)")
+    g.add_argument("--imitation-rounds", type=positive,
+                   help=f"teacher rollouts, each as long as one PPO update's (default {d['imitation_rounds']})")
+    g.add_argument("--imitation-epochs", type=positive,
+                   help=f"minibatch epochs over each round's rollout (default {d['imitation_epochs']})")
+
     g = parser.add_argument_group("learner (PPO)")
     for field in dataclasses.fields(PPOConfig):
         if field.name in ("num_envs", "learning_rate", "ent_coef"):

@@ -44,7 +44,7 @@ Teacher = Callable[[jax.Array, object], FactoredAction]
 @dataclasses.dataclass(frozen=True)
 class ImitationConfig:
     rounds: int = 4    # teacher rollouts (each the trainer's num_envs episodes, the cost of one PPO update's)
-    epochs: int = 16   # minibatch epochs over each round's rollout
+    epochs: int = 32   # minibatch epochs over each round's rollout
 
     def __post_init__(self):
         for name in ("rounds", "epochs"):

@@ -22,12 +22,14 @@ from esper_jax.data import (SYNTHETIC, DatasetNotFoundError, is_user_image_datas
 from esper_jax.data.augment import channel_stats
 from esper_jax.data.datasets import CorruptDatasetError, ImageDataset, downsample_images, image_fingerprint
 from esper_jax.env.actions import ActionConfig
+from esper_jax.env.controllers import CONTROLLERS, make_controller, make_scripted_controller, parse_schedules
 from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import RewardConfig
 from esper_jax.env.tasks import TaskConfig, get_task
 from esper_jax.lattice.lifecycle import GateConfig
 from esper_jax.rl import ppo as ppo_lib
+from esper_jax.rl.imitation import ImitationConfig, make_imitation
 from esper_jax.runs.config import USER_HOST_VARIANT, Host, RunConfig, RunConfigError
 from esper_jax.runs.population import Placement, stack_hyperparams
 from esper_jax.trees import add_axis, drop_axis
@@ -205,6 +207,7 @@ class Programs:
     abstract_state: Any          # ShapeDtypeStructs with shardings
     seeds: jax.Array
     hyper: Any
+    imitate: Callable | None = None  # (state[P], data) -> (state, ImitationMetrics[P, rounds]): the warm start
 
 
 def make_programs(built: Built) -> Programs:
@@ -216,12 +219,28 @@ def make_programs(built: Built) -> Programs:
     init, chunk = population_functions(built.trainer, len(members))
     abstract = placement.with_shardings(jax.eval_shape(init, seeds, hyper, built.env_data))
     shardings = placement.state_shardings(abstract)
+    imitate = None
+    if built.config.warm_start is not None:
+        warm = built.config.warm_start
+        one = make_imitation(built.trainer, make_teacher(warm.teacher, built.env), ImitationConfig(warm.rounds, warm.epochs))
+        imitate = (lambda state, data: add_axis(one(drop_axis(state), data))) if len(members) == 1 else \
+            jax.vmap(one, in_axes=(0, None))
     if shardings is None:
         init_fn, chunk_fn = jax.jit(init), jax.jit(chunk)
+        imitate_fn = None if imitate is None else jax.jit(imitate)
     else:
         init_fn = jax.jit(init, out_shardings=shardings)
         chunk_fn = jax.jit(chunk, out_shardings=(shardings, placement.population()))
-    return Programs(init_fn, chunk_fn, abstract, seeds, hyper)
+        imitate_fn = None if imitate is None else jax.jit(imitate, out_shardings=(shardings, placement.population()))
+    return Programs(init_fn, chunk_fn, abstract, seeds, hyper, imitate_fn)
+
+
+def make_teacher(teacher: str, env: MorphogeneticEnv) -> Callable:
+    """``--imitate``'s teacher as the learner's rollout takes it: ``(keys [N], env_state) ->
+    FactoredAction [N]``, a controller by name or a fixed schedule."""
+    controller = make_controller(teacher, env) if teacher in CONTROLLERS else \
+        make_scripted_controller(env, parse_schedules(teacher))
+    return jax.vmap(controller)
 
 
 

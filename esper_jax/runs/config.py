@@ -91,6 +91,16 @@ class EnvSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """Imitation before PPO (:mod:`esper_jax.rl.imitation`): ``teacher`` is a controller's name
+    (heuristic, random, static) or a fixed schedule (``blueprint@slot@eN[+...]``)."""
+
+    teacher: str
+    rounds: int
+    epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Member:
     """One learner of a population: its own learning rate, entropy coefficient and seed."""
 
@@ -117,6 +127,7 @@ class RunConfig:
     # The command-line options as resolved for this task (canonical forms), compared with the
     # options given again on --resume.
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    warm_start: WarmStart | None = None
 
     @property
     def topology(self) -> Topology:
@@ -156,6 +167,7 @@ class RunConfig:
             "keep_checkpoints": self.keep_checkpoints,
             "seed": self.seed,
             "settings": dict(self.options),
+            "warm_start": None if self.warm_start is None else dataclasses.asdict(self.warm_start),
         }
 
     @classmethod
@@ -173,6 +185,7 @@ class RunConfig:
             env.update(slots=tuple(env["slots"]), blueprints=tuple(env["blueprints"]))
             env.update({name: tuple(env[name]) for name in ("train_fraction", "label_noise") if name in env})
             known = {f.name for f in dataclasses.fields(EnvSpec)}
+            warm_start = value.get("warm_start")  # absent from configurations written before it existed
             return cls(
                 task=value["task"], host_variant=value["host_variant"], host=host,
                 data=DataSpec(**data), env=EnvSpec(**{k: v for k, v in env.items() if k in known}),
@@ -180,6 +193,7 @@ class RunConfig:
                 preset=value["preset"], preset_description=value.get("preset_description", ""),
                 updates=value["updates"], checkpoint_every=value["checkpoint_every"],
                 keep_checkpoints=value["keep_checkpoints"], seed=value["seed"], options=dict(value.get("settings", {})),
+                warm_start=None if warm_start is None else WarmStart(**warm_start),
             )
         except RunConfigError:
             raise

@@ -31,7 +31,7 @@ from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 from esper_jax.runs.tensorboard import ScalarWriter
-from esper_jax.runs.rundir import (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
+from esper_jax.runs.rundir import (CHECKPOINT_DIR, IMITATION_FILE, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
                                    language_model_rows, metric_rows, prepare_run_dir, read_rows, start_from_scratch,
                                    read_json, summarize_run, truncate_rows, write_json, RunLock)
 
@@ -202,6 +202,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             t0 = time.perf_counter()
             if state is None:
                 state = programs.init(programs.seeds, programs.hyper, built.env_data)
+                if programs.imitate is not None:
+                    state = _warm_start(config, programs, state, built.env_data, run_dir, writer, log)
                 ckpt.save(0, state)  # a run stopped during its first chunk can still resume
             compiled = {}
             for n in sorted(set(sizes), reverse=True):
@@ -271,6 +273,27 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
     if writer:
         write_json(run_dir / SUMMARY_FILE, summary)
     return RunResult(run_dir, summary, interrupted, latest, diverged_members(rows, config.population))
+
+
+def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, writer: bool, log) -> Any:
+    """Imitation before PPO (part of the learner's initialization: the checkpoint at update 0
+    holds its result, so a resumed run never repeats it); its metrics go to ``imitation.json``."""
+    warm = config.warm_start
+    log(f"warm start: imitating {warm.teacher} for {warm.rounds} round(s) of {config.ppo.num_envs} episodes, "
+        f"{warm.epochs} epochs each (compiling)...")
+    t = time.perf_counter()
+    state, metrics = programs.imitate(state, env_data)
+    columns = {name: distributed.fetch(value).tolist() for name, value in metrics._asdict().items()}  # [P, rounds]
+    seconds = time.perf_counter() - t
+    for m in range(config.population):
+        member = "" if config.population == 1 else f"member {m}: "
+        log(f"warm start: {member}" + "; ".join(
+            f"round {r + 1}: -log p(teacher) {columns['nll'][m][r]:.3f}, agrees {columns['agreement'][m][r]:.2f}, "
+            f"teacher's final val loss {columns['mean_final_val_loss'][m][r]:.4f}" for r in range(warm.rounds)))
+    if writer:
+        write_json(run_dir / IMITATION_FILE, {"teacher": warm.teacher, "rounds": warm.rounds, "epochs": warm.epochs,
+                                              "seconds": seconds, "members": columns})
+    return state
 
 
 def _steps_per_update(built: Built) -> int:

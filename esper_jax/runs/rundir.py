@@ -23,6 +23,7 @@ from esper_jax.runs.checkpoint import has_checkpoint, incomplete_checkpoints
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 
 METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR, LOCK_FILE = "metrics.jsonl", "summary.json", "checkpoints", ".lock"
+IMITATION_FILE = "imitation.json"  # the warm start's metrics (--imitate), written before the first checkpoint
 
 
 

@@ -22,6 +22,7 @@ import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.data.augment import AUGMENTS
+from esper_jax.env.controllers import CONTROLLERS, parse_schedules, schedule_name
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
@@ -32,7 +33,7 @@ from esper_jax.lattice.hosts.base import slot_config_for
 from esper_jax.lattice.optim import LR_SCHEDULES, OPTIMIZERS
 from esper_jax.lattice.slots import parse_slot_list, split_slot_list
 from esper_jax.rl import ppo as ppo_lib
-from esper_jax.runs.config import USER_HOST_VARIANT, DataSpec, EnvSpec, RunConfig, RunConfigError
+from esper_jax.runs.config import USER_HOST_VARIANT, DataSpec, EnvSpec, RunConfig, RunConfigError, WarmStart
 from esper_jax.runs.population import parse_seeds, parse_sweep, resolve_members
 
 MAX_SEED = 2**32 - 1
@@ -96,6 +97,10 @@ DEFAULTS: dict[str, Any] = {
     "learning_rate": _PPO_DEFAULTS["learning_rate"],
     "ent_coef": _PPO_DEFAULTS["ent_coef"],
     "seeds": None,
+    # warm start: imitate a teacher (a controller's name or a fixed schedule) before PPO; None: PPO from scratch
+    "imitate": None,
+    "imitation_rounds": 4,       # teacher rollouts, each costing one PPO update's rollout
+    "imitation_epochs": 32,      # minibatch epochs over each round's rollout
     **{name: value for name, value in _PPO_DEFAULTS.items() if name not in ("num_envs", "learning_rate", "ent_coef")},
 }
 
@@ -245,7 +250,7 @@ DEFAULT_PRESET = "default"
 # Settings that may differ when resuming (they do not change what is computed).
 RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
 POSITIVE_SETTINGS = ("envs", "updates", "episode_epochs", "steps_per_epoch", "batch_size", "val_size", "min_training_epochs",
-                     "max_concurrent_training", "min_prune_age",
+                     "max_concurrent_training", "min_prune_age", "imitation_rounds", "imitation_epochs",
                      "checkpoint_every", "keep_checkpoints", "population", "block_size", "synthetic_train",
                      "synthetic_test", "update_epochs", "num_minibatches", "hidden_size")
 
@@ -277,6 +282,8 @@ def _canonical(name: str, value: Any) -> Any:
             return ",".join(repr(v) for v in sweep.values)
         if name == "seeds":
             return ",".join(str(s) for s in parse_seeds(value))
+        if name == "imitate" and isinstance(value, str) and value.strip() not in CONTROLLERS:
+            return schedule_name(parse_schedules(value))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
     except RunConfigError:
@@ -305,6 +312,11 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
                                      f"({', '.join(LANGUAGE_MODEL_TASKS)})")
     if settings["task"] in LANGUAGE_MODEL_TASKS and explicit.get("augment") is not None:
         raise RunConfigError(f"--augment applies to image tasks only; {settings['task']} trains on token windows")
+    if settings["imitate"] is None:
+        for name in ("imitation_rounds", "imitation_epochs"):
+            if explicit.get(name) is not None:
+                raise RunConfigError(f"--{name.replace('_', '-')} sets how the learner imitates a teacher before "
+                                     f"PPO: give the teacher with --imitate, or leave it out")
     if settings["host"] is not None:
         if explicit.get("host_variant") is not None:
             raise RunConfigError("--host grows your own network and --host-variant chooses among the built-in ones: "
@@ -487,6 +499,14 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         ppo_fields = {name: s[name] for name in PPO_SETTINGS}
         ppo_fields.update(num_envs=s["envs"], learning_rate=members[0].learning_rate, ent_coef=members[0].ent_coef)
         ppo_config = ppo_lib.PPOConfig(**ppo_fields)  # validates the PPO settings
+        warm_start = None
+        if s["imitate"] is not None:
+            if ppo_config.recurrent != "none":
+                raise RunConfigError("--imitate fits a feed-forward policy step by step; it cannot warm-start "
+                                     "--recurrent " + ppo_config.recurrent)
+            teacher = _check_teacher(s["imitate"], slots, blueprints, s["episode_epochs"])
+            s["imitate"] = teacher
+            warm_start = WarmStart(teacher, s["imitation_rounds"], s["imitation_epochs"])
     except RunConfigError:
         raise
     except (ValueError, TypeError) as error:
@@ -518,8 +538,34 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                     compute_weight=float(s["compute_weight"]), augment=augment),
         ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
-        seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())},
+        seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())}, warm_start=warm_start,
     )
+
+
+def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...], episode_epochs: int) -> str:
+    """``--imitate``'s teacher in its canonical form: a controller's name, or a fixed schedule whose
+    slots, blueprints and epochs this run has."""
+    if not isinstance(text, str) or not text.strip():
+        raise RunConfigError(f"--imitate needs a teacher: {', '.join(CONTROLLERS)}, or a schedule "
+                             f"blueprint@slot@eN (e.g. conv_heavy@r2c0@e0), got {text!r}")
+    text = text.strip()
+    if text in CONTROLLERS:
+        return text
+    try:
+        seeds = parse_schedules(text)
+    except ValueError as error:
+        raise RunConfigError(f"--imitate: {error}, or a controller ({', '.join(CONTROLLERS)})") from None
+    for seed in seeds:
+        if seed.slot not in slots:
+            raise RunConfigError(f"--imitate {text}: slot {seed.slot} is not one of the run's slots "
+                                 f"({', '.join(slots)})")
+        if seed.blueprint not in blueprints:
+            raise RunConfigError(f"--imitate {text}: blueprint {seed.blueprint} is not one of the run's blueprints "
+                                 f"({', '.join(blueprints)})")
+        if seed.epoch >= episode_epochs:
+            raise RunConfigError(f"--imitate {text}: epoch {seed.epoch} is outside the episode's "
+                                 f"0..{episode_epochs - 1}")
+    return schedule_name(seeds)
 
 
 def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
@@ -530,6 +576,10 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
     # configuration's value (the field's default when the configuration was read).
     base.update({f.name: _canonical(f.name, getattr(stored.env, f.name)) for f in dataclasses.fields(EnvSpec)
                  if f.name not in base})
+    warm = stored.warm_start
+    base.setdefault("imitate", None if warm is None else warm.teacher)
+    base.setdefault("imitation_rounds", DEFAULTS["imitation_rounds"] if warm is None else warm.rounds)
+    base.setdefault("imitation_epochs", DEFAULTS["imitation_epochs"] if warm is None else warm.epochs)
     for name, value in explicit.items():
         if value is None or name in RESUME_MAY_CHANGE:
             continue
