@@ -100,7 +100,7 @@ def test_cross_program_comparisons_hold_with_other_cpu_code(change):
 
     files = cross_program_files()
     assert "tests/runs/test_growth_problem.py" in files, files  # the comparison issue 23 was reported on
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cross_program and not slow",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "cross_program and not slow",
                           *files], cwd=ROOT, env=_env(flags), capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, f"XLA_FLAGS={flags}\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

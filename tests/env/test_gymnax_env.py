@@ -466,7 +466,7 @@ def test_the_other_gymnax_style_loop_in_a_subprocess(tmp_path):
     import os
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", __file__,
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "slow", __file__,
                              "-k", "style_loop and not subprocess"], capture_output=True, text=True, env=env,
                             cwd=str(Path(__file__).resolve().parents[2]))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import pytest
 
 from esper_jax.lattice.model import MorphogeneticModel
-from esper_jax.runs.config import Member, RunConfigError, read_config
+from esper_jax.runs.config import Member, RunConfig, RunConfigError, WarmStart, read_config
 from esper_jax.runs.load import load_run
 from esper_jax.runs.rundir import write_json
 from esper_jax.runs.settings import check_resume_settings, resolve_config, resolve_settings
@@ -348,6 +348,45 @@ def test_config_json_round_trip_and_damage(tmp_path):
         read_config(tmp_path)
 
 
+def test_warm_start_settings(capsys, tmp_path):
+    """--imitate names a controller or a schedule of the run's own slots, blueprints and epochs;
+    its canonical form is stored in config.json and compared on resume; its options without it,
+    and a recurrent learner, are refused."""
+    smoke = ["--task=cifar10", "--preset=smoke"]
+    for flag, expected in (("--imitate=conv_heavy@r0c0", "blueprint conv_heavy is not one of the run's blueprints "
+                                                         "(conv_small, norm)"),
+                           ("--imitate=norm@r2c0", "slot r2c0 is not one of the run's slots (r0c0)"),
+                           ("--imitate=norm@r0c0@e7", "epoch 7 is outside the episode's 0..6"),
+                           ("--imitate=norm", "is not blueprint@slot[@eEPOCH]"),
+                           ("--imitate=oracle", "or a controller (heuristic, random, static)"),
+                           ("--imitate= ", "--imitate needs a teacher")):
+        assert expected in error_line(capsys, [*smoke, flag]), flag
+    for flag in ("--imitation-rounds=2", "--imitation-epochs=3"):
+        assert "give the teacher with --imitate" in error_line(capsys, [*smoke, flag]), flag
+    assert "--imitation-rounds: must be positive, got 0" in error_line(
+        capsys, [*smoke, "--imitate=heuristic", "--imitation-rounds=0"])
+    assert "cannot warm-start --recurrent gru" in error_line(capsys, [*smoke, "--imitate=heuristic", "--recurrent=gru"])
+
+    config = resolve_config(resolve_settings({"task": "cifar10", "imitate": " norm@r0c0 ", "imitation_rounds": 2},
+                                             "smoke"))
+    assert config.warm_start == WarmStart("norm@r0c0@e0", 2, 32)
+    write_json(tmp_path / "config.json", config.to_json())
+    assert read_config(tmp_path) == config
+    check_resume_settings(config, {"imitate": "norm@r0c0@e0", "imitation_rounds": 2})
+    with pytest.raises(RunConfigError, match="--imitate=heuristic does not match the run's --imitate=norm@r0c0@e0"):
+        check_resume_settings(config, {"imitate": "heuristic"})
+    # a configuration written before the warm start existed: no teacher, and none may be added on resume
+    value = config.to_json()
+    del value["warm_start"]
+    value["settings"] = {k: v for k, v in value["settings"].items() if not k.startswith("imitat")}
+    old = RunConfig.from_json(value)
+    assert old.warm_start is None
+    check_resume_settings(old, {"imitation_epochs": 32})
+    with pytest.raises(RunConfigError, match="does not match the run's --imitate=None"):
+        check_resume_settings(old, {"imitate": "heuristic"})
+    assert resolve_config(resolve_settings({"task": "cifar10"}, "smoke")).warm_start is None
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -545,6 +584,28 @@ def test_a_second_writer_is_refused_while_a_real_run_trains(tmp_path, cache):
     assert [r["update"] for r in rows] == [1, 2, 3, 4]
     assert json.loads((run_dir / "summary.json").read_text())["complete"]
     assert json.loads((run_dir / "config.json").read_text())["ppo"]["learning_rate"] == 3e-4
+
+
+@pytest.mark.slow  # ~80 s: the imitation program compiles besides the learner
+def test_a_warm_started_run_imitates_once_then_trains(tmp_path, cache):
+    """--imitate runs before the checkpoint at update 0 and writes imitation.json; a resumed run
+    continues from its checkpoints and never imitates again."""
+    run_dir = tmp_path / "warm"
+    first = cli_run([*TINY, "--updates=2", f"--run-dir={run_dir}", "--imitate=norm@r0c0@e1", "--imitation-rounds=2",
+                     "--imitation-epochs=4"], cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "warm start: imitating norm@r0c0@e1 for 2 round(s) of 2 episodes, 4 epochs each" in first.stdout
+    assert first.stdout.count("round 2: -log p(teacher)") == 1
+    imitation = json.loads((run_dir / "imitation.json").read_text())
+    assert imitation["teacher"] == "norm@r0c0@e1" and (imitation["rounds"], imitation["epochs"]) == (2, 4)
+    nll, agreement = imitation["members"]["nll"], imitation["members"]["agreement"]
+    assert len(nll) == 1 and len(nll[0]) == 2 and all(0.0 <= a <= 1.0 for a in agreement[0])
+    assert json.loads((run_dir / "config.json").read_text())["warm_start"] == {
+        "teacher": "norm@r0c0@e1", "rounds": 2, "epochs": 4}
+    resumed = cli_run([f"--resume={run_dir}", "--updates=4", "--no-progress"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at update 2 of 4" in resumed.stdout and "warm start" not in resumed.stdout
+    assert [json.loads(line)["update"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():

@@ -4,8 +4,9 @@ Most tests drive the learner with ``BanditEnv``, a few-line environment with the
 API as ``MorphogeneticEnv`` (state-dependent masks, episodes of fixed length, a reward that
 pays for one op): it compiles in seconds, so rollout, GAE, minibatch epochs, KL stopping,
 chunking and populations are all checked on it. The real morphogenetic environment (the TINY
-configuration of the plan) runs in one module-scoped compiled chunk; the slower real-env
-checks (chunking, populations, a recurrent policy) are marked slow.
+configuration of the plan) runs in one module-scoped compiled chunk, in slow tests only (its
+compilation takes ~40 s; the default suite meets the real env through the CLI's end-to-end runs,
+tests/experiments/test_ppo_cli.py), as do the real-env chunking, population and recurrent checks.
 """
 
 import dataclasses
@@ -402,7 +403,7 @@ TINY_PPO = PPOConfig(num_envs=2, update_epochs=2, num_minibatches=2, hidden_size
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny():  # ~40 s of compilation: the tests that use it are slow (the CLI's end-to-end runs cover the real env)
     env, data = tiny_env()
     trainer = make_train(TINY_PPO, env, 2)
     init, chunk = jax.jit(trainer.init), jax.jit(trainer.train_chunk)
@@ -411,6 +412,7 @@ def tiny():
     return env, data, trainer, init, chunk, runner, after, metrics
 
 
+@pytest.mark.slow
 def test_real_env_chunk_runs_with_finite_metrics(tiny):
     env, data, trainer, init, chunk, runner, after, metrics = tiny
     assert set(metrics.columns()) == set(METRIC_NAMES)
@@ -429,6 +431,7 @@ def test_real_env_chunk_runs_with_finite_metrics(tiny):
     assert float(after.obs_stats.count) == 12
 
 
+@pytest.mark.slow
 def test_real_env_same_key_same_metrics(tiny):
     env, data, trainer, init, chunk, runner, after, metrics = tiny
     again, metrics2 = chunk(runner, data)
@@ -495,9 +498,9 @@ def test_held_out_stream_never_replays_a_training_environment():
     env = KeyRecordingBandit(log, episode_epochs=4)
     config = bandit_config()
     trainer = make_train(config, env, 3)
+    init, chunk = jax.jit(trainer.init), jax.jit(trainer.train_chunk)  # compiled once for both seeds
     for seed in (0, 1):
-        runner = trainer.init(jax.random.key(seed), Hyperparams.default(config), DATA)
-        jax.block_until_ready(trainer.train_chunk(runner, DATA))
+        jax.block_until_ready(chunk(init(jax.random.key(seed), Hyperparams.default(config), DATA), DATA))
     training = set(log)
     assert len(training) >= 2 * 4 * (1 + 3 * 4)  # resets and steps of every update were seen
     first_resets = jax.random.split(jax.random.split(jax.random.key(0), 3)[1], 4)  # what init draws
