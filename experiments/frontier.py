@@ -121,7 +121,6 @@ def calibrate_networks(config, built, family, scales, num_envs: int, key, built_
     calibration envs (all scales in one program, each env repeated once per scale)."""
     import numpy as np
 
-    from esper_jax.runs import evaluation as ev
     from esper_jax.runs import frontier as fr
     from esper_jax.runs.build import build_env
     from esper_jax.runs.config import RunConfigError
@@ -134,9 +133,8 @@ def calibrate_networks(config, built, family, scales, num_envs: int, key, built_
             print(f"    {net.name}: skipped ({error})", flush=True)
             continue
         t = time.perf_counter()
-        evaluator = ev.Evaluator(net_env, num_envs, ("static",), repeats=len(scales),
-                                 prepare=fr.prepare_members(net_env, np.tile(scales, num_envs), net.built_in,
-                                                            built_in_key))
+        evaluator = fr.network_evaluator(net_env, num_envs, np.tile(scales, num_envs), net.built_in, built_in_key,
+                                         repeats=len(scales))
         losses = evaluator.run("static", built.env_data, key).final_val_loss.reshape(num_envs, len(scales))
         means = np.nanmean(np.where(np.isfinite(losses), losses, np.nan), axis=0)
         best = int(np.nanargmin(means))
@@ -152,14 +150,11 @@ def network_row(name: str, network: dict, data, envs: int, key, built_in_key) ->
     import numpy as np
 
     from esper_jax.runs import compute as cp
-    from esper_jax.runs import evaluation as ev
     from esper_jax.runs import frontier as fr
 
     net, net_env = network["net"], network["env"]
     t = time.perf_counter()
-    evaluator = ev.Evaluator(net_env, envs, ("static",),
-                             prepare=fr.prepare_members(net_env, np.full(envs, network["lr_scale"]), net.built_in,
-                                                        built_in_key))
+    evaluator = fr.network_evaluator(net_env, envs, np.full(envs, network["lr_scale"]), net.built_in, built_in_key)
     out = evaluator.run("static", data, key)
     comp = cp.output_compute(net_env.model_costs(data), out, net_env.config.steps_per_epoch, measured=False)
     lattice = net_env.lattice

@@ -108,8 +108,9 @@ def built_in_results(env, networks, num_envs: int, data, key) -> dict:
     results = {}
     for name, seeds in networks.items():
         t = time.perf_counter()
-        prepare = fr.prepare_members(net_env, np.ones(num_envs), seeds, jax.random.fold_in(key, fr.BUILT_IN_STREAM))
-        results[name] = ev.Evaluator(net_env, num_envs, ("static",), prepare=prepare).run("static", data, key)
+        evaluator = fr.network_evaluator(net_env, num_envs, np.ones(num_envs), seeds,
+                                         jax.random.fold_in(key, fr.BUILT_IN_STREAM))
+        results[name] = evaluator.run("static", data, key)
         print(f"  {name}: final val loss {np.mean(results[name].final_val_loss):.4f} ({time.perf_counter() - t:.0f} s)",
               flush=True)
     return results

@@ -44,7 +44,7 @@ from esper_jax.lattice import lifecycle
 from esper_jax.lattice.hosts import CNNHost, TransformerHost
 from esper_jax.lattice.hosts.base import Host
 from esper_jax.runs.config import RunConfig
-from esper_jax.runs.evaluation import BEST_FIXED, ci_text, paired_ci
+from esper_jax.runs.evaluation import BEST_FIXED, Evaluator, ci_text, paired_ci
 
 # The calibration envs' stream: fold_in(key(run seed), CALIBRATION_STREAM). The proof presets were
 # calibrated on this stream of seed 0; training splits key(seed), the held-out envs fold in EVAL_STREAM.
@@ -182,6 +182,14 @@ def prepare_members(env: MorphogeneticEnv, scales: np.ndarray, built_in: Sequenc
         return state.replace(train=train, snapshot=train)
 
     return prepare
+
+
+def network_evaluator(env: MorphogeneticEnv, num_envs: int, scales: np.ndarray,
+                      built_in: Sequence[tuple[str, str]] = (), key: jax.Array | None = None,
+                      repeats: int = 1) -> Evaluator:
+    """A static network's evaluator: ``env`` (made by :func:`with_lr_scale`) under the static
+    controller, each of its ``num_envs x repeats`` members at its scale with the seeds ``built_in``."""
+    return Evaluator(env, num_envs, ("static",), repeats=repeats, prepare=prepare_members(env, scales, built_in, key))
 
 
 # ---------------------------------------------------------------------------- schedules
