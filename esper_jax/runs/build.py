@@ -222,7 +222,8 @@ def make_programs(built: Built) -> Programs:
     imitate = None
     if built.config.warm_start is not None:
         warm = built.config.warm_start
-        one = make_imitation(built.trainer, make_teacher(warm.teacher, built.env), ImitationConfig(warm.rounds, warm.epochs))
+        one = make_imitation(built.trainer, make_teacher(warm.teacher, built.env),
+                             ImitationConfig(warm.rounds, warm.epochs))
         imitate = (lambda state, data: add_axis(one(drop_axis(state), data))) if len(members) == 1 else \
             jax.vmap(one, in_axes=(0, None))
     if shardings is None:

@@ -31,9 +31,9 @@ from esper_jax.runs.build import Built, build, chunk_program, make_programs
 from esper_jax.runs.checkpoint import Checkpointer, CheckpointError
 from esper_jax.runs.config import CONFIG_FILE, RunConfig, RunConfigError
 from esper_jax.runs.tensorboard import ScalarWriter
-from esper_jax.runs.rundir import (CHECKPOINT_DIR, IMITATION_FILE, METRICS_FILE, SUMMARY_FILE, append_rows, diverged_members, fmt,
-                                   language_model_rows, metric_rows, prepare_run_dir, read_rows, start_from_scratch,
-                                   read_json, summarize_run, truncate_rows, write_json, RunLock)
+from esper_jax.runs.rundir import (CHECKPOINT_DIR, IMITATION_FILE, METRICS_FILE, SUMMARY_FILE, append_rows,
+                                   diverged_members, fmt, language_model_rows, metric_rows, prepare_run_dir, read_rows,
+                                   start_from_scratch, read_json, summarize_run, truncate_rows, write_json, RunLock)
 
 # Errors that mean "the user asked for something impossible": the command line prints them as
 # one line and exits 2. Anything else is a bug and keeps its traceback.
@@ -203,7 +203,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
             if state is None:
                 state = programs.init(programs.seeds, programs.hyper, built.env_data)
                 if programs.imitate is not None:
-                    state = _warm_start(config, programs, state, built.env_data, run_dir, writer, log)
+                    state, seconds = _warm_start(config, programs, state, built.env_data, run_dir, writer, log)
+                    t0 += seconds  # compile_seconds counts the compilation, not the teacher's episodes
                 ckpt.save(0, state)  # a run stopped during its first chunk can still resume
             compiled = {}
             for n in sorted(set(sizes), reverse=True):
@@ -275,9 +276,11 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
     return RunResult(run_dir, summary, interrupted, latest, diverged_members(rows, config.population))
 
 
-def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, writer: bool, log) -> Any:
+def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, writer: bool,
+                log) -> tuple[Any, float]:
     """Imitation before PPO (part of the learner's initialization: the checkpoint at update 0
-    holds its result, so a resumed run never repeats it); its metrics go to ``imitation.json``."""
+    holds its result, so a resumed run never repeats it); its metrics go to ``imitation.json``.
+    Returns the state and the seconds it took."""
     warm = config.warm_start
     log(f"warm start: imitating {warm.teacher} for {warm.rounds} round(s) of {config.ppo.num_envs} episodes, "
         f"{warm.epochs} epochs each (compiling)...")
@@ -293,7 +296,7 @@ def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, wri
     if writer:
         write_json(run_dir / IMITATION_FILE, {"teacher": warm.teacher, "rounds": warm.rounds, "epochs": warm.epochs,
                                               "seconds": seconds, "members": columns})
-    return state
+    return state, seconds
 
 
 def _steps_per_update(built: Built) -> int:
