@@ -204,7 +204,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 state = programs.init(programs.seeds, programs.hyper, built.env_data)
                 if programs.imitate is not None:
                     state, seconds = _warm_start(config, programs, state, built.env_data, run_dir, writer, log)
-                    t0 += seconds  # compile_seconds counts the compilation, not the teacher's episodes
+                    t0 += seconds  # compile_seconds: the learner's compilation; the warm start is timed on its own
                 ckpt.save(0, state)  # a run stopped during its first chunk can still resume
             compiled = {}
             for n in sorted(set(sizes), reverse=True):
@@ -280,7 +280,7 @@ def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, wri
                 log) -> tuple[Any, float]:
     """Imitation before PPO (part of the learner's initialization: the checkpoint at update 0
     holds its result, so a resumed run never repeats it); its metrics go to ``imitation.json``.
-    Returns the state and the seconds it took."""
+    Returns the state and the seconds it took, its own compilation included."""
     warm = config.warm_start
     log(f"warm start: imitating {warm.teacher} for {warm.rounds} round(s) of {config.ppo.num_envs} episodes, "
         f"{warm.epochs} epochs each (compiling)...")
