@@ -64,8 +64,9 @@ class ImitationMetrics(NamedTuple):
 
 
 def imitation_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) -> tuple[jax.Array, jax.Array]:
-    """Behaviour cloning of the batch's actions plus value regression on its returns, minus the
-    entropy bonus PPO uses (so imitation does not drive every head to certainty on its own)."""
+    """Behaviour cloning of the batch's actions plus value regression on its returns, minus PPO's
+    entropy bonus. (The bonus does not keep a deterministic teacher's actions uncertain: on real
+    MNIST, 4 rounds of 32 epochs took -log p of them to 0.003 per step.)"""
     traj = batch.transition
     _, logits, values = policy.apply(params, (), traj.obs, traj.episode_start)
     log_prob, entropies, _ = evaluate_actions(logits, traj.masks, traj.action)
@@ -85,6 +86,7 @@ def agreement(policy: Policy, params, batch: Batch) -> tuple[jax.Array, jax.Arra
 
 
 def make_imitation(trainer: Trainer, teacher: Teacher, imitation: ImitationConfig) -> Callable:
+    """``imitate(runner, data) -> (runner, ImitationMetrics [rounds])`` for ``trainer``'s learner."""
     config = trainer.config
     if config.recurrent != "none":
         raise ValueError("imitation fits a feed-forward policy step by step; a recurrent policy would need its "
