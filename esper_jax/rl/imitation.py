@@ -63,7 +63,7 @@ class ImitationMetrics(NamedTuple):
     mean_final_val_loss: jax.Array
 
 
-def imitation_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) -> tuple[jax.Array, jax.Array]:
+def imitation_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) -> jax.Array:
     """Behaviour cloning of the batch's actions plus value regression on its returns, minus PPO's
     entropy bonus. (The bonus does not keep a deterministic teacher's actions uncertain: on real
     MNIST, 4 rounds of 32 epochs took -log p of them to 0.003 per step.)"""
@@ -72,7 +72,7 @@ def imitation_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_
     log_prob, entropies, _ = evaluate_actions(logits, traj.masks, traj.action)
     value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
     entropy = jnp.mean(sum(entropies.values()))
-    return -jnp.mean(log_prob) + config.vf_coef * value_loss - ent_coef * entropy, value_loss
+    return -jnp.mean(log_prob) + config.vf_coef * value_loss - ent_coef * entropy
 
 
 def agreement(policy: Policy, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -93,7 +93,7 @@ def make_imitation(trainer: Trainer, teacher: Teacher, imitation: ImitationConfi
                          "sequences replayed: use recurrent='none' or no teacher")
     # The learning rate is read from the optimizer state (optax.inject_hyperparams), as in PPO's update.
     tx = make_optimizer(config, config.learning_rate)
-    grad_fn = jax.value_and_grad(functools.partial(imitation_loss, trainer.policy, config), has_aux=True)
+    grad_fn = jax.grad(functools.partial(imitation_loss, trainer.policy, config))
     fit_config = dataclasses.replace(config, update_epochs=imitation.epochs)
 
     def fit(params, opt_state, batch: Batch, key, ent_coef):
@@ -101,7 +101,7 @@ def make_imitation(trainer: Trainer, teacher: Teacher, imitation: ImitationConfi
 
         def minibatch_step(carry, minibatch):
             flat, opt_state = carry
-            _, grads = grad_fn(unravel(flat), minibatch, ent_coef)
+            grads = grad_fn(unravel(flat), minibatch, ent_coef)
             updates, opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
             return (flat + updates, opt_state), None
 

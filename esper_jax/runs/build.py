@@ -187,15 +187,19 @@ def population_functions(trainer: ppo_lib.Trainer, population: int) -> tuple[Cal
     if population == 1:
         def init(seeds, hyper, data):
             return add_axis(trainer.init(keys(seeds)[0], drop_axis(hyper), data))
-
-        def chunk(state, data):
-            return add_axis(trainer.train_chunk(drop_axis(state), data))
     else:
         def init(seeds, hyper, data):
             return jax.vmap(trainer.init, in_axes=(0, 0, None))(keys(seeds), hyper, data)
+    return init, per_member(trainer.train_chunk, population)
 
-        chunk = jax.vmap(trainer.train_chunk, in_axes=(0, None))
-    return init, chunk
+
+def per_member(step: Callable, population: int) -> Callable:
+    """``step(state, data) -> outputs`` of one learner as ``(state[P], data) -> outputs[P]``: one
+    ``jax.vmap`` over the members, or for P = 1 the learner unbatched with the axis added around it
+    (see :func:`population_functions`)."""
+    if population == 1:
+        return lambda state, data: add_axis(step(drop_axis(state), data))
+    return jax.vmap(step, in_axes=(0, None))
 
 
 @dataclasses.dataclass
@@ -222,10 +226,8 @@ def make_programs(built: Built) -> Programs:
     imitate = None
     if built.config.warm_start is not None:
         warm = built.config.warm_start
-        one = make_imitation(built.trainer, make_teacher(warm.teacher, built.env),
-                             ImitationConfig(warm.rounds, warm.epochs))
-        imitate = (lambda state, data: add_axis(one(drop_axis(state), data))) if len(members) == 1 else \
-            jax.vmap(one, in_axes=(0, None))
+        imitate = per_member(make_imitation(built.trainer, make_teacher(warm.teacher, built.env),
+                                            ImitationConfig(warm.rounds, warm.epochs)), len(members))
     if shardings is None:
         init_fn, chunk_fn = jax.jit(init), jax.jit(chunk)
         imitate_fn = None if imitate is None else jax.jit(imitate)
