@@ -174,6 +174,23 @@ def schedule_name(seeds: Schedule | Sequence[Schedule]) -> str:
     return "+".join(s.name for s in seeds)
 
 
+def parse_controller(text: str) -> str | tuple[Schedule, ...]:
+    """A controller written as text: one of :data:`CONTROLLERS` by name, or else a fixed schedule
+    (:func:`parse_schedules`); a ValueError names both forms. What ``--imitate`` takes."""
+    text = text.strip()
+    if text in CONTROLLERS:
+        return text
+    try:
+        return parse_schedules(text)
+    except ValueError as error:
+        raise ValueError(f"{error}, or a controller ({', '.join(CONTROLLERS)})") from None
+
+
+def controller_name(controller: str | Sequence[Schedule]) -> str:
+    """:func:`parse_controller`'s result in its canonical text form."""
+    return controller if isinstance(controller, str) else schedule_name(controller)
+
+
 def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequence[Schedule]):
     """A fixed schedule of one seed or several (planted in order, each at its epoch or as soon
     after as the masks allow). Each epoch: fossilize a seed whose G5 passed, else advance one
@@ -211,7 +228,10 @@ def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequenc
     return controller
 
 
-def make_controller(name: str, env: MorphogeneticEnv) -> Callable[[jax.Array, EnvState], FactoredAction]:
+def make_controller(name: str | Sequence[Schedule], env: MorphogeneticEnv) -> Callable[[jax.Array, EnvState], FactoredAction]:
+    """A controller by name, or a fixed schedule's (as :func:`parse_controller` returns them)."""
+    if not isinstance(name, str):
+        return make_scripted_controller(env, name)
     if name == "heuristic":
         return make_heuristic_controller(env)
     if name == "random":

@@ -22,7 +22,7 @@ from esper_jax.data import (SYNTHETIC, DatasetNotFoundError, is_user_image_datas
 from esper_jax.data.augment import channel_stats
 from esper_jax.data.datasets import CorruptDatasetError, ImageDataset, downsample_images, image_fingerprint
 from esper_jax.env.actions import ActionConfig
-from esper_jax.env.controllers import CONTROLLERS, make_controller, make_scripted_controller, parse_schedules
+from esper_jax.env.controllers import make_controller, parse_controller
 from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import RewardConfig
@@ -241,11 +241,7 @@ def make_programs(built: Built) -> Programs:
 def make_teacher(teacher: str, env: MorphogeneticEnv) -> Callable:
     """``--imitate``'s teacher as the learner's rollout takes it: ``(keys [N], env_state) ->
     FactoredAction [N]``, a controller by name or a fixed schedule."""
-    controller = make_controller(teacher, env) if teacher in CONTROLLERS else \
-        make_scripted_controller(env, parse_schedules(teacher))
-    return jax.vmap(controller)
-
-
+    return jax.vmap(make_controller(parse_controller(teacher), env))
 
 
 def chunk_program(built: Built, programs: Programs, updates: int):

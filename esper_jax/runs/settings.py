@@ -22,7 +22,7 @@ import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.data.augment import AUGMENTS
-from esper_jax.env.controllers import CONTROLLERS, parse_schedules, schedule_name
+from esper_jax.env.controllers import CONTROLLERS, controller_name, parse_controller
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
@@ -282,8 +282,8 @@ def _canonical(name: str, value: Any) -> Any:
             return ",".join(repr(v) for v in sweep.values)
         if name == "seeds":
             return ",".join(str(s) for s in parse_seeds(value))
-        if name == "imitate" and isinstance(value, str) and value.strip() not in CONTROLLERS:
-            return schedule_name(parse_schedules(value))
+        if name == "imitate" and isinstance(value, str):
+            return controller_name(parse_controller(value))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
     except RunConfigError:
@@ -548,14 +548,11 @@ def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...
     if not isinstance(text, str) or not text.strip():
         raise RunConfigError(f"--imitate needs a teacher: {', '.join(CONTROLLERS)}, or a schedule "
                              f"blueprint@slot@eN (e.g. conv_heavy@r2c0@e0), got {text!r}")
-    text = text.strip()
-    if text in CONTROLLERS:
-        return text
     try:
-        seeds = parse_schedules(text)
+        teacher = parse_controller(text)
     except ValueError as error:
-        raise RunConfigError(f"--imitate: {error}, or a controller ({', '.join(CONTROLLERS)})") from None
-    for seed in seeds:
+        raise RunConfigError(f"--imitate: {error}") from None
+    for seed in () if isinstance(teacher, str) else teacher:
         if seed.slot not in slots:
             raise RunConfigError(f"--imitate {text}: slot {seed.slot} is not one of the run's slots "
                                  f"({', '.join(slots)})")
@@ -565,7 +562,7 @@ def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...
         if seed.epoch >= episode_epochs:
             raise RunConfigError(f"--imitate {text}: epoch {seed.epoch} is outside the episode's "
                                  f"0..{episode_epochs - 1}")
-    return schedule_name(seeds)
+    return controller_name(teacher)
 
 
 def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from esper_jax.env.controllers import Schedule
+from esper_jax.env.controllers import Schedule, controller_name, parse_controller
 from esper_jax.lattice.lifecycle import Stage
 from experiments import headroom
 
@@ -20,6 +20,16 @@ def test_schedule_names_round_trip_and_bad_ones_are_refused():
     for bad in ("norm", "norm@", "norm@r0c0@3", "norm@r0c0@ex", "a@b@e1@c"):
         with pytest.raises(ValueError, match="blueprint@slot"):
             Schedule.parse(bad)
+
+
+def test_a_controller_is_a_name_or_a_schedule():
+    assert parse_controller(" heuristic ") == "heuristic"
+    seeds = parse_controller("conv_heavy@r2c0+norm@r0c0@e4")
+    assert seeds == (Schedule("conv_heavy", "r2c0", 0), Schedule("norm", "r0c0", 4))
+    assert controller_name(seeds) == "conv_heavy@r2c0@e0+norm@r0c0@e4"
+    assert controller_name(parse_controller("static")) == "static"
+    with pytest.raises(ValueError, match=r"blueprint@slot.*or a controller \(heuristic, random, static\)"):
+        parse_controller("heuristc")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
