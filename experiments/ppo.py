@@ -49,6 +49,8 @@ PPO_HELP = {
     "target_kl": "stop an update's minibatch steps when the KL exceeds 1.5x this ('none': never)",
     "hidden_size": "policy torso width", "recurrent": "none (MLP) | lstm | gru",
     "normalize_obs": "running mean/variance observation normalization",
+    "kickstart_coef": "with --imitate: weight of -log pi(the teacher's action) on the policy's own rollouts during "
+                      "PPO (kickstarting; default 0, off)",
 }
 
 

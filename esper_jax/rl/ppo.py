@@ -1,6 +1,6 @@
 """On-device PPO for the morphogenetic environment, in PureJaxRL's structure.
 
-``make_train(config, env, updates_per_chunk)`` returns a :class:`Trainer` of pure functions.
+``make_train(config, env, updates_per_chunk, teacher=None)`` returns a :class:`Trainer` of pure functions.
 ``train_chunk`` runs ``updates_per_chunk`` PPO updates in one ``lax.scan``; each update is
 
 1. a rollout: ``lax.scan`` over ``rollout_steps`` steps of the explicit-population environment
@@ -27,6 +27,15 @@ epoch has no future and GAE treats ``done`` as terminal by default (``bootstrap_
 value of the final observation (computed in the rollout, before the reset). A rollout that
 stops in the middle of episodes (``rollout_steps`` not a multiple of the episode) is always
 bootstrapped from the value of the next observation.
+
+Kickstarting (``kickstart_coef`` > 0, with a ``teacher``: Schmitt et al. 2018, "Kickstarting deep
+reinforcement learning"). The teacher (a controller, e.g. the best fixed schedule chosen on
+calibration envs) also labels every state of the policy's own rollouts with its action, and the
+loss adds ``kickstart_coef`` x -log pi(teacher's action) over the heads relevant to that action.
+Why: on the growth problem, PPO started from a behaviour-cloned teacher (:mod:`esper_jax.rl.imitation`)
+drifted away from it within 40 updates, to a policy worse than the teacher on the held-out envs;
+with the distillation term the policy departs from the teacher only where the advantage outweighs
+it, per state. The coefficient is constant over the run.
 
 Recurrent policies: minibatches are sets of whole environment sequences, replayed from the
 carry the rollout started with, with the carry reset at the same episode starts as in the
@@ -79,6 +88,7 @@ class PPOConfig:
     normalize_advantages: bool = True  # per minibatch
     bootstrap_on_done: bool = False    # see the module docstring
     adam_eps: float = 1e-5
+    kickstart_coef: float = 0.0        # weight of -log pi(teacher's action) (see the module docstring); 0 = off
 
     def __post_init__(self):
         for name in ("num_envs", "update_epochs", "num_minibatches", "hidden_size"):
@@ -107,6 +117,7 @@ LEARNER_RANGES = (
     ("learning_rate", 0.0, 1.0, True), ("ent_coef", 0.0, math.inf, False), ("gamma", 0.0, 1.0, True),
     ("gae_lambda", 0.0, 1.0, False), ("clip_eps", 0.0, 1.0, True), ("vf_coef", 0.0, math.inf, False),
     ("max_grad_norm", 0.0, math.inf, True), ("target_kl", 0.0, math.inf, True), ("adam_eps", 0.0, 1.0, True),
+    ("kickstart_coef", 0.0, math.inf, False),
 )
 
 
@@ -173,6 +184,7 @@ class Transition(NamedTuple):
     reward: jax.Array
     done: jax.Array
     final_value: jax.Array       # value of the observation before a reset (used with bootstrap_on_done)
+    teacher_action: FactoredAction  # what the kickstarting teacher would do here (``action`` without one)
 
 
 class EpisodeStats(NamedTuple):
@@ -204,6 +216,7 @@ class LossInfo(NamedTuple):
     value_loss: jax.Array
     approx_kl: jax.Array
     clip_fraction: jax.Array
+    teacher_nll: jax.Array        # -log pi(teacher's action), mean over the minibatch (0 without kickstarting)
     head_entropy_sum: jax.Array   # [H]: entropy summed over the samples where the head mattered
     head_relevant: jax.Array      # [H]: how many samples that was
     head_entropy_mean: jax.Array  # [H]: plain mean entropy (for a head that never mattered)
@@ -227,6 +240,7 @@ class UpdateMetrics(NamedTuple):
     approx_kl: jax.Array
     clip_fraction: jax.Array
     explained_variance: jax.Array
+    teacher_nll: jax.Array              # kickstarting: mean -log pi(teacher's action); NaN without it
     entropy: jax.Array                  # [H]: per head, over the samples where the head mattered
     minibatch_updates: jax.Array
     kl_stopped: jax.Array
@@ -333,9 +347,15 @@ def ppo_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) 
     value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
     entropy = relevant_entropies.sum(-1).mean()
     loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
+    teacher_nll = jnp.zeros(())
+    if config.kickstart_coef > 0:
+        teacher_log_prob, _, _ = evaluate_actions_raw(logits, traj.masks, traj.teacher_action)
+        teacher_nll = -jnp.mean(teacher_log_prob)
+        loss = loss + config.kickstart_coef * teacher_nll
     info = LossInfo(
         policy_loss=policy_loss, value_loss=value_loss, approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
         clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)),
+        teacher_nll=teacher_nll,
         head_entropy_sum=relevant_entropies.reshape(-1, len(HEADS)).sum(0),
         head_relevant=rel.reshape(-1, len(HEADS)).sum(0),
         head_entropy_mean=entropies.reshape(-1, len(HEADS)).mean(0),
@@ -363,9 +383,15 @@ def shuffled_minibatches(config: PPOConfig, batch: Batch, key: jax.Array) -> Bat
 # ---------------------------------------------------------------------------- the trainer
 
 
-def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) -> Trainer:
+def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int, teacher: Callable | None = None) -> Trainer:
+    """The learner's pure functions. ``teacher`` (``(keys [N], env_state) -> FactoredAction [N]``) labels
+    the rollouts for kickstarting; it is required when ``config.kickstart_coef`` > 0 and unused otherwise."""
     if updates_per_chunk <= 0:
         raise ValueError(f"updates_per_chunk must be positive, got {updates_per_chunk}")
+    if config.kickstart_coef > 0 and teacher is None:
+        raise ValueError(f"kickstart_coef {config.kickstart_coef} distills a teacher's actions: give the teacher "
+                         "(--imitate TEACHER), or kickstart_coef 0")
+    labeler = teacher if config.kickstart_coef > 0 else None
     num_envs = config.num_envs
     episode = env.episode_epochs
     steps = config.rollout_steps or episode
@@ -415,7 +441,8 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
     def rollout(runner: RunnerState, data, key, teacher: Callable | None = None):
         """One rollout; with a ``teacher`` (``(keys [N], env_state) -> FactoredAction [N]``) the teacher
         acts instead of the policy (warm start by imitation, :mod:`esper_jax.rl.imitation`), and
-        ``log_prob`` is the policy's log-probability of the teacher's action."""
+        ``log_prob`` is the policy's log-probability of the teacher's action. When kickstarting, the
+        trainer's teacher labels each state (``teacher_action``)."""
         params = runner.params
 
         def step(carry: RolloutCarry, t):
@@ -428,6 +455,10 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
                 action = sample_action(k_act, logits, masks)
             else:
                 action = teacher(jax.random.split(k_act, num_envs), carry.env_state)
+            if labeler is None or teacher is not None:  # a teacher that acts is the one to follow
+                teacher_action = action
+            else:
+                teacher_action = labeler(jax.random.split(jax.random.fold_in(k_act, 1), num_envs), carry.env_state)
             log_prob, _, _ = evaluate_actions(logits, masks, action)
             next_obs, next_state, reward, done, info = env.population_step(
                 jax.random.split(k_env, num_envs), carry.env_state, action, data)
@@ -447,7 +478,8 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
 
             any_reset = (t + 1) % episode == 0 if aligned else jnp.any(done)
             next_obs, next_state = jax.lax.cond(any_reset, reset, lambda operand: operand, (next_obs, next_state))
-            transition = Transition(nobs, carry.episode_start, action, masks, log_prob, value, reward, done, final_value)
+            transition = Transition(nobs, carry.episode_start, action, masks, log_prob, value, reward, done, final_value,
+                                    teacher_action)
             carry = RolloutCarry(stats, next_state, next_obs, pcarry, done, jnp.where(done, 0.0, episode_return), key)
             return carry, (transition, stats_now)
 
@@ -493,7 +525,8 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
         relevant = jnp.sum(info.head_relevant * weight[:, None], axis=0)
         entropy = jnp.where(relevant > 0, jnp.sum(info.head_entropy_sum * weight[:, None], axis=0)
                             / jnp.maximum(relevant, 1.0), jax.vmap(mean, in_axes=1)(info.head_entropy_mean))
-        losses = (mean(info.policy_loss), mean(info.value_loss), mean(info.approx_kl), mean(info.clip_fraction), entropy)
+        losses = (mean(info.policy_loss), mean(info.value_loss), mean(info.approx_kl), mean(info.clip_fraction), entropy,
+                  mean(info.teacher_nll))
         return unravel(flat), opt_state, losses, jnp.sum(applied).astype(jnp.int32), stopped.astype(jnp.int32)
 
     # ------------------------------------------------------------------ one update, a chunk
@@ -506,7 +539,7 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
             traj.reward, traj.value, traj.done, last_value, config.gamma, config.gae_lambda,
             traj.final_value if config.bootstrap_on_done else None)
         batch = Batch(traj, advantages, returns, start_carry if recurrent else ())
-        params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction, entropy), applied, stopped = learn(
+        params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction, entropy, teacher_nll), applied, stopped = learn(
             runner.params, runner.opt_state, batch, k_learn, runner.hyper.ent_coef)
         update = runner.update + 1
         done = traj.done.astype(jnp.float32)
@@ -519,7 +552,8 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int) ->
             germinated=per_episode(episode_stats.germinated), fossilized=per_episode(episode_stats.fossilized),
             pruned=per_episode(episode_stats.pruned), rollbacks=per_episode(episode_stats.rollbacks),
             episodes=episodes.astype(jnp.int32), policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl,
-            clip_fraction=clip_fraction, explained_variance=explained_variance(traj.value, returns), entropy=entropy,
+            clip_fraction=clip_fraction, explained_variance=explained_variance(traj.value, returns),
+            teacher_nll=teacher_nll if labeler is not None else jnp.full((), jnp.nan), entropy=entropy,
             minibatch_updates=applied, kl_stopped=stopped,
             # Checked on device every update, read by the training loop once per chunk: a learner
             # that diverged is reported, never saved or chosen as if it were healthy.

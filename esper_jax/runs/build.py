@@ -159,7 +159,7 @@ def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = 
     fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
     task, host, env, dataset = build_env(config, dataset)
     try:
-        trainer = ppo_lib.make_train(config.ppo, env, config.checkpoint_every)
+        trainer = make_learner(config, env, config.checkpoint_every)
         env_data = make_env_data(env.config, dataset)
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
@@ -238,6 +238,13 @@ def make_programs(built: Built) -> Programs:
     return Programs(init_fn, chunk_fn, abstract, seeds, hyper, imitate_fn)
 
 
+def make_learner(config: RunConfig, env: MorphogeneticEnv, updates_per_chunk: int) -> ppo_lib.Trainer:
+    """The run's PPO learner, ``updates_per_chunk`` updates per chunk; kickstarted by the warm start's
+    teacher when ``ppo.kickstart_coef`` > 0."""
+    teacher = None if config.warm_start is None else make_teacher(config.warm_start.teacher, env)
+    return ppo_lib.make_train(config.ppo, env, updates_per_chunk, teacher)
+
+
 def make_teacher(teacher: str, env: MorphogeneticEnv) -> Callable:
     """``--imitate``'s teacher as the learner's rollout takes it: ``(keys [N], env_state) ->
     FactoredAction [N]``, a controller by name or a fixed schedule."""
@@ -247,7 +254,7 @@ def make_teacher(teacher: str, env: MorphogeneticEnv) -> Callable:
 def chunk_program(built: Built, programs: Programs, updates: int):
     """The population chunk program for a chunk of a different length (the last one of a run whose
     ``updates`` is not a multiple of ``checkpoint_every``): a second learner, same state layout."""
-    trainer = ppo_lib.make_train(built.ppo_config, built.env, updates)
+    trainer = make_learner(built.config, built.env, updates)
     _, chunk = population_functions(trainer, built.population)
     shardings = built.placement.state_shardings(programs.abstract_state)
     if shardings is None:

@@ -327,6 +327,8 @@ def _report(bar, row: dict[str, Any], n: int, steps_per_second: float, log, done
                else f"perplexity {fmt(row.get('mean_final_val_perplexity'), '.2f')}")
     line = (f"update {done}/{total}: return {fmt(row.get('mean_return'))}, final val loss "
             f"{fmt(row.get('mean_final_val_loss'))}, {quality}, {steps_per_second:.1f} env steps/s; checkpoint {done}")
+    if row.get("teacher_nll") is not None:  # kickstarting: how far the policy is from its teacher
+        line += f"; -log p(teacher) {fmt(row['teacher_nll'])}"
     if bar.disable:
         log(line)
     else:

@@ -317,6 +317,9 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
             if explicit.get(name) is not None:
                 raise RunConfigError(f"--{name.replace('_', '-')} sets how the learner imitates a teacher before "
                                      f"PPO: give the teacher with --imitate, or leave it out")
+        if settings["kickstart_coef"]:
+            raise RunConfigError("--kickstart-coef weighs the teacher's actions during PPO: give the teacher with "
+                                 "--imitate, or leave it out")
     if settings["host"] is not None:
         if explicit.get("host_variant") is not None:
             raise RunConfigError("--host grows your own network and --host-variant chooses among the built-in ones: "
@@ -573,6 +576,7 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
     # configuration's value (the field's default when the configuration was read).
     base.update({f.name: _canonical(f.name, getattr(stored.env, f.name)) for f in dataclasses.fields(EnvSpec)
                  if f.name not in base})
+    base.update({name: getattr(stored.ppo, name) for name in PPO_SETTINGS if name not in base})
     warm = stored.warm_start
     base.setdefault("imitate", None if warm is None else warm.teacher)
     base.setdefault("imitation_rounds", DEFAULTS["imitation_rounds"] if warm is None else warm.rounds)
@@ -588,8 +592,6 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
             raise RunConfigError(
                 f"--resume: {flag}={given} does not match the run's {flag}={base[name]} "
                 f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} may change on resume)")
-
-
 
 
 def resume_config(stored: RunConfig, explicit: dict[str, Any]) -> RunConfig:

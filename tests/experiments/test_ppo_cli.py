@@ -387,6 +387,28 @@ def test_warm_start_settings(capsys, tmp_path):
     assert resolve_config(resolve_settings({"task": "cifar10"}, "smoke")).warm_start is None
 
 
+def test_kickstart_settings(capsys):
+    """--kickstart-coef weighs the --imitate teacher during PPO: refused without a teacher or below 0,
+    stored with the learner, compared on resume; a configuration from before it reads as 0."""
+    smoke = ["--task=cifar10", "--preset=smoke"]
+    assert "give the teacher with --imitate" in error_line(capsys, [*smoke, "--kickstart-coef=0.5"])
+    assert "kickstart_coef (--kickstart-coef) must be a finite number >= 0" in error_line(
+        capsys, [*smoke, "--imitate=static", "--kickstart-coef=-1"])
+    config = resolve_config(resolve_settings({"task": "cifar10", "imitate": "norm@r0c0", "kickstart_coef": 0.5},
+                                             "smoke"))
+    assert config.ppo.kickstart_coef == 0.5 and config.warm_start.teacher == "norm@r0c0@e0"
+    assert RunConfig.from_json(config.to_json()) == config
+    check_resume_settings(config, {"kickstart_coef": 0.5})
+    with pytest.raises(RunConfigError, match="--kickstart-coef=0.0 does not match the run's --kickstart-coef=0.5"):
+        check_resume_settings(config, {"kickstart_coef": 0.0})
+    value = config.to_json()
+    del value["ppo"]["kickstart_coef"]
+    value["settings"] = {k: v for k, v in value["settings"].items() if k != "kickstart_coef"}
+    old = RunConfig.from_json(value)
+    assert old.ppo.kickstart_coef == 0.0
+    check_resume_settings(old, {"kickstart_coef": 0.0})
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

@@ -89,3 +89,34 @@ def test_bad_imitation_settings_are_refused():
     trainer = make_train(bandit_config(recurrent="gru"), BanditEnv(), 1)
     with pytest.raises(ValueError, match="recurrent"):
         make_imitation(trainer, teacher, ImitationConfig())
+
+
+def waiting_teacher(keys, state) -> FactoredAction:
+    """Never grows: the bandit pays only for GERMINATE, so this teacher earns nothing."""
+    zero = jnp.zeros(state.epoch.shape, jnp.int32)
+    return FactoredAction(op=zero, slot=zero, blueprint=zero + 1, blend=zero, tempo=zero, alpha_target=zero)
+
+
+def test_kickstarting_holds_the_policy_to_its_teacher_against_the_reward():
+    """PPO alone learns to germinate (the bandit's only reward); with a large distillation weight
+    toward a teacher that always waits, the same learner stays with the teacher."""
+    env = BanditEnv(episode_epochs=4)
+    germinated, nll = {}, {}
+    for coef in (0.0, 5.0):
+        config = bandit_config(learning_rate=3e-2, kickstart_coef=coef)
+        trainer = make_train(config, env, 12, teacher=waiting_teacher)
+        runner = jax.jit(trainer.init)(jax.random.key(0), Hyperparams.default(config), DATA)
+        _, metrics = jax.jit(trainer.train_chunk)(runner, DATA)
+        germinated[coef] = np.asarray(metrics.germinated)
+        nll[coef] = np.asarray(metrics.teacher_nll)
+    assert np.all(np.isnan(nll[0.0]))                 # no teacher's loss without kickstarting
+    assert nll[5.0][-1] < 0.5 * nll[5.0][0], nll[5.0]  # the teacher's actions became likely
+    assert germinated[0.0][-3:].mean() > germinated[0.0][:3].mean() + 0.5, germinated[0.0]
+    assert germinated[5.0][-3:].mean() < germinated[5.0][:3].mean(), germinated[5.0]
+
+
+def test_kickstarting_needs_a_teacher():
+    with pytest.raises(ValueError, match="kickstart_coef 0.5 distills a teacher"):
+        make_train(bandit_config(kickstart_coef=0.5), BanditEnv(), 1)
+    with pytest.raises(ValueError, match="kickstart_coef"):
+        bandit_config(kickstart_coef=-1.0)
