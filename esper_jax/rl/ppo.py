@@ -184,7 +184,7 @@ class Transition(NamedTuple):
     reward: jax.Array
     done: jax.Array
     final_value: jax.Array       # value of the observation before a reset (used with bootstrap_on_done)
-    teacher_action: FactoredAction  # what the kickstarting teacher would do here (``action`` without one)
+    teacher_action: FactoredAction | None  # what the kickstarting teacher would do here; None without kickstarting
 
 
 class EpisodeStats(NamedTuple):
@@ -455,7 +455,9 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int, te
                 action = sample_action(k_act, logits, masks)
             else:
                 action = teacher(jax.random.split(k_act, num_envs), carry.env_state)
-            if labeler is None or teacher is not None:  # a teacher that acts is the one to follow
+            if labeler is None:
+                teacher_action = None
+            elif teacher is not None:  # a teacher that acts is the one to follow
                 teacher_action = action
             else:
                 teacher_action = labeler(jax.random.split(jax.random.fold_in(k_act, 1), num_envs), carry.env_state)
