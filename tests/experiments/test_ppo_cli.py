@@ -409,6 +409,23 @@ def test_kickstart_settings(capsys):
     check_resume_settings(old, {"kickstart_coef": 0.0})
 
 
+def test_group_size_settings(capsys):
+    """--group-size groups the envs by problem: refused unless it divides --envs, stored with the
+    learner, compared on resume; a configuration from before it reads as 1 (no groups)."""
+    smoke = ["--task=cifar10", "--preset=smoke", "--envs=4"]
+    assert "--group-size 3 splits the 4 envs" in error_line(capsys, [*smoke, "--group-size=3"])
+    assert "group_size must be positive" in error_line(capsys, [*smoke, "--group-size=0"])
+    config = resolve_config(resolve_settings({"task": "cifar10", "envs": 4, "group_size": 2}, "smoke"))
+    assert config.ppo.group_size == 2 and config.ppo.num_envs == 4
+    check_resume_settings(config, {"group_size": 2})
+    with pytest.raises(RunConfigError, match="--group-size=1 does not match the run's --group-size=2"):
+        check_resume_settings(config, {"group_size": 1})
+    value = config.to_json()
+    del value["ppo"]["group_size"]
+    value["settings"] = {k: v for k, v in value["settings"].items() if k != "group_size"}
+    assert RunConfig.from_json(value).ppo.group_size == 1
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
