@@ -184,61 +184,6 @@ def test_explained_variance():
     assert float(explained_variance(returns, jnp.ones(4))) == 0.0  # constant returns: nothing to explain
 
 
-# ---------------------------------------------------------------------------- problem groups
-
-
-def test_relative_to_group_is_the_leave_one_out_baseline():
-    rewards = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
-    for group in (2, 3):
-        relative = np.asarray(relative_to_group(jnp.asarray(rewards), group))
-        for n in range(6):
-            first = n - n % group
-            others = [j for j in range(first, first + group) if j != n]
-            np.testing.assert_allclose(relative[:, n], rewards[:, n] - rewards[:, others].mean(-1), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(relative.reshape(5, -1, group).sum(-1), 0.0, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(relative_to_group(jnp.asarray(rewards), 1)), rewards)
-    keys = np.asarray(jax.random.key_data(group_keys(jax.random.key(0), 6, 3)))
-    assert (keys[0] == keys[2]).all() and (keys[3] == keys[5]).all() and not (keys[0] == keys[3]).all()
-    np.testing.assert_array_equal(np.asarray(jax.random.key_data(group_keys(jax.random.key(0), 6, 1))),
-                                  np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), 6))))
-
-
-class ProblemRewardBandit(BanditEnv):
-    """Pays each step ten times the episode's problem (its ``bias``, drawn from the reset key) whatever
-    the action: all of its return is env-to-env spread, none of it the policy's doing."""
-
-    def population_step(self, keys, state, action, data):
-        obs, next_state, _, done, info = super().population_step(keys, state, action, data)
-        return obs, next_state, 10.0 * state.bias, done, info
-
-
-def test_groups_share_their_problems_and_learn_from_rewards_relative_to_them():
-    """Envs of a group draw the same problems and get the same step keys (all resets and steps of
-    two updates, as recorded), and learn from their reward relative to their group's: on a reward
-    that is all problem, grouped value targets are exactly zero (the critic's loss is its own
-    outputs' square, under 1), while ungrouped they are the spread itself (tens)."""
-    log: list = []
-    env = KeyRecordingBandit(log, episode_epochs=3)
-    config = bandit_config(num_envs=4, group_size=2, rollout_steps=6)
-    trainer = make_train(config, env, 2)
-    runner, _ = jax.jit(trainer.train_chunk)(trainer.init(jax.random.key(0), Hyperparams.default(config), DATA), DATA)
-    jax.block_until_ready(runner)
-    rows = np.asarray(log).reshape(-1, 4, 2)  # every call: 4 envs' keys
-    assert len(rows) == 1 + 2 * (6 + 2)       # init's reset; per update six steps and two resets
-    np.testing.assert_array_equal(rows[:, 0], rows[:, 1])
-    np.testing.assert_array_equal(rows[:, 2], rows[:, 3])
-    assert not (rows[:, 0] == rows[:, 2]).all(-1).any()
-    np.testing.assert_array_equal(np.asarray(runner.env_state.bias)[::2], np.asarray(runner.env_state.bias)[1::2])
-
-    value_loss = {}
-    for group in (1, 2):
-        config = bandit_config(num_envs=4, group_size=group, rollout_steps=6)
-        trainer = make_train(config, ProblemRewardBandit(3), 1)
-        _, metrics = jax.jit(trainer.train_chunk)(trainer.init(jax.random.key(0), Hyperparams.default(config), DATA), DATA)
-        value_loss[group] = float(metrics.value_loss[0])
-    assert value_loss[2] < 1.0 and value_loss[1] > 10.0, value_loss
-
-
 # ---------------------------------------------------------------------------- config
 
 
@@ -567,3 +512,55 @@ def test_held_out_stream_never_replays_a_training_environment():
         resets, steps, _ = episode_keys(held_out_key(seed), 16, 4)
         held_out = {tuple(row) for k in (resets, steps) for row in np.asarray(jax.random.key_data(k)).reshape(-1, 2)}
         assert len(held_out) == 16 * 5 and not held_out & training
+
+
+# ---------------------------------------------------------------------------- problem groups
+
+
+def test_relative_to_group_is_the_leave_one_out_baseline():
+    rewards = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+    for group in (2, 3):
+        relative = np.asarray(relative_to_group(jnp.asarray(rewards), group))
+        for n in range(6):
+            first = n - n % group
+            others = [j for j in range(first, first + group) if j != n]
+            np.testing.assert_allclose(relative[:, n], rewards[:, n] - rewards[:, others].mean(-1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(relative.reshape(5, -1, group).sum(-1), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(relative_to_group(jnp.asarray(rewards), 1)), rewards)
+    keys = np.asarray(jax.random.key_data(group_keys(jax.random.key(0), 6, 3)))
+    assert (keys[0] == keys[2]).all() and (keys[3] == keys[5]).all() and not (keys[0] == keys[3]).all()
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(group_keys(jax.random.key(0), 6, 1))),
+                                  np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), 6))))
+
+
+class ProblemRewardBandit(KeyRecordingBandit):
+    """Pays each step ten times the episode's problem (its ``bias``, drawn from the reset key) whatever
+    the action: all of its return is env-to-env spread, none of it the policy's doing. Records its keys."""
+
+    def population_step(self, keys, state, action, data):
+        obs, next_state, _, done, info = super().population_step(keys, state, action, data)
+        return obs, next_state, 10.0 * state.bias, done, info
+
+
+def test_groups_share_their_problems_and_learn_from_rewards_relative_to_them():
+    """Envs of a group draw the same problems and get the same step keys (all resets and steps of
+    two updates, as recorded), and learn from their reward relative to their group's: on a reward
+    that is all problem, grouped value targets are exactly zero (the critic's loss is its own
+    outputs' square, under 1), while ungrouped they are the spread itself (tens)."""
+    value_loss = {}
+    for group in (2, 1):
+        log: list = []
+        config = bandit_config(num_envs=4, group_size=group, rollout_steps=6)
+        trainer = make_train(config, ProblemRewardBandit(log, episode_epochs=3), 2)
+        runner, metrics = jax.jit(trainer.train_chunk)(
+            trainer.init(jax.random.key(0), Hyperparams.default(config), DATA), DATA)
+        value_loss[group] = float(metrics.value_loss[0])
+        if group == 2:
+            rows = np.asarray(log).reshape(-1, 4, 2)  # every call: 4 envs' keys
+            assert len(rows) == 1 + 2 * (6 + 2)       # init's reset; per update six steps and two resets
+            np.testing.assert_array_equal(rows[:, 0], rows[:, 1])
+            np.testing.assert_array_equal(rows[:, 2], rows[:, 3])
+            assert not (rows[:, 0] == rows[:, 2]).all(-1).any()
+            bias = np.asarray(runner.env_state.bias)
+            np.testing.assert_array_equal(bias[::2], bias[1::2])
+    assert value_loss[2] < 1.0 and value_loss[1] > 10.0, value_loss
