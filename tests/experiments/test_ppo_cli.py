@@ -387,6 +387,24 @@ def test_warm_start_settings(capsys, tmp_path):
     assert resolve_config(resolve_settings({"task": "cifar10"}, "smoke")).warm_start is None
 
 
+def assert_learner_setting_kept(config: RunConfig, name: str, value, other, default):
+    """The learner setting ``name`` is stored with the learner as ``value`` and survives config.json,
+    a resume must repeat it (``other`` is refused, naming both), and a configuration written before
+    the setting existed (neither in its ``ppo`` section nor among its settings) reads as ``default``."""
+    flag = "--" + name.replace("_", "-")
+    assert getattr(config.ppo, name) == value
+    assert RunConfig.from_json(config.to_json()) == config
+    check_resume_settings(config, {name: value})
+    with pytest.raises(RunConfigError, match=f"{flag}={other} does not match the run's {flag}={value}"):
+        check_resume_settings(config, {name: other})
+    written = config.to_json()
+    del written["ppo"][name]
+    written["settings"] = {k: v for k, v in written["settings"].items() if k != name}
+    old = RunConfig.from_json(written)
+    assert getattr(old.ppo, name) == default
+    check_resume_settings(old, {name: default})
+
+
 def test_kickstart_settings(capsys):
     """--kickstart-coef weighs the --imitate teacher during PPO: refused without a teacher or below 0,
     stored with the learner, compared on resume; a configuration from before it reads as 0."""
@@ -396,17 +414,8 @@ def test_kickstart_settings(capsys):
         capsys, [*smoke, "--imitate=static", "--kickstart-coef=-1"])
     config = resolve_config(resolve_settings({"task": "cifar10", "imitate": "norm@r0c0", "kickstart_coef": 0.5},
                                              "smoke"))
-    assert config.ppo.kickstart_coef == 0.5 and config.warm_start.teacher == "norm@r0c0@e0"
-    assert RunConfig.from_json(config.to_json()) == config
-    check_resume_settings(config, {"kickstart_coef": 0.5})
-    with pytest.raises(RunConfigError, match="--kickstart-coef=0.0 does not match the run's --kickstart-coef=0.5"):
-        check_resume_settings(config, {"kickstart_coef": 0.0})
-    value = config.to_json()
-    del value["ppo"]["kickstart_coef"]
-    value["settings"] = {k: v for k, v in value["settings"].items() if k != "kickstart_coef"}
-    old = RunConfig.from_json(value)
-    assert old.ppo.kickstart_coef == 0.0
-    check_resume_settings(old, {"kickstart_coef": 0.0})
+    assert config.warm_start.teacher == "norm@r0c0@e0"
+    assert_learner_setting_kept(config, "kickstart_coef", 0.5, 0.0, 0.0)
 
 
 def test_group_size_settings(capsys):
@@ -416,14 +425,8 @@ def test_group_size_settings(capsys):
     assert "--group-size 3 splits the 4 envs" in error_line(capsys, [*smoke, "--group-size=3"])
     assert "group_size must be positive" in error_line(capsys, [*smoke, "--group-size=0"])
     config = resolve_config(resolve_settings({"task": "cifar10", "envs": 4, "group_size": 2}, "smoke"))
-    assert config.ppo.group_size == 2 and config.ppo.num_envs == 4
-    check_resume_settings(config, {"group_size": 2})
-    with pytest.raises(RunConfigError, match="--group-size=1 does not match the run's --group-size=2"):
-        check_resume_settings(config, {"group_size": 1})
-    value = config.to_json()
-    del value["ppo"]["group_size"]
-    value["settings"] = {k: v for k, v in value["settings"].items() if k != "group_size"}
-    assert RunConfig.from_json(value).ppo.group_size == 1
+    assert config.ppo.num_envs == 4
+    assert_learner_setting_kept(config, "group_size", 2, 1, 1)
 
 
 # ---------------------------------------------------------------------------- end to end
