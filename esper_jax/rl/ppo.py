@@ -320,8 +320,6 @@ def compute_gae(rewards, values, dones, last_value, gamma: float, gae_lambda: fl
 def group_keys(key: jax.Array, num_envs: int, group_size: int) -> jax.Array:
     """``num_envs`` keys for a population in groups of ``group_size`` consecutive envs that share
     theirs: ``jax.random.split(key, num_envs)`` when the group size is 1."""
-    if group_size == 1:
-        return jax.random.split(key, num_envs)
     return jnp.repeat(jax.random.split(key, num_envs // group_size), group_size, axis=0)
 
 
