@@ -104,6 +104,9 @@ def add_env_settings(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
                         "blended in before it is judged)")
     g.add_argument("--auto-advance", action=argparse.BooleanOptionalAction,
                    help="gates G1-G3 pass by themselves at the end of an epoch (default off; the proof preset: on)")
+    g.add_argument("--seal", action=argparse.BooleanOptionalAction,
+                   help="the op head gets SEAL: no more germinations this episode, one action instead of waiting at "
+                        "every epoch (the seeds already planted go on; default off, the six ops of earlier runs)")
     g.add_argument("--min-training-epochs", type=positive,
                    help=f"G2: epochs a seed trains before it may blend (Esper: 10; default {d['min_training_epochs']}, "
                         "so that a seed can be fossilized within an episode)")

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from esper_jax.data import load_image_dataset
+from esper_jax.env.actions import ActionConfig
 from esper_jax.env.environment import EnvData, MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.lattice.hosts import CNNHost
 from esper_jax.lattice.lifecycle import GateConfig
@@ -46,12 +47,14 @@ class TinyEnv:
 
 
 @functools.cache
-def tiny_env() -> TinyEnv:
+def tiny_env(seal: bool = False) -> TinyEnv:
+    """``seal``: with the SEAL op (a second set of compiled programs, for the tests of it only)."""
     task = get_task("cifar10")
     config = make_env_config(
         task, ("r0c0",), TINY_GATES, blueprints=("conv_small", "norm"),
         host=CNNHost(base_width=4, num_blocks=1, pool_blocks=1),
         episode_epochs=EPISODE_EPOCHS, steps_per_epoch=2, batch_size=16, val_size=32, data_label="SYNTHETIC data",
+        actions=ActionConfig(seal=seal),
     )
     env = MorphogeneticEnv(config)
     data = make_env_data(config, load_image_dataset("cifar10", "synthetic", n_train=256, n_test=64))

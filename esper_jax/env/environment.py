@@ -82,6 +82,9 @@ class EnvState:
     fossilized: jax.Array          # [NB]
     pruned: jax.Array              # [NB]
     problem: Problem               # the inner problem this env drew at reset (esper_jax.env.problems)
+    # with the SEAL op (ActionConfig.seal): whether this episode's germination is over; None
+    # without it, so a run without the op has the state (and checkpoints) it always had
+    sealed: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +188,10 @@ class MorphogeneticEnv:
 
     @property
     def observation_size(self) -> int:
-        return observations.observation_size(self.lattice, self.config.problems.subsets)
+        return observations.observation_size(self.lattice, self.config.problems.subsets, self.config.actions.seal)
 
     def feature_names(self) -> list[str]:
-        return observations.feature_names(self.lattice, self.config.problems.subsets)
+        return observations.feature_names(self.lattice, self.config.problems.subsets, self.config.actions.seal)
 
     def model_costs(self, data: EnvData) -> ModelCosts:
         """The per-batch FLOPs of this env's model (:mod:`esper_jax.lattice.flops`) at its training
@@ -281,6 +284,7 @@ class MorphogeneticEnv:
             recent_val_losses=jnp.repeat(val_loss[:, None], cfg.governor.history, axis=1),
             divergent_epochs=zeros_i(), rollbacks=zeros_i(), metric_at_germination=jnp.zeros((p, s), jnp.float32),
             last_op=zeros_i(), germinated=zeros_i(nb), fossilized=zeros_i(nb), pruned=zeros_i(nb), problem=problem,
+            sealed=jnp.zeros((p,), bool) if cfg.actions.seal else None,
         )
         return jax.vmap(self.observe)(state), state
 
@@ -297,11 +301,16 @@ class MorphogeneticEnv:
 
     def population_masks(self, state: EnvState) -> ActionMasks:
         """The legal actions of every member (leaves ``[P, ...]``)."""
-        return jax.vmap(lambda l: action_masks(self.lattice, l, self.config.actions))(state.train.lattice)
+        return jax.vmap(lambda l, s: action_masks(self.lattice, l, self.config.actions, s))(
+            state.train.lattice, self._sealed(state))
+
+    def _sealed(self, state: EnvState) -> jax.Array:
+        """Every member's sealed flag; all False without the SEAL op."""
+        return jnp.zeros(state.epoch.shape, bool) if state.sealed is None else state.sealed
 
     @property
     def action_space(self) -> ActionSpace:
-        return ActionSpace.for_lattice(self.lattice)
+        return ActionSpace.for_lattice(self.lattice, self.config.actions)
 
     @property
     def episode_epochs(self) -> int:
@@ -341,8 +350,8 @@ class MorphogeneticEnv:
 
     def _act(self, state: EnvState, action: FactoredAction, keys: jax.Array):
         """Apply each member's (masked) action to its lattice; remember the metric at germination."""
-        lattice, applied = jax.vmap(lambda l, a, k: apply_action(self.lattice, l, a, k, self.config.actions))(
-            state.train.lattice, action, keys)
+        lattice, applied = jax.vmap(lambda l, a, k, s: apply_action(self.lattice, l, a, k, self.config.actions, s))(
+            state.train.lattice, action, keys, self._sealed(state))
         germinated_now = applied & (action.op == Op.GERMINATE)
         metric_now = state.val_accuracy if self.config.task.has_accuracy else state.val_loss
         planted = germinated_now[:, None] & (jnp.arange(self.lattice.slots.num_slots) == action.slot[:, None])
@@ -439,6 +448,7 @@ class MorphogeneticEnv:
             metric_at_germination=metric_at_germination, last_op=jnp.where(applied, action.op, Op.WAIT),
             germinated=state.germinated + jnp.where(germinated_now[:, None], planted, 0),
             fossilized=state.fossilized + counts(newly_fossilized), pruned=state.pruned + counts(newly_pruned),
+            sealed=None if state.sealed is None else state.sealed | (applied & (action.op == Op.SEAL)),
         )
 
     def _seed_compute(self, lattice_trained, data: EnvData) -> jax.Array:
@@ -484,4 +494,5 @@ class MorphogeneticEnv:
             best_val_loss=state.best_val_loss, initial_val_loss=state.initial_val_loss,
             loss_history=state.loss_history, last_op=state.last_op,
             train_set_size=problem_size(cfg.problems, state.problem) if cfg.problems.subsets else None,
+            sealed=state.sealed,
         )

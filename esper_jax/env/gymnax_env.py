@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from esper_jax.data.datasets import OptionalDependencyError
-from esper_jax.env.actions import HEADS, NUM_OPS, ActionMasks, FactoredAction, action_masks
+from esper_jax.env.actions import HEADS, ActionMasks, FactoredAction, action_masks
 from esper_jax.env.environment import EnvData, MorphogeneticEnv
 from esper_jax.env.environment import EnvState as GrowthState
 from esper_jax.env.observations import LOSS_HISTORY
@@ -149,13 +149,14 @@ class GrowthGymnaxEnv(gymnax_environment.Environment[EnvState, EnvParams]):
         loss = lambda *shape: spaces.Box(0.0, _FLOAT_MAX, shape, jnp.float32)
         count = spaces.Box(0, _INT_MAX, (blueprints,), jnp.int32)
         inner = {
-            "epoch": epochs, "divergent_epochs": epochs, "rollbacks": epochs, "last_op": spaces.Discrete(NUM_OPS),
+            "epoch": epochs, "divergent_epochs": epochs, "rollbacks": epochs, "last_op": spaces.Discrete(self.env.action_space.num_ops),
             **{name: loss() for name in ("train_loss", "val_loss", "prev_val_loss", "best_val_loss", "initial_val_loss")},
             "val_accuracy": spaces.Box(0.0, 1.0, (), jnp.float32),
             "loss_history": loss(LOSS_HISTORY),
             "recent_val_losses": loss(self.env.config.governor.history),
             "metric_at_germination": loss(slots),
             "germinated": count, "fossilized": count, "pruned": count,
+            **({"sealed": spaces.Discrete(2)} if self.env.config.actions.seal else {}),
         }
         return spaces.Dict({"inner": spaces.Dict(inner), "time": spaces.Discrete(params.max_steps_in_episode + 1)})
 
@@ -201,7 +202,8 @@ class GrowthGymnaxEnv(gymnax_environment.Environment[EnvState, EnvParams]):
 
     def action_masks(self, state: EnvState) -> ActionMasks:
         """The legal actions in ``state``, per head."""
-        return action_masks(self.env.lattice, state.inner.train.lattice, self.env.config.actions)
+        sealed = False if state.inner.sealed is None else state.inner.sealed
+        return action_masks(self.env.lattice, state.inner.train.lattice, self.env.config.actions, sealed)
 
     def flat_action_mask(self, state: EnvState) -> jax.Array:
         """``[num_actions]`` bool: which flat indices are legal in ``state``."""

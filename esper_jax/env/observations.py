@@ -14,6 +14,10 @@ log of the family's smallest, 0 for the whole set, 1 for the smallest): whoever 
 knows how much data it has, and before the first epochs show a train-validation gap nothing else
 tells. The label noise is not shown (nobody knows theirs). Runs without such a family keep the
 layout they always had.
+
+With the SEAL op (``ActionConfig.seal``) the ``last_op`` one-hot has its seventh entry and one more
+global feature says whether the episode is sealed (``sealed``, after ``train_set_size``); without
+it the layout is the one it always was.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ def symlog(x: jax.Array) -> jax.Array:
     return jnp.sign(x) * jnp.log1p(jnp.abs(x))
 
 
-def global_feature_names() -> list[str]:
+def global_feature_names(seal: bool = False) -> list[str]:
     names = ["epoch_fraction", "train_loss", "val_loss", "val_loss_delta", "best_val_loss", "val_loss_vs_initial"]
     names += [f"val_loss_history_{i}" for i in range(LOSS_HISTORY)]
     names += [f"slots_{s.name.lower()}" for s in Stage]
-    names += [f"last_op_{o.name.lower()}" for o in Op]
+    names += [f"last_op_{o.name.lower()}" for o in Op if seal or o != Op.SEAL]
     return names
 
 
@@ -52,15 +56,15 @@ def slot_feature_names(lattice: Lattice, slot_id: str) -> list[str]:
     return [f"{slot_id}.{n}" for n in names]
 
 
-def feature_names(lattice: Lattice, train_set_size: bool = False) -> list[str]:
-    names = global_feature_names() + (["train_set_size"] if train_set_size else [])
+def feature_names(lattice: Lattice, train_set_size: bool = False, seal: bool = False) -> list[str]:
+    names = global_feature_names(seal) + (["train_set_size"] if train_set_size else []) + (["sealed"] if seal else [])
     for slot_id in lattice.slots.slot_ids:
         names += slot_feature_names(lattice, slot_id)
     return names
 
 
-def observation_size(lattice: Lattice, train_set_size: bool = False) -> int:
-    return len(feature_names(lattice, train_set_size))
+def observation_size(lattice: Lattice, train_set_size: bool = False, seal: bool = False) -> int:
+    return len(feature_names(lattice, train_set_size, seal))
 
 
 def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax.Array:
@@ -81,17 +85,20 @@ def _slot_features(lattice: Lattice, st: SlotStatus, episode_epochs: int) -> jax
 
 
 def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int, train_loss, val_loss, prev_val_loss,
-            best_val_loss, initial_val_loss, loss_history, last_op, train_set_size=None) -> jax.Array:
+            best_val_loss, initial_val_loss, loss_history, last_op, train_set_size=None, sealed=None) -> jax.Array:
     """The observation vector; every input is a jnp scalar (``loss_history`` is ``[LOSS_HISTORY]``;
-    ``train_set_size``, when the family draws it, in [0, 1] as the module docstring says)."""
+    ``train_set_size``, when the family draws it, in [0, 1] as the module docstring says;
+    ``sealed`` with the SEAL op only)."""
     stage_counts = jnp.sum(jax.nn.one_hot(status.stage, NUM_STAGES), axis=0) / status.num_slots
     parts = [
         jnp.asarray([epoch / episode_epochs]), symlog(jnp.stack([train_loss, val_loss, val_loss - prev_val_loss, best_val_loss,
                                                                 val_loss - initial_val_loss])),
         symlog(loss_history),
     ]
-    parts += [stage_counts, jax.nn.one_hot(last_op, NUM_OPS)]
+    parts += [stage_counts, jax.nn.one_hot(last_op, NUM_OPS if sealed is not None else int(Op.SEAL))]
     if train_set_size is not None:
         parts.append(jnp.asarray([train_set_size]))
+    if sealed is not None:
+        parts.append(jnp.asarray([sealed]))
     parts.append(_slot_features(lattice, status, episode_epochs).reshape(-1))
     return jnp.concatenate([jnp.asarray(p, jnp.float32).reshape(-1) for p in parts])

@@ -142,7 +142,8 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
             reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight, compute_weight=spec.compute_weight),
             problems=ProblemFamily(spec.train_fraction, spec.label_noise),
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
-            actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age),
+            actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age,
+                                 seal=spec.seal),
             host_lr=spec.host_lr, host_lr_schedule=spec.host_lr_schedule, seed_lr=spec.seed_lr,
             optimizer=spec.optimizer, augment=spec.augment,
             data_label=data_label(dataset))

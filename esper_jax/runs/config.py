@@ -88,6 +88,7 @@ class EnvSpec:
     label_noise: tuple[float, float] = (0.0, 0.0)
     compute_weight: float = 0.0      # the reward's price of compute (esper_jax.env.rewards.compute_price)
     augment: Augment = "crop_flip"   # image tasks' training augmentation (EnvConfig.augment)
+    seal: bool = False               # the SEAL op: no more germinations this episode (esper_jax.env.actions)
 
 
 @dataclasses.dataclass(frozen=True)

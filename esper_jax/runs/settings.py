@@ -90,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
     # controller decides where, what and when to grow and whether to prune or fossilize, but does
     # not have to learn to request each stage change (Esper's controller does not either).
     "auto_advance": _ENV_DEFAULTS["auto_advance"],
+    # the SEAL op: the controller may end an episode's germination in one action (esper_jax.env.actions)
+    "seal": _ENV_DEFAULTS["seal"],
     "seed": 0,
     "checkpoint_every": 4,
     "keep_checkpoints": 3,
@@ -538,7 +540,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                     optimizer=s["optimizer"],
                     block_size=s["block_size"] if language_model else None,
                     train_fraction=problems.train_fraction, label_noise=problems.label_noise,
-                    compute_weight=float(s["compute_weight"]), augment=augment),
+                    compute_weight=float(s["compute_weight"]), augment=augment, seal=bool(s["seal"])),
         ppo=ppo_config, members=tuple(members), preset=s["preset"], preset_description=PRESETS[s["preset"]].description,
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
         seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())}, warm_start=warm_start,

@@ -32,6 +32,7 @@ SLOTS = ("r0c0", "r0c1", "r1c0")
 BLUEPRINTS = ("conv_small", "norm")
 GATES = GateConfig()  # Esper's: G2 after 10 epochs with healthy gradients, G5 after one measured holding epoch
 ACTIONS = ActionConfig()
+SIX_OPS = [o for o in Op if o != Op.SEAL]  # the rig's action space (ActionConfig.seal off)
 LIVE = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
 HAPPY_NEXT = {Stage.GERMINATED: Stage.TRAINING, Stage.TRAINING: Stage.BLENDING, Stage.BLENDING: Stage.HOLDING,
               Stage.HOLDING: Stage.FOSSILIZED}
@@ -77,8 +78,10 @@ def _random_statuses(rng: np.random.Generator, stages: np.ndarray, num_blueprint
     }
 
 
-def reference_masks(st: dict, gates: GateConfig = GATES, config: ActionConfig = ACTIONS) -> np.ndarray:
-    """Esper's rules, written independently of the lifecycle code: ``[B, NUM_OPS, S]``."""
+def reference_masks(st: dict, gates: GateConfig = GATES, config: ActionConfig = ACTIONS,
+                    sealed: bool = False) -> np.ndarray:
+    """Esper's rules, written independently of the lifecycle code: ``[B, num_ops, S]`` (with the
+    SEAL op: neither germination nor a second SEAL once sealed)."""
     stage = st["stage"]
     live = np.isin(stage, LIVE)
     busy = np.isin(stage, (Stage.GERMINATED, Stage.TRAINING)).sum(axis=1, keepdims=True)
@@ -94,9 +97,9 @@ def reference_masks(st: dict, gates: GateConfig = GATES, config: ActionConfig = 
     set_alpha = np.isin(stage, (Stage.BLENDING, Stage.HOLDING)) & ~st["pruning"]
     prune = live & ~st["pruning"] & (st["seed_age"] >= config.min_prune_age)
     wait = np.ones_like(germinate)
-    by_op = {Op.WAIT: wait, Op.GERMINATE: germinate, Op.ADVANCE: advance, Op.SET_ALPHA_TARGET: set_alpha,
-             Op.PRUNE: prune, Op.FOSSILIZE: g5}
-    return np.stack([by_op[op] for op in Op], axis=1)
+    by_op = {Op.WAIT: wait, Op.GERMINATE: germinate & ~sealed, Op.ADVANCE: advance, Op.SET_ALPHA_TARGET: set_alpha,
+             Op.PRUNE: prune, Op.FOSSILIZE: g5, Op.SEAL: wait & ~sealed}
+    return np.stack([by_op[op] for op in Op if config.seal or op != Op.SEAL], axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,7 @@ def _unchanged_rows(before, after) -> np.ndarray:
 def test_masks_follow_esper_rules_for_every_stage_combination(rig):
     expected = reference_masks(rig.status)
     assert rig.masks.slot_given_op.shape == expected.shape
-    for op in Op:
+    for op in SIX_OPS:
         np.testing.assert_array_equal(rig.masks.slot_given_op[:, op], expected[:, op], err_msg=f"{op.name} mask")
     np.testing.assert_array_equal(rig.masks.op, expected.any(axis=2))
     # The cases the rules single out are all present in the drawn states (so the comparison above
@@ -213,7 +216,7 @@ def test_max_concurrent_training_is_a_parameter(rig):
 # ---------------------------------------------------------------------------- applying
 
 
-@pytest.mark.parametrize("op", list(Op), ids=[o.name for o in Op])
+@pytest.mark.parametrize("op", SIX_OPS, ids=[o.name for o in SIX_OPS])
 def test_masked_out_actions_are_never_applied_and_valid_ones_are(rig, op):
     rng = np.random.default_rng(100 + op)
     n = len(rig.status["stage"])
@@ -278,7 +281,7 @@ def test_out_of_range_indices_are_refused(rig):
     keys = jax.random.split(jax.random.key(7), n)
     masks = jax.tree.map(jnp.asarray, rig.masks)
     space = ActionSpace(len(SLOTS), len(BLUEPRINTS)).head_sizes()
-    for op in (-1, NUM_OPS, NUM_OPS + 3):
+    for op in (-1, Op.SEAL, NUM_OPS, NUM_OPS + 3):  # SEAL is out of range without ActionConfig.seal
         action = _actions(rng, n, op, 0)
         assert not np.asarray(rig.is_valid(masks, action)).any()
         new, applied = rig.apply(rig.states, action, keys)
@@ -306,3 +309,41 @@ def test_relevant_heads_cover_every_op():
         assert heads[0] == "op" and set(heads) <= set(HEADS)
     assert "slot" not in RELEVANT_HEADS[Op.WAIT]
     assert set(RELEVANT_HEADS[Op.GERMINATE]) >= {"slot", "blueprint", "blend", "tempo"}
+
+
+# ---------------------------------------------------------------------------- SEAL
+
+
+def test_seal_is_an_option_that_ends_germination_and_nothing_else(rig):
+    """With ``ActionConfig.seal`` the op head has a seventh op. Unsealed, the six ops' masks are
+    the rig's (Esper's rules) and SEAL is valid everywhere; sealed, germination and SEAL are
+    masked out and every other op keeps its mask. Applying SEAL leaves the lattice bit for bit
+    as it was (the environment records it); a germination requested while sealed is refused."""
+    assert ActionSpace.for_lattice(rig.lattice).head_sizes()["op"] == len(SIX_OPS)
+    config = dataclasses.replace(ACTIONS, seal=True)
+    assert ActionSpace.for_lattice(rig.lattice, config).head_sizes()["op"] == NUM_OPS
+    n = len(rig.status["stage"])
+    masks_of = jax.jit(jax.vmap(lambda s, sealed: action_masks(rig.lattice, s, config, sealed)))
+    apply = jax.jit(jax.vmap(lambda s, a, k, sealed: apply_action(rig.lattice, s, a, k, config, sealed)))
+    keys = jax.random.split(jax.random.key(3), n)
+    rng = np.random.default_rng(3)
+    for sealed in (False, True):
+        flags = jnp.full((n,), sealed)
+        masks = jax.tree.map(np.asarray, masks_of(rig.states, flags))
+        expected = reference_masks(rig.status, config=config, sealed=sealed)
+        assert masks.slot_given_op.shape == expected.shape == (n, NUM_OPS, len(SLOTS))
+        np.testing.assert_array_equal(masks.slot_given_op, expected)
+        np.testing.assert_array_equal(masks.op, expected.any(axis=2))
+        # unsealed, the six ops are the rig's; sealed, only germination changed
+        same = SIX_OPS if not sealed else [o for o in SIX_OPS if o != Op.GERMINATE]
+        np.testing.assert_array_equal(masks.slot_given_op[:, same], rig.masks.slot_given_op[:, same])
+        assert masks.op[:, Op.SEAL].all() != sealed and masks.slot_given_op[:, Op.GERMINATE].any() != sealed
+        new, applied = jax.tree.map(np.asarray, apply(rig.states, _actions(rng, n, Op.SEAL, 0), keys, flags))
+        np.testing.assert_array_equal(applied, np.full(n, not sealed))
+        assert _unchanged_rows(rig.states, new).all()
+        germinate = _actions(rng, n, Op.GERMINATE, 0)
+        new, applied = jax.tree.map(np.asarray, apply(rig.states, germinate, keys, flags))
+        could = rig.masks.slot_given_op[:, Op.GERMINATE, 0]
+        assert could.any()
+        np.testing.assert_array_equal(applied, could & (not sealed))
+        assert _unchanged_rows(rig.states, new)[~applied].all()

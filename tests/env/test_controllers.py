@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from esper_jax.lattice import blending
-from esper_jax.env.actions import NUM_OPS, Op, action_masks
+from esper_jax.env.actions import Op, action_masks
 from esper_jax.env.controllers import (
     CONTROLLERS, HeuristicConfig, make_controller, make_heuristic_controller, make_random_controller,
 )
@@ -231,7 +231,7 @@ def test_random_controller_is_uniform_over_valid_ops(tiny, fresh, masks_one):
     actions = sample(jax.random.split(jax.random.key(9), draws), state)
     valid = jax.jit(jax.vmap(lambda a: masks.is_valid(a)))(actions)
     assert np.asarray(valid).all()
-    counts = np.bincount(np.asarray(actions.op), minlength=NUM_OPS)
+    counts = np.bincount(np.asarray(actions.op), minlength=tiny.env.action_space.num_ops)
     assert counts[~expected].sum() == 0
     # binomial(2000, 0.2): standard deviation ~18 draws; allow ~4.5 of them
     assert np.all(np.abs(counts[expected] - draws / 5) < 80), counts

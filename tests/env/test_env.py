@@ -330,3 +330,38 @@ def test_counterfactual_passes_only_where_a_seed_is_blended(tiny, germinated):
     measured = validate(training)
     np.testing.assert_array_equal(np.asarray(measured.contribution), 0.0)
     np.testing.assert_allclose(np.asarray(off(training)), np.asarray(measured.val_loss), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- SEAL
+
+
+def test_seal_ends_germination_for_the_episode_and_the_observation_shows_it(tiny, reset):
+    """Without the op the state and the observation are what they always were; with it, a member
+    that SEALs is refused every later germination of its episode (the other member, which waited,
+    germinates), its observation says sealed, and a reset opens the next episode again."""
+    assert reset[2].sealed is None and "sealed" not in tiny.env.feature_names()
+    assert "last_op_seal" not in tiny.env.feature_names() and tiny.env.action_space.num_ops == int(Op.SEAL)
+    sealing = tiny_env(seal=True)
+    env, names = sealing.env, sealing.env.feature_names()
+    assert env.action_space.num_ops == len(Op) and len(names) == env.observation_size == tiny.env.observation_size + 2
+    assert names.index("sealed") == names.index("last_op_seal") + 1  # the global features' end (no problem family here)
+    obs, state = sealing.population_reset(sealing.keys(0, 1), sealing.data)
+    assert not np.asarray(state.sealed).any() and not np.asarray(obs)[:, names.index("sealed")].any()
+    seal = FactoredAction.make(Op.SEAL)
+    obs, state, _, _, info = sealing.population_step(sealing.keys(10, 11), state, actions(seal, WAIT), sealing.data)
+    np.testing.assert_array_equal(np.asarray(info["applied"]), [True, True])
+    np.testing.assert_array_equal(np.asarray(state.sealed), [True, False])
+    np.testing.assert_array_equal(np.asarray(state.last_op), [Op.SEAL, Op.WAIT])
+    o = np.asarray(obs)
+    np.testing.assert_array_equal(o[:, names.index("sealed")], [1, 0])
+    np.testing.assert_array_equal(o[:, names.index("last_op_seal")], [1, 0])
+    masks = env.population_masks(state)
+    np.testing.assert_array_equal(np.asarray(masks.op)[:, [Op.GERMINATE, Op.SEAL]], [[False, False], [True, True]])
+    obs, state, _, _, info = sealing.population_step(sealing.keys(12, 13), state, actions(germinate(), germinate()),
+                                                     sealing.data)
+    np.testing.assert_array_equal(np.asarray(info["applied"]), [False, True])
+    np.testing.assert_array_equal(np.asarray(state.germinated).sum(-1), [0, 1])
+    np.testing.assert_array_equal(np.asarray(state.sealed), [True, False])  # a refused action unseals nothing
+    np.testing.assert_array_equal(np.asarray(state.train.lattice.status.stage)[:, 0], [Stage.DORMANT, Stage.GERMINATED])
+    _, state = sealing.population_reset(sealing.keys(2, 3), sealing.data)
+    assert not np.asarray(state.sealed).any()

@@ -27,10 +27,12 @@ from gymnax.environments import spaces  # noqa: E402
 from gymnax.wrappers import LogWrapper  # noqa: E402
 
 from esper_jax.data.datasets import OptionalDependencyError  # noqa: E402
-from esper_jax.env.actions import HEADS, NUM_OPS, FactoredAction, Op  # noqa: E402
+from esper_jax.env.actions import HEADS, FactoredAction, Op  # noqa: E402
 from esper_jax.env.gymnax_env import GYMNAX_INTERFACE, GrowthGymnaxEnv  # noqa: E402
 
 from tests.env_rig import EPISODE_EPOCHS, member, stack_members, tiny_env  # noqa: E402
+
+OPS = int(Op.SEAL)  # the tiny env's op head: the six ops (no SEAL option)
 
 ENVS = 2
 # The stepping tests below unpack gymnax 1.0's six values; the 0.0.x-style loop has a test of its own.
@@ -90,7 +92,7 @@ def test_spaces_describe_what_the_env_returns(tiny, flat, factored, params, rese
     obs, state = reset
     heads = tiny.env.action_space.head_sizes()
     n = math.prod(heads.values())
-    assert flat.num_actions == factored.num_actions == n == NUM_OPS * 1 * 2 * 7 * 3 * 3
+    assert flat.num_actions == factored.num_actions == n == OPS * 1 * 2 * 7 * 3 * 3
     space = flat.action_space(params)
     assert isinstance(space, spaces.Discrete) and space.n == n
     space = factored.action_space(params)
@@ -123,7 +125,7 @@ def test_sampled_actions_are_in_the_action_space(flat, factored, params):
     # gymnax's Dict.contains reads the entries as attributes: a FactoredAction has them
     as_actions = FactoredAction(**sampled)
     assert np.asarray(jax.vmap(dict_space.contains)(as_actions)).all()
-    assert not bool(dict_space.contains(FactoredAction.make(op=NUM_OPS)))
+    assert not bool(dict_space.contains(FactoredAction.make(op=OPS)))
 
 
 # ---------------------------------------------------------------------------- actions
@@ -137,7 +139,7 @@ def test_flat_decoding_is_mixed_radix_in_head_order(flat):
         np.testing.assert_array_equal(getattr(decoded, head), digits, err_msg=head)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(flat.flat_index))(decoded)), np.arange(flat.num_actions))
     # the op is the most significant digit and alpha_target the least
-    assert int(flat.flat_index(FactoredAction.make(op=Op.GERMINATE))) == flat.num_actions // NUM_OPS
+    assert int(flat.flat_index(FactoredAction.make(op=Op.GERMINATE))) == flat.num_actions // OPS
     assert int(flat.flat_index(FactoredAction.make(alpha_target=1))) == 1
 
 
