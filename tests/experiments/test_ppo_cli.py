@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from esper_jax.data import load_image_dataset
+from esper_jax.env.actions import Op
 from esper_jax.lattice.model import MorphogeneticModel
+from esper_jax.runs.build import build_env
 from esper_jax.runs.config import Member, RunConfig, RunConfigError, WarmStart, read_config
 from esper_jax.runs.load import load_run
 from esper_jax.runs.rundir import write_json
@@ -387,21 +390,22 @@ def test_warm_start_settings(capsys, tmp_path):
     assert resolve_config(resolve_settings({"task": "cifar10"}, "smoke")).warm_start is None
 
 
-def assert_learner_setting_kept(config: RunConfig, name: str, value, other, default):
-    """The learner setting ``name`` is stored with the learner as ``value`` and survives config.json,
-    a resume must repeat it (``other`` is refused, naming both), and a configuration written before
-    the setting existed (neither in its ``ppo`` section nor among its settings) reads as ``default``."""
+def assert_setting_kept(config: RunConfig, name: str, value, other, default, section: str = "ppo"):
+    """The setting ``name`` is stored in the configuration's ``section`` (``ppo``: the learner's,
+    ``env``: the environment's) as ``value`` and survives config.json, a resume must repeat it
+    (``other`` is refused, naming both), and a configuration written before the setting existed
+    (neither in its section nor among its settings) reads as ``default``."""
     flag = "--" + name.replace("_", "-")
-    assert getattr(config.ppo, name) == value
+    assert getattr(getattr(config, section), name) == value
     assert RunConfig.from_json(config.to_json()) == config
     check_resume_settings(config, {name: value})
     with pytest.raises(RunConfigError, match=f"{flag}={other} does not match the run's {flag}={value}"):
         check_resume_settings(config, {name: other})
     written = config.to_json()
-    del written["ppo"][name]
+    del written[section][name]
     written["settings"] = {k: v for k, v in written["settings"].items() if k != name}
     old = RunConfig.from_json(written)
-    assert getattr(old.ppo, name) == default
+    assert getattr(getattr(old, section), name) == default
     check_resume_settings(old, {name: default})
 
 
@@ -415,7 +419,7 @@ def test_kickstart_settings(capsys):
     config = resolve_config(resolve_settings({"task": "cifar10", "imitate": "norm@r0c0", "kickstart_coef": 0.5},
                                              "smoke"))
     assert config.warm_start.teacher == "norm@r0c0@e0"
-    assert_learner_setting_kept(config, "kickstart_coef", 0.5, 0.0, 0.0)
+    assert_setting_kept(config, "kickstart_coef", 0.5, 0.0, 0.0)
 
 
 def test_group_size_settings(capsys):
@@ -426,7 +430,20 @@ def test_group_size_settings(capsys):
     assert "group_size must be positive" in error_line(capsys, [*smoke, "--group-size=0"])
     config = resolve_config(resolve_settings({"task": "cifar10", "envs": 4, "group_size": 2}, "smoke"))
     assert config.ppo.num_envs == 4
-    assert_learner_setting_kept(config, "group_size", 2, 1, 1)
+    assert_setting_kept(config, "group_size", 2, 1, 1)
+
+
+def test_seal_settings():
+    """--seal gives the op head SEAL: stored with the environment, compared on resume, built into
+    the env's action space; a configuration from before it reads as off (the six ops)."""
+    args = cli.build_parser().parse_args(["--task=cifar10", "--seal"])
+    assert cli.explicit_settings(args)["seal"] is True
+    config = resolve_config(resolve_settings({"task": "cifar10", "seal": True}, "smoke"))
+    assert_setting_kept(config, "seal", True, False, False, section="env")
+    dataset = load_image_dataset("cifar10", "synthetic", n_train=64, n_test=32)
+    for seal, ops in ((True, len(Op)), (False, int(Op.SEAL))):
+        _, _, env, _ = build_env(dataclasses.replace(config, env=dataclasses.replace(config.env, seal=seal)), dataset)
+        assert env.config.actions.seal == seal and env.action_space.num_ops == ops
 
 
 # ---------------------------------------------------------------------------- end to end
