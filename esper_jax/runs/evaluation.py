@@ -243,8 +243,9 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
-    """One controller's results: means over the held-out envs, per-env values, and seeds
-    germinated/fossilized/pruned per blueprint (totals over envs)."""
+    """One controller's results: means over the held-out envs, per-env values, seeds
+    germinated/fossilized/pruned per blueprint (totals over envs) and, with the SEAL op, the
+    epoch each env sealed at (None: never)."""
     blueprints = [b.name for b in env.lattice.blueprints]
     loss = np.asarray(out.final_val_loss, np.float64)
     has_accuracy = env.config.task.has_accuracy
@@ -266,7 +267,14 @@ def summarize_episodes(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, A
         "germinated": _per_blueprint(out.germinated, blueprints),
         "fossilized": _per_blueprint(out.fossilized, blueprints),
         "pruned": _per_blueprint(out.pruned, blueprints),
+        **({"sealed_at_epoch": _sealed_at(out)} if env.config.actions.seal else {}),
     }
+
+
+def _sealed_at(out: EpisodeOutput) -> list[int | None]:
+    """Per env, the epoch whose action was an applied SEAL (at most one: a second is masked out)."""
+    sealed = (np.asarray(out.op) == Op.SEAL) & np.asarray(out.applied)
+    return [int(np.argmax(row)) if row.any() else None for row in sealed]
 
 
 def timeline(env: MorphogeneticEnv, out: EpisodeOutput) -> dict[str, Any]:
@@ -337,6 +345,12 @@ def markdown_table(payload: dict[str, Any]) -> str:
               f"{' / vs '.join(compared)}: mean over envs of the final loss minus that baseline's on the same env (negative = better), "
               "its 95% Student-t confidence interval, and in how many envs it was lower; params added: mean per env of "
               "parameters in computed seeds; seed counts: totals over all envs, per blueprint."]
+    sealing = {name: r["sealed_at_epoch"] for name, r in payload["controllers"].items() if "sealed_at_epoch" in r}
+    if sealing:
+        lines += ["", "SEAL (no more germinations this episode): " + "; ".join(
+            f"{name} sealed in {sum(e is not None for e in at)} of {len(at)} envs"
+            + (f", at epochs {', '.join(str(e) for e in at if e is not None)}" if any(e is not None for e in at) else "")
+            for name, at in sealing.items()) + "."]
     align = payload.get("return_alignment")
     if align:
         lines += ["", f"Return vs goal over all {align['episodes']} episodes: Pearson correlation of the episode return "

@@ -15,6 +15,7 @@ import pytest
 
 from esper_jax.rl import normalize
 from esper_jax.data import load_image_dataset
+from esper_jax.env.actions import Op
 from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
 from esper_jax.trees import take
 from esper_jax.runs.evaluation import (
@@ -169,7 +170,7 @@ def test_a_language_model_is_summarized_by_perplexity(rig):
 
     env, *_, results = rig
     lm_task = dataclasses.replace(env.config.task, kind="language_model")
-    lm_env = types.SimpleNamespace(lattice=env.lattice, config=types.SimpleNamespace(task=lm_task))
+    lm_env = types.SimpleNamespace(lattice=env.lattice, config=types.SimpleNamespace(task=lm_task, actions=env.config.actions))
     summary = summarize_episodes(lm_env, results["static"])
     loss = np.asarray(results["static"].final_val_loss, np.float64)
     assert summary["final_val_accuracy"] is None
@@ -180,6 +181,29 @@ def test_a_language_model_is_summarized_by_perplexity(rig):
                "controllers": {"static": summary}}
     table = markdown_table(payload)
     assert "| val perplexity |" in table and f"| {summary['final_val_perplexity']:.2f} |" in table
+
+
+def test_seal_epochs_are_summarized_from_the_applied_ops(rig):
+    """With the SEAL op, each env's summary says the epoch whose applied action sealed it; a
+    refused SEAL does not count; the table says how many envs sealed and when. Without the op
+    there is no such entry."""
+    import dataclasses
+    import types
+
+    env, *_, results = rig
+    assert "sealed_at_epoch" not in summarize_episodes(env, results["static"])
+    seal_env = types.SimpleNamespace(lattice=env.lattice, config=dataclasses.replace(
+        env.config, actions=dataclasses.replace(env.config.actions, seal=True)))
+    op = np.zeros((NUM_ENVS, EPOCHS), np.int32)
+    op[0, 2] = op[1, 1] = Op.SEAL
+    applied = np.ones((NUM_ENVS, EPOCHS), bool)
+    applied[1, 1] = False
+    summary = summarize_episodes(seal_env, results["static"].replace(op=op, applied=applied))
+    assert summary["sealed_at_epoch"] == [2, None, None]
+    payload = {"task": "cifar10", "data": "SYNTHETIC data", "host_params": 1, "run_dir": None,
+               "held_out": {"num_envs": NUM_ENVS, "episode_epochs": EPOCHS, "derivation": "x"},
+               "controllers": {"policy": summary}}
+    assert f"policy sealed in 1 of {NUM_ENVS} envs, at epochs 2." in markdown_table(payload)
 
 
 # ---------------------------------------------------------------------------- the command line
