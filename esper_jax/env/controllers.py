@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from esper_jax.lattice import blending
-from esper_jax.env.actions import ActionMasks, FactoredAction, Op, action_masks
+from esper_jax.env.actions import ActionMasks, FactoredAction, Op
 from esper_jax.env.environment import EnvState, MorphogeneticEnv
 from esper_jax.lattice.lifecycle import GateConfig, Stage
 from esper_jax.env.observations import LOSS_HISTORY
@@ -81,7 +81,7 @@ def make_heuristic_controller(env: MorphogeneticEnv, config: HeuristicConfig | N
 
     def controller(key: jax.Array, state: EnvState) -> FactoredAction:
         del key  # deterministic
-        masks = action_masks(lattice, state.train.lattice, env.config.actions)
+        masks = env.masks(state)
         st = state.train.lattice.status
         history = state.loss_history
         plateau = history[-window:].min() > history[:-window].min() - config.plateau_min_delta
@@ -111,7 +111,7 @@ def _uniform(key: jax.Array, mask: jax.Array) -> jax.Array:
 
 def make_random_controller(env: MorphogeneticEnv):
     def controller(key: jax.Array, state: EnvState) -> FactoredAction:
-        masks: ActionMasks = action_masks(env.lattice, state.train.lattice, env.config.actions)
+        masks: ActionMasks = env.masks(state)
         keys = jax.random.split(key, 6)
         op = _uniform(keys[0], masks.op)
         return FactoredAction.make(
@@ -211,7 +211,7 @@ def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequenc
 
     def controller(key: jax.Array, state: EnvState) -> FactoredAction:
         del key  # deterministic
-        masks = action_masks(lattice, state.train.lattice, env.config.actions)
+        masks = env.masks(state)
         stage = state.train.lattice.status.stage[slots]
         planted = jnp.sum(state.germinated)           # seeds are planted in order
         nxt = jnp.clip(planted, 0, len(seeds) - 1)

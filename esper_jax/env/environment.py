@@ -299,13 +299,18 @@ class MorphogeneticEnv:
         """One epoch of every member; ``keys``, ``state`` and ``action`` lead with the member axis."""
         return self.model.strategy.run(self._batched_step, (keys, state, action), (data,))
 
+    def masks(self, state: EnvState) -> ActionMasks:
+        """One member's legal actions: what the lattice allows, and with the SEAL op whether the
+        episode is sealed. Every controller and the learner ask here, so none of them names an
+        action the env would refuse (a kickstarting teacher's label among them)."""
+        return action_masks(self.lattice, state.train.lattice, self.config.actions, self._sealed(state))
+
     def population_masks(self, state: EnvState) -> ActionMasks:
         """The legal actions of every member (leaves ``[P, ...]``)."""
-        return jax.vmap(lambda l, s: action_masks(self.lattice, l, self.config.actions, s))(
-            state.train.lattice, self._sealed(state))
+        return jax.vmap(self.masks)(state)
 
     def _sealed(self, state: EnvState) -> jax.Array:
-        """Every member's sealed flag; all False without the SEAL op."""
+        """The sealed flag (per member where ``state`` has the member axis); False without the SEAL op."""
         return jnp.zeros(state.epoch.shape, bool) if state.sealed is None else state.sealed
 
     @property

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from esper_jax.data.datasets import OptionalDependencyError
-from esper_jax.env.actions import HEADS, ActionMasks, FactoredAction, action_masks
+from esper_jax.env.actions import HEADS, ActionMasks, FactoredAction
 from esper_jax.env.environment import EnvData, MorphogeneticEnv
 from esper_jax.env.environment import EnvState as GrowthState
 from esper_jax.env.observations import LOSS_HISTORY
@@ -202,8 +202,7 @@ class GrowthGymnaxEnv(gymnax_environment.Environment[EnvState, EnvParams]):
 
     def action_masks(self, state: EnvState) -> ActionMasks:
         """The legal actions in ``state``, per head."""
-        sealed = False if state.inner.sealed is None else state.inner.sealed
-        return action_masks(self.env.lattice, state.inner.train.lattice, self.env.config.actions, sealed)
+        return self.env.masks(state.inner)
 
     def flat_action_mask(self, state: EnvState) -> jax.Array:
         """``[num_actions]`` bool: which flat indices are legal in ``state``."""

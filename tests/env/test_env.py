@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from esper_jax.env.actions import FactoredAction, Op
+from esper_jax.env.controllers import make_controller, parse_controller
 from esper_jax.lattice.lifecycle import LIVE_STAGES, Stage
 from esper_jax.env.observations import LOSS_HISTORY
 
@@ -357,6 +358,13 @@ def test_seal_ends_germination_for_the_episode_and_the_observation_shows_it(tiny
     np.testing.assert_array_equal(o[:, names.index("last_op_seal")], [1, 0])
     masks = env.population_masks(state)
     np.testing.assert_array_equal(np.asarray(masks.op)[:, [Op.GERMINATE, Op.SEAL]], [[False, False], [True, True]])
+    # the controllers ask the env's masks: a schedule (a kickstarting teacher) does not name a germination
+    # the sealed member would refuse, nor does the random controller
+    schedule = make_controller(parse_controller("conv_small@r0c0@e0"), env)
+    np.testing.assert_array_equal([int(schedule(None, member(state, i)).op) for i in (0, 1)], [Op.WAIT, Op.GERMINATE])
+    draws = jax.vmap(make_controller("random", env), in_axes=(0, None))(
+        jax.random.split(jax.random.key(0), 64), member(state, 0))
+    assert not np.isin(np.asarray(draws.op), [Op.GERMINATE, Op.SEAL]).any()
     obs, state, _, _, info = sealing.population_step(sealing.keys(12, 13), state, actions(germinate(), germinate()),
                                                      sealing.data)
     np.testing.assert_array_equal(np.asarray(info["applied"]), [False, True])
