@@ -149,7 +149,8 @@ class GrowthGymnaxEnv(gymnax_environment.Environment[EnvState, EnvParams]):
         loss = lambda *shape: spaces.Box(0.0, _FLOAT_MAX, shape, jnp.float32)
         count = spaces.Box(0, _INT_MAX, (blueprints,), jnp.int32)
         inner = {
-            "epoch": epochs, "divergent_epochs": epochs, "rollbacks": epochs, "last_op": spaces.Discrete(self.env.action_space.num_ops),
+            "epoch": epochs, "divergent_epochs": epochs, "rollbacks": epochs,
+            "last_op": spaces.Discrete(self.env.action_space.num_ops),
             **{name: loss() for name in ("train_loss", "val_loss", "prev_val_loss", "best_val_loss", "initial_val_loss")},
             "val_accuracy": spaces.Box(0.0, 1.0, (), jnp.float32),
             "loss_history": loss(LOSS_HISTORY),
