@@ -235,6 +235,7 @@ def main(argv=None) -> int:
             "selection": _selection(args.member, handle.summary),
             "checkpoint_update": handle.step, "deterministic": not args.stochastic,
             "hyperparameters": dataclasses.asdict(handle.members[member]),
+            "first_decision": ev.first_decision(env, handle.trainer, inputs, handle.env_data, key, args.envs),
         }
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,

@@ -73,7 +73,9 @@ from jax.flatten_util import ravel_pytree
 from esper_jax.rl import normalize
 from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction
 from esper_jax.trees import select
-from esper_jax.rl.policy import RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, sample_action
+from esper_jax.rl.policy import (
+    RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, masked_logits, sample_action,
+)
 
 # A minibatch whose KL before its step exceeds this multiple of target_kl stops the update
 # (Stable-Baselines3's rule).
@@ -280,6 +282,7 @@ class Trainer(NamedTuple):
     train_chunk: Callable         # (runner, data) -> (runner, UpdateMetrics with leaves [updates_per_chunk])
     act: Callable                 # (params, obs_stats, obs, masks, carry, key, deterministic=False,
                                   #  episode_start=None) -> (FactoredAction, carry)
+    op_probabilities: Callable    # (params, obs_stats, obs, masks, carry, episode_start=None) -> [N, num_ops]
     init_carry: Callable          # (num_envs) -> carry
     policy: Policy
     masks: Callable               # (env_state with leaves [N, ...]) -> ActionMasks with leaves [N, ...]
@@ -613,6 +616,15 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int, te
         carry, logits, _ = policy.apply(params, carry, norm(obs_stats, obs), episode_start)
         return sample_action(key, logits, masks, deterministic), carry
 
-    return Trainer(init=init, train_chunk=train_chunk, act=act, init_carry=policy.initial_carry, policy=policy,
+    def op_probabilities(params, obs_stats, obs, masks, carry, episode_start=None):
+        """``[N, num_ops]``: the policy's probability of each op (the first of its factored choices;
+        a masked op gets 0) on a batch of raw observations, as ``act`` sees them."""
+        if episode_start is None:
+            episode_start = jnp.zeros(obs.shape[:1], bool)
+        _, logits, _ = policy.apply(params, carry, norm(obs_stats, obs), episode_start)
+        return jax.nn.softmax(masked_logits(logits["op"], masks.op), axis=-1)
+
+    return Trainer(init=init, train_chunk=train_chunk, act=act, op_probabilities=op_probabilities,
+                   init_carry=policy.initial_carry, policy=policy,
                    masks=env.population_masks, rollout_steps=steps, updates_per_chunk=updates_per_chunk, config=config,
                    rollout=rollout)

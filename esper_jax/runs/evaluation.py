@@ -229,6 +229,39 @@ class Evaluator:
         return jax.device_get(self._episode(index, inputs, key, data))
 
 
+def first_decision(env: MorphogeneticEnv, trainer, inputs, data: EnvData, key: jax.Array,
+                   num_envs: int) -> dict[str, Any]:
+    """The policy's probability of each op at the first observation of every held-out env (the
+    envs of the evaluation episodes, from the same reset keys): how it decides per problem before
+    anything has trained (with SEAL: grow, wait, or seal the episode). ``inputs``: the policy's
+    ``(params, obs_stats)``. Per env, with the env's drawn training-set fraction."""
+    reset_keys, _, _ = episode_keys(key, num_envs, env.config.episode_epochs)
+    obs, state = jax.jit(env.population_reset)(reset_keys, data)
+    params, obs_stats = inputs
+    probabilities = jax.jit(trainer.op_probabilities)(params, obs_stats, obs, env.population_masks(state),
+                                                      trainer.init_carry(num_envs), jnp.ones((num_envs,), bool))
+    return {
+        "ops": list(OP_NAMES[:env.action_space.num_ops]),
+        "probabilities": np.asarray(probabilities, np.float64).round(6).tolist(),
+        "train_fraction": [float(v) for v in np.asarray(state.problem.train_fraction)],
+    }
+
+
+def first_decision_text(decision: Mapping[str, Any]) -> str:
+    """One line: the mean probability of each op the policy gives any env, over all envs and, when
+    the envs' set sizes differ, over the smaller and the larger half of them."""
+    probabilities = np.asarray(decision["probabilities"])
+    used = probabilities.max(axis=0) > 0
+    means = lambda rows: ", ".join(f"{op} {p:.3f}" for op, p, u in zip(decision["ops"], rows.mean(axis=0), used) if u)
+    text = f"The policy's first decision (epoch 0), mean probability over the envs: {means(probabilities)}"
+    fraction = np.asarray(decision["train_fraction"])
+    if len(np.unique(fraction)) > 1:
+        small = fraction <= np.median(fraction)
+        text += (f"; on the smaller half of the training sets (fraction <= {np.median(fraction):.4g}): "
+                 f"{means(probabilities[small])}; on the larger: {means(probabilities[~small])}")
+    return text + "."
+
+
 # ---------------------------------------------------------------------------- results as JSON
 
 
@@ -320,6 +353,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
         pol = payload["policy"]
         lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
                      f"update {pol['checkpoint_update']}, {'deterministic' if pol['deterministic'] else 'sampled'} actions.")
+        if pol.get("first_decision"):
+            lines.append(first_decision_text(pol["first_decision"]))
     language_model = any(r.get("final_val_perplexity") is not None for r in payload["controllers"].values())
     quality, quality_spec = ("final_val_perplexity", ".2f") if language_model else ("final_val_accuracy", ".3f")
     compared = [base for base in BASELINES if base in payload["controllers"]]

@@ -24,6 +24,8 @@ from esper_jax.runs.evaluation import (
     Evaluator,
     evaluation_payload,
     held_out_key,
+    first_decision,
+    first_decision_text,
     markdown_table,
     policy_driver,
     summarize_episodes,
@@ -40,14 +42,20 @@ NUM_ENVS, EPOCHS = 3, 4
 
 
 @pytest.fixture(scope="module")
-def rig():
+def learner():
+    """(env, data, trainer): a tiny env and an untrained learner's functions."""
     task = get_task("cifar10")
     config = make_env_config(task, ("r0c0",), blueprints=("conv_small", "norm"),
                              host=CNNHost(base_width=4, num_blocks=1, pool_blocks=1), episode_epochs=EPOCHS,
                              steps_per_epoch=2, batch_size=16, val_size=32, data_label="SYNTHETIC data")
     env = MorphogeneticEnv(config)
     data = make_env_data(config, load_image_dataset("cifar10", "synthetic", n_train=256, n_test=64))
-    trainer = make_train(PPOConfig(num_envs=NUM_ENVS, num_minibatches=1, hidden_size=16), env, 1)
+    return env, data, make_train(PPOConfig(num_envs=NUM_ENVS, num_minibatches=1, hidden_size=16), env, 1)
+
+
+@pytest.fixture(scope="module")
+def rig(learner):
+    env, data, trainer = learner
     # A population of two untrained learners, as a restored checkpoint would hold them.
     members = [jax.jit(trainer.policy.init, static_argnums=1)(jax.random.key(m), env.observation_size) for m in (7, 8)]
     params = jax.tree.map(lambda *a: np.stack(a), *members)
@@ -181,6 +189,26 @@ def test_a_language_model_is_summarized_by_perplexity(rig):
                "controllers": {"static": summary}}
     table = markdown_table(payload)
     assert "| val perplexity |" in table and f"| {summary['final_val_perplexity']:.2f} |" in table
+
+
+def test_first_decision_is_the_policys_own_on_the_evaluated_envs(rig, learner):
+    """The first decision's probabilities are a distribution over the ops valid at epoch 0, and
+    their most likely op is the one the deterministic policy took first in the evaluation episodes
+    (the same envs, normalized as the policy sees them); the table line gives their means."""
+    env, data, evaluator, inputs, key, results = rig
+    decision = first_decision(env, learner[2], inputs, data, key, NUM_ENVS)
+    p = np.asarray(decision["probabilities"])
+    assert decision["ops"] == [o.name for o in Op][:env.action_space.num_ops] and p.shape == (NUM_ENVS, len(decision["ops"]))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(p[:, [Op.WAIT, Op.GERMINATE]] > 0) and np.all(p[:, [Op.ADVANCE, Op.SET_ALPHA_TARGET, Op.PRUNE]] == 0)
+    # (the two ops' probabilities differ by ~0.003 here, a thousand times the float error between two programs)
+    assert np.all(np.abs(p[:, Op.WAIT] - p[:, Op.GERMINATE]) > 1e-3)
+    np.testing.assert_array_equal(p.argmax(axis=1), np.asarray(results["policy"].op)[:, 0])
+    np.testing.assert_array_equal(decision["train_fraction"], np.asarray(results["policy"].train_fraction))
+    text = first_decision_text(decision)
+    assert f"WAIT {p[:, Op.WAIT].mean():.3f}, GERMINATE {p[:, Op.GERMINATE].mean():.3f}." in text and "PRUNE" not in text
+    halves = first_decision_text({**decision, "train_fraction": [0.1, 0.5, 1.0]})
+    assert f"on the larger: WAIT {p[2, Op.WAIT]:.3f}, GERMINATE {p[2, Op.GERMINATE]:.3f}." in halves
 
 
 def test_seal_epochs_are_summarized_from_the_applied_ops(rig):
