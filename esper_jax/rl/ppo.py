@@ -282,7 +282,8 @@ class Trainer(NamedTuple):
     train_chunk: Callable         # (runner, data) -> (runner, UpdateMetrics with leaves [updates_per_chunk])
     act: Callable                 # (params, obs_stats, obs, masks, carry, key, deterministic=False,
                                   #  episode_start=None) -> (FactoredAction, carry)
-    op_probabilities: Callable    # (params, obs_stats, obs, masks, carry, episode_start=None) -> [N, num_ops]
+    op_distribution: Callable     # (params, obs_stats, obs, masks, carry, episode_start=None) ->
+                                  #  (P(op) [N, num_ops], value [N])
     init_carry: Callable          # (num_envs) -> carry
     policy: Policy
     masks: Callable               # (env_state with leaves [N, ...]) -> ActionMasks with leaves [N, ...]
@@ -616,15 +617,16 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int, te
         carry, logits, _ = policy.apply(params, carry, norm(obs_stats, obs), episode_start)
         return sample_action(key, logits, masks, deterministic), carry
 
-    def op_probabilities(params, obs_stats, obs, masks, carry, episode_start=None):
-        """``[N, num_ops]``: the policy's probability of each op (the first of its factored choices;
-        a masked op gets 0) on a batch of raw observations, as ``act`` sees them."""
+    def op_distribution(params, obs_stats, obs, masks, carry, episode_start=None):
+        """On a batch of raw observations, as ``act`` sees them: ``[N, num_ops]``, the policy's
+        probability of each op (the first of its factored choices; a masked op gets 0), and ``[N]``,
+        the critic's value."""
         if episode_start is None:
             episode_start = jnp.zeros(obs.shape[:1], bool)
-        _, logits, _ = policy.apply(params, carry, norm(obs_stats, obs), episode_start)
-        return jax.nn.softmax(masked_logits(logits["op"], masks.op), axis=-1)
+        _, logits, value = policy.apply(params, carry, norm(obs_stats, obs), episode_start)
+        return jax.nn.softmax(masked_logits(logits["op"], masks.op), axis=-1), value
 
-    return Trainer(init=init, train_chunk=train_chunk, act=act, op_probabilities=op_probabilities,
+    return Trainer(init=init, train_chunk=train_chunk, act=act, op_distribution=op_distribution,
                    init_carry=policy.initial_carry, policy=policy,
                    masks=env.population_masks, rollout_steps=steps, updates_per_chunk=updates_per_chunk, config=config,
                    rollout=rollout)

@@ -233,32 +233,40 @@ def first_decision(env: MorphogeneticEnv, trainer, inputs, data: EnvData, key: j
                    num_envs: int) -> dict[str, Any]:
     """The policy's probability of each op at the first observation of every held-out env (the
     envs of the evaluation episodes, from the same reset keys): how it decides per problem before
-    anything has trained (with SEAL: grow, wait, or seal the episode). ``inputs``: the policy's
-    ``(params, obs_stats)``. Per env, with the env's drawn training-set fraction."""
+    anything has trained (with SEAL: grow, wait, or seal the episode), and the critic's value of
+    that observation (what the learner expects of the episode: whether it tells the problems apart
+    where the policy does not). ``inputs``: the policy's ``(params, obs_stats)``. Per env, with the
+    env's drawn training-set fraction."""
     reset_keys, _, _ = episode_keys(key, num_envs, env.config.episode_epochs)
     obs, state = jax.jit(env.population_reset)(reset_keys, data)
     params, obs_stats = inputs
-    probabilities = jax.jit(trainer.op_probabilities)(params, obs_stats, obs, env.population_masks(state),
-                                                      trainer.init_carry(num_envs), jnp.ones((num_envs,), bool))
+    probabilities, value = jax.jit(trainer.op_distribution)(
+        params, obs_stats, obs, env.population_masks(state), trainer.init_carry(num_envs), jnp.ones((num_envs,), bool))
     return {
         "ops": list(OP_NAMES[:env.action_space.num_ops]),
         "probabilities": np.asarray(probabilities, np.float64).round(6).tolist(),
+        "value": [float(v) for v in np.asarray(value)],
         "train_fraction": [float(v) for v in np.asarray(state.problem.train_fraction)],
     }
 
 
 def first_decision_text(decision: Mapping[str, Any]) -> str:
-    """One line: the mean probability of each op the policy gives any env, over all envs and, when
-    the envs' set sizes differ, over the smaller and the larger half of them."""
-    probabilities = np.asarray(decision["probabilities"])
+    """One line: the mean probability of each op the policy gives any env and the critic's mean
+    value, over all envs and, when the envs' set sizes differ, over the smaller and the larger half."""
+    probabilities, value = np.asarray(decision["probabilities"]), np.asarray(decision["value"])
     used = probabilities.max(axis=0) > 0
-    means = lambda rows: ", ".join(f"{op} {p:.3f}" for op, p, u in zip(decision["ops"], rows.mean(axis=0), used) if u)
-    text = f"The policy's first decision (epoch 0), mean probability over the envs: {means(probabilities)}"
+
+    def means(rows):
+        ops = ", ".join(f"{op} {p:.3f}" for op, p, u in zip(decision["ops"], probabilities[rows].mean(axis=0), used) if u)
+        return f"{ops} (value {value[rows].mean():+.2f})"
+
+    everything = np.ones(len(value), bool)
+    text = f"The policy's first decision (epoch 0), mean probability over the envs: {means(everything)}"
     fraction = np.asarray(decision["train_fraction"])
     if len(np.unique(fraction)) > 1:
         small = fraction <= np.median(fraction)
         text += (f"; on the smaller half of the training sets (fraction <= {np.median(fraction):.4g}): "
-                 f"{means(probabilities[small])}; on the larger: {means(probabilities[~small])}")
+                 f"{means(small)}; on the larger: {means(~small)}")
     return text + "."
 
 

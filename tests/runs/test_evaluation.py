@@ -22,6 +22,7 @@ from esper_jax.runs.evaluation import (
     CONTROLLERS,
     POLICY,
     Evaluator,
+    episode_keys,
     evaluation_payload,
     held_out_key,
     first_decision,
@@ -205,10 +206,18 @@ def test_first_decision_is_the_policys_own_on_the_evaluated_envs(rig, learner):
     assert np.all(np.abs(p[:, Op.WAIT] - p[:, Op.GERMINATE]) > 1e-3)
     np.testing.assert_array_equal(p.argmax(axis=1), np.asarray(results["policy"].op)[:, 0])
     np.testing.assert_array_equal(decision["train_fraction"], np.asarray(results["policy"].train_fraction))
+    # the critic's value of each env's first observation, normalized as the learner normalizes it
+    obs, _ = jax.jit(env.population_reset)(episode_keys(key, NUM_ENVS, EPOCHS)[0], data)
+    _, _, value = learner[2].policy.apply(inputs[0], learner[2].init_carry(NUM_ENVS), normalize.apply(inputs[1], obs),
+                                          np.ones(NUM_ENVS, bool))
+    np.testing.assert_allclose(decision["value"], np.asarray(value), rtol=1e-4, atol=1e-6)
     text = first_decision_text(decision)
-    assert f"WAIT {p[:, Op.WAIT].mean():.3f}, GERMINATE {p[:, Op.GERMINATE].mean():.3f}." in text and "PRUNE" not in text
+    v = np.mean(decision["value"])
+    assert f"WAIT {p[:, Op.WAIT].mean():.3f}, GERMINATE {p[:, Op.GERMINATE].mean():.3f} (value {v:+.2f})." in text
+    assert "PRUNE" not in text
     halves = first_decision_text({**decision, "train_fraction": [0.1, 0.5, 1.0]})
-    assert f"on the larger: WAIT {p[2, Op.WAIT]:.3f}, GERMINATE {p[2, Op.GERMINATE]:.3f}." in halves
+    assert (f"on the larger: WAIT {p[2, Op.WAIT]:.3f}, GERMINATE {p[2, Op.GERMINATE]:.3f} "
+            f"(value {decision['value'][2]:+.2f}).") in halves
 
 
 def test_seal_epochs_are_summarized_from_the_applied_ops(rig):
