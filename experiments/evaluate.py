@@ -20,7 +20,9 @@ controllers within N quantile bins of the envs' drawn problems (:mod:`esper_jax.
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
 adds every other member as ``policy_m{K}``. The policy takes each head's most likely valid
-action unless ``--stochastic``.
+action unless ``--stochastic``. Its *first decision* is reported too: its probability of each op at
+every env's first observation and the critic's value of it (``policy.first_decision`` in
+``evaluation.json``, a line under the table): how it decides per problem before anything trains.
 
 Language-model runs also answer the efficiency question (on by default; ``--no-efficiency`` skips
 the second compile it needs): every controller's episode is timed after a warm-up (the median of
