@@ -41,6 +41,12 @@ class Op(enum.IntEnum):
 
 
 NUM_OPS = len(Op)  # every op; an action space without SEAL has the first NUM_OPS - 1
+
+
+def op_count(seal: bool) -> int:
+    """The op head's size: every op with SEAL, the six before it without."""
+    return NUM_OPS if seal else int(Op.SEAL)
+
 ALPHA_TARGETS: tuple[float, ...] = (0.5, 0.75, 1.0)
 
 # Which heads matter for each op; the others are masked out of log-prob, entropy and KL.
@@ -84,14 +90,14 @@ class ActionConfig:
 
     @property
     def num_ops(self) -> int:
-        return NUM_OPS if self.seal else int(Op.SEAL)
+        return op_count(self.seal)
 
 
 @dataclasses.dataclass(frozen=True)
 class ActionSpace:
     num_slots: int
     num_blueprints: int
-    num_ops: int = int(Op.SEAL)
+    num_ops: int = op_count(False)
     num_blends: int = len(blending.BLEND_STYLES)
     num_tempos: int = len(blending.TEMPOS)
     num_alpha_targets: int = len(ALPHA_TARGETS)
@@ -168,14 +174,15 @@ def apply_action(lattice: Lattice, state: LatticeState, action: FactoredAction, 
     SEAL leaves the lattice as it is: the environment records it (``EnvState.sealed``)."""
     valid = action_masks(lattice, state, config, sealed).is_valid(action)
     targets = jnp.asarray(ALPHA_TARGETS, jnp.float32)
+    unchanged = lambda s: (s, jnp.asarray(True))  # WAIT, and SEAL (which the environment records)
     branches = [
-        lambda s: (s, jnp.asarray(True)),
+        unchanged,
         lambda s: lattice.germinate(s, action.slot, action.blueprint, action.blend, action.tempo, key),
         lambda s: lattice.advance(s, action.slot),
         lambda s: lattice.set_alpha_target(s, action.slot, targets[jnp.clip(action.alpha_target, 0, len(ALPHA_TARGETS) - 1)]),
         lambda s: lattice.prune(s, action.slot, ramp=config.ramped_prune),
         lambda s: lattice.fossilize(s, action.slot),
-        lambda s: (s, jnp.asarray(True)),
+        unchanged,
     ]
     op = jnp.where(valid, jnp.clip(action.op, 0, config.num_ops - 1), Op.WAIT)
     new_state, applied = jax.lax.switch(op, branches, state)

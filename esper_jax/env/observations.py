@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from esper_jax.lattice import blending, lifecycle
-from esper_jax.env.actions import NUM_OPS, Op
+from esper_jax.env.actions import Op, op_count
 from esper_jax.lattice.grid import Lattice
 from esper_jax.lattice.lifecycle import NUM_STAGES, SlotStatus, Stage
 
@@ -42,7 +42,7 @@ def global_feature_names(seal: bool = False) -> list[str]:
     names = ["epoch_fraction", "train_loss", "val_loss", "val_loss_delta", "best_val_loss", "val_loss_vs_initial"]
     names += [f"val_loss_history_{i}" for i in range(LOSS_HISTORY)]
     names += [f"slots_{s.name.lower()}" for s in Stage]
-    names += [f"last_op_{o.name.lower()}" for o in Op if seal or o != Op.SEAL]
+    names += [f"last_op_{o.name.lower()}" for o in list(Op)[:op_count(seal)]]
     return names
 
 
@@ -95,7 +95,7 @@ def observe(lattice: Lattice, status: SlotStatus, *, epoch, episode_epochs: int,
                                                                 val_loss - initial_val_loss])),
         symlog(loss_history),
     ]
-    parts += [stage_counts, jax.nn.one_hot(last_op, NUM_OPS if sealed is not None else int(Op.SEAL))]
+    parts += [stage_counts, jax.nn.one_hot(last_op, op_count(sealed is not None))]
     if train_set_size is not None:
         parts.append(jnp.asarray([train_set_size]))
     if sealed is not None:
