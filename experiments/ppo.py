@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(*flags, dest=field.name, type=positive, help=help_text)
         else:
             g.add_argument(*flags, dest=field.name, type=kind, help=help_text)
+    g.add_argument("--plans", metavar="MENU",
+                   help="decide once per episode (esper_jax.rl.plans): at each episode's first observation the policy "
+                        "picks one plan of MENU, comma-separated fixed schedules and/or static, e.g. "
+                        "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10, carried out to the episode's end "
+                        "(default: none, a decision every epoch)")
     return parser
 
 

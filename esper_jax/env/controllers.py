@@ -11,6 +11,9 @@ vmappable, taking only actions their masks allow.
   slot, at this epoch; then advance whenever the gates allow and fossilize when G5 passes). A
   set of them measures the headroom a controller has: how much better (or worse) than static
   the right (or a wrong) growth decision ends.
+* :func:`make_plan_controller`: a menu of such schedules ("plans", ``static`` among them) in one
+  controller that carries out the plan it is given (a traced index): what a learner that decides
+  once per episode (:mod:`esper_jax.rl.plans`) acts through.
 """
 
 from __future__ import annotations
@@ -191,39 +194,78 @@ def controller_name(controller: str | Sequence[Schedule]) -> str:
     return controller if isinstance(controller, str) else schedule_name(controller)
 
 
-def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequence[Schedule]):
-    """A fixed schedule of one seed or several (planted in order, each at its epoch or as soon
-    after as the masks allow). Each epoch: fossilize a seed whose G5 passed, else advance one
-    the gates allow (not out of HOLDING, which leaves by FOSSILIZE), else plant the next seed."""
-    seeds = (schedule,) if isinstance(schedule, Schedule) else tuple(schedule)
-    if not seeds:
-        raise ValueError("a schedule needs at least one seed")
-    lattice = env.lattice
-    slots = jnp.asarray([lattice.slots.index(s.slot) for s in seeds], jnp.int32)
-    blueprints = jnp.asarray([lattice.blueprint_index(s.blueprint) for s in seeds], jnp.int32)
-    blends = jnp.asarray([blending.blend_style_index(s.blend_style) for s in seeds], jnp.int32)
-    tempos = jnp.asarray([blending.tempo_index(s.tempo_epochs) for s in seeds], jnp.int32)
-    epochs = jnp.asarray([s.epoch for s in seeds], jnp.int32)
-    for s in seeds:
-        if not 0 <= s.epoch < env.config.episode_epochs:
-            raise ValueError(f"schedule {s.name}: epoch {s.epoch} is outside the episode's "
-                             f"0..{env.config.episode_epochs - 1}")
+def parse_plan(text: str) -> tuple[Schedule, ...]:
+    """One entry of a menu of plans: ``static`` (grow nothing: no seeds) or a fixed schedule
+    (:func:`parse_schedules`)."""
+    text = text.strip()
+    if text == "static":
+        return ()
+    try:
+        return parse_schedules(text)
+    except ValueError as error:
+        raise ValueError(f"{error}, or 'static' (grow nothing)") from None
 
-    def controller(key: jax.Array, state: EnvState) -> FactoredAction:
+
+def make_plan_controller(env: MorphogeneticEnv, plans: Sequence[Sequence[Schedule]]):
+    """Several fixed schedules in one controller: ``(key, state, plan) -> FactoredAction`` carries out
+    ``plans[plan]`` (``plan`` a traced int, so one compiled program serves every choice; a plan with
+    no seeds waits, as static does). Each epoch: fossilize a seed of the plan whose G5 passed, else
+    advance one the gates allow (not out of HOLDING, which leaves by FOSSILIZE), else plant the plan's
+    next seed (in order, each at its epoch or as soon after as the masks allow)."""
+    plans = tuple(tuple(p) for p in plans)
+    if not plans:
+        raise ValueError("a menu of plans needs at least one plan")
+    lattice = env.lattice
+    for seeds in plans:
+        for s in seeds:
+            if not 0 <= s.epoch < env.config.episode_epochs:
+                raise ValueError(f"schedule {s.name}: epoch {s.epoch} is outside the episode's "
+                                 f"0..{env.config.episode_epochs - 1}")
+    width = max(1, *(len(p) for p in plans))
+
+    def table(value, fill=0):  # [plans, width], each plan's seeds padded with `fill`
+        return jnp.asarray([[value(s) for s in p] + [fill] * (width - len(p)) for p in plans], jnp.int32)
+
+    slots_table = table(lambda s: lattice.slots.index(s.slot))
+    blueprints_table = table(lambda s: lattice.blueprint_index(s.blueprint))
+    blends_table = table(lambda s: blending.blend_style_index(s.blend_style))
+    tempos_table = table(lambda s: blending.tempo_index(s.tempo_epochs))
+    epochs_table = table(lambda s: s.epoch)
+    counts = jnp.asarray([len(p) for p in plans], jnp.int32)
+
+    def controller(key: jax.Array, state: EnvState, plan: jax.Array) -> FactoredAction:
         del key  # deterministic
         masks = env.masks(state)
+        slots, blueprints, epochs = slots_table[plan], blueprints_table[plan], epochs_table[plan]
+        count = counts[plan]
+        seed = jnp.arange(width) < count                # the plan's seeds; the rest is padding
         stage = state.train.lattice.status.stage[slots]
         planted = jnp.sum(state.germinated)           # seeds are planted in order
-        nxt = jnp.clip(planted, 0, len(seeds) - 1)
-        germinate = ((planted < len(seeds)) & masks.slot_given_op[Op.GERMINATE][slots[nxt]]
+        nxt = jnp.clip(planted, 0, width - 1)
+        germinate = ((planted < count) & masks.slot_given_op[Op.GERMINATE][slots[nxt]]
                      & (state.epoch >= epochs[nxt]))
-        fossilize = masks.slot_given_op[Op.FOSSILIZE][slots]
-        advance = masks.slot_given_op[Op.ADVANCE][slots] & (stage != Stage.HOLDING)
+        fossilize = masks.slot_given_op[Op.FOSSILIZE][slots] & seed
+        advance = masks.slot_given_op[Op.ADVANCE][slots] & (stage != Stage.HOLDING) & seed
         first = lambda mask: jnp.argmax(mask)
         op = jnp.where(fossilize.any(), Op.FOSSILIZE,
                        jnp.where(advance.any(), Op.ADVANCE, jnp.where(germinate, Op.GERMINATE, Op.WAIT)))
         k = jnp.where(fossilize.any(), first(fossilize), jnp.where(advance.any(), first(advance), nxt))
-        return FactoredAction.make(op, slots[k], blueprints[k], blends[k], tempos[k], 2)
+        return FactoredAction.make(op, slots[k], blueprints[k], blends_table[plan][k], tempos_table[plan][k], 2)
+
+    return controller
+
+
+def make_scripted_controller(env: MorphogeneticEnv, schedule: Schedule | Sequence[Schedule]):
+    """A fixed schedule of one seed or several (planted in order, each at its epoch or as soon
+    after as the masks allow): the menu of :func:`make_plan_controller` with this one plan."""
+    seeds = (schedule,) if isinstance(schedule, Schedule) else tuple(schedule)
+    if not seeds:
+        raise ValueError("a schedule needs at least one seed")
+    plan = make_plan_controller(env, (seeds,))
+    only = jnp.zeros((), jnp.int32)
+
+    def controller(key: jax.Array, state: EnvState) -> FactoredAction:
+        return plan(key, state, only)
 
     return controller
 

@@ -152,7 +152,9 @@ def _kernel_scale(module: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """The network plus its carry conventions; every method is a pure function."""
+    """The network plus its carry conventions; every method is a pure function. The factored
+    action's heads (:meth:`make`) for the per-epoch learner; one ``plan`` head for the learner that
+    decides once per episode (:mod:`esper_jax.rl.plans`)."""
 
     head_sizes: tuple[tuple[str, int], ...]
     hidden_size: int = 128
@@ -161,8 +163,9 @@ class Policy:
     def __post_init__(self):
         if self.recurrent not in RECURRENT_KINDS:
             raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_KINDS)}, got {self.recurrent!r}")
-        if tuple(h for h, _ in self.head_sizes) != HEADS:
-            raise ValueError(f"head_sizes must name the heads {HEADS} in order")
+        names = [h for h, _ in self.head_sizes]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"head_sizes must name one head or more, each once; got {names}")
 
     @classmethod
     def make(cls, head_sizes: dict[str, int], hidden_size: int = 128, recurrent: Recurrent = "none") -> "Policy":

@@ -72,6 +72,7 @@ from jax.flatten_util import ravel_pytree
 
 from esper_jax.rl import normalize
 from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction
+from esper_jax.env.controllers import parse_plan, schedule_name
 from esper_jax.trees import select
 from esper_jax.rl.policy import (
     RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, masked_logits, sample_action,
@@ -107,8 +108,14 @@ class PPOConfig:
     adam_eps: float = 1e-5
     kickstart_coef: float = 0.0        # weight of -log pi(teacher's action) (see the module docstring); 0 = off
     group_size: int = 1                # envs per problem group (see the module docstring); 1 = off
+    # Decide once per episode: the menu of plans (fixed schedules and/or "static") the learner of
+    # esper_jax.rl.plans chooses among at each episode's first observation; () = this per-epoch learner.
+    plans: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "plans", tuple(self.plans))  # JSON gives a list
+        if self.plans:
+            self._check_plans()
         for name in ("num_envs", "update_epochs", "num_minibatches", "hidden_size", "group_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -129,6 +136,23 @@ class PPOConfig:
             if not inside:
                 bounds = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number {bounds}, got {value!r}")
+
+
+    def _check_plans(self) -> None:
+        try:
+            names = [schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, self.plans)]
+        except ValueError as error:
+            raise ValueError(f"--plans: {error}") from None
+        if len(names) < 2:
+            raise ValueError(f"--plans needs two plans or more to choose among, got {', '.join(names) or 'none'}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--plans names a plan twice: {', '.join(names)}")
+        refused = {"rollout_steps": self.rollout_steps != 0, "recurrent": self.recurrent != "none",
+                   "kickstart_coef": self.kickstart_coef > 0}
+        for name, given in refused.items():
+            if given:
+                raise ValueError(f"--plans decides once per episode from its first observation and learns from the "
+                                 f"whole episode's return: --{name.replace('_', '-')} does not apply; leave it out")
 
 
 # The learner's real-valued settings: (name, low, high, low bound excluded). Adam with a learning

@@ -28,6 +28,7 @@ from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import RewardConfig
 from esper_jax.env.tasks import TaskConfig, get_task
 from esper_jax.lattice.lifecycle import GateConfig
+from esper_jax.rl import plans as plans_lib
 from esper_jax.rl import ppo as ppo_lib
 from esper_jax.rl.imitation import ImitationConfig, make_imitation
 from esper_jax.runs.config import USER_HOST_VARIANT, Host, RunConfig, RunConfigError
@@ -45,7 +46,7 @@ class Built:
     env: MorphogeneticEnv
     dataset: Any
     env_data: EnvData
-    trainer: ppo_lib.Trainer
+    trainer: ppo_lib.Trainer | plans_lib.PlanTrainer
     placement: Placement
 
     @property
@@ -239,9 +240,13 @@ def make_programs(built: Built) -> Programs:
     return Programs(init_fn, chunk_fn, abstract, seeds, hyper, imitate_fn)
 
 
-def make_learner(config: RunConfig, env: MorphogeneticEnv, updates_per_chunk: int) -> ppo_lib.Trainer:
-    """The run's PPO learner, ``updates_per_chunk`` updates per chunk; kickstarted by the warm start's
-    teacher when ``ppo.kickstart_coef`` > 0."""
+def make_learner(config: RunConfig, env: MorphogeneticEnv,
+                 updates_per_chunk: int) -> ppo_lib.Trainer | plans_lib.PlanTrainer:
+    """The run's learner, ``updates_per_chunk`` updates per chunk: the per-epoch PPO learner
+    (kickstarted by the warm start's teacher when ``ppo.kickstart_coef`` > 0), or with ``ppo.plans``
+    the one that decides once per episode (:mod:`esper_jax.rl.plans`)."""
+    if config.ppo.plans:
+        return plans_lib.make_train(config.ppo, env, updates_per_chunk)
     teacher = None if config.warm_start is None else make_teacher(config.warm_start.teacher, env)
     return ppo_lib.make_train(config.ppo, env, updates_per_chunk, teacher)
 

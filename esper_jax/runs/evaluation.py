@@ -43,6 +43,7 @@ from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.environment import EnvData, EnvState, MorphogeneticEnv
 from esper_jax.lattice.lifecycle import Stage
 from esper_jax.env.rewards import parameter_rent
+from esper_jax.rl.plans import PlanTrainer
 from esper_jax.runs.rundir import fmt, perplexity, write_json
 
 POLICY = "policy"
@@ -97,12 +98,15 @@ def controller_driver(controller: Callable[[jax.Array, EnvState], FactoredAction
 
 
 def policy_driver(trainer, deterministic: bool = True) -> Driver:
-    """The trained policy through ``trainer.act`` (see :mod:`esper_jax.rl.ppo`); ``inputs`` is
+    """The trained policy through ``trainer.act`` (:mod:`esper_jax.rl.ppo`; a learner that decides
+    once per episode, :mod:`esper_jax.rl.plans`, acts on the env state through its plan); ``inputs`` is
     ``(params, obs_stats)`` of one learner. ``deterministic`` takes each head's most likely
-    valid choice; otherwise actions are sampled."""
+    valid choice (the most likely plan); otherwise actions (plans) are sampled."""
 
     def act(inputs, carry, key, obs, state):
         params, obs_stats = inputs
+        if isinstance(trainer, PlanTrainer):
+            return trainer.act(params, obs_stats, obs, state, carry, key, deterministic)
         return trainer.act(params, obs_stats, obs, trainer.masks(state), carry, key, deterministic)
 
     return Driver(init_carry=trainer.init_carry, act=act)
@@ -240,10 +244,16 @@ def first_decision(env: MorphogeneticEnv, trainer, inputs, data: EnvData, key: j
     reset_keys, _, _ = episode_keys(key, num_envs, env.config.episode_epochs)
     obs, state = jax.jit(env.population_reset)(reset_keys, data)
     params, obs_stats = inputs
-    probabilities, value = jax.jit(trainer.op_distribution)(
-        params, obs_stats, obs, env.population_masks(state), trainer.init_carry(num_envs), jnp.ones((num_envs,), bool))
+    if isinstance(trainer, PlanTrainer):  # its one decision: the plan
+        probabilities, value = jax.jit(trainer.plan_distribution)(params, obs_stats, obs)
+        choices = {"plans": list(trainer.plans)}
+    else:
+        probabilities, value = jax.jit(trainer.op_distribution)(
+            params, obs_stats, obs, env.population_masks(state), trainer.init_carry(num_envs),
+            jnp.ones((num_envs,), bool))
+        choices = {"ops": list(OP_NAMES[:env.action_space.num_ops])}
     return {
-        "ops": list(OP_NAMES[:env.action_space.num_ops]),
+        **choices,
         "probabilities": np.asarray(probabilities, np.float64).round(6).tolist(),
         "value": [float(v) for v in np.asarray(value)],
         "train_fraction": [float(v) for v in np.asarray(state.problem.train_fraction)],
@@ -255,13 +265,15 @@ def first_decision_text(decision: Mapping[str, Any]) -> str:
     value, over all envs and, when the envs' set sizes differ, over the smaller and the larger half."""
     probabilities, value = np.asarray(decision["probabilities"]), np.asarray(decision["value"])
     used = probabilities.max(axis=0) > 0
+    kind = "plans" if "plans" in decision else "ops"
 
     def means(rows):
-        ops = ", ".join(f"{op} {p:.3f}" for op, p, u in zip(decision["ops"], probabilities[rows].mean(axis=0), used) if u)
+        ops = ", ".join(f"{op} {p:.3f}" for op, p, u in zip(decision[kind], probabilities[rows].mean(axis=0), used) if u)
         return f"{ops} (value {value[rows].mean():+.2f})"
 
     everything = np.ones(len(value), bool)
-    text = f"The policy's first decision (epoch 0), mean probability over the envs: {means(everything)}"
+    what = "its plan for the episode" if kind == "plans" else "epoch 0"
+    text = f"The policy's first decision ({what}), mean probability over the envs: {means(everything)}"
     fraction = np.asarray(decision["train_fraction"])
     if len(np.unique(fraction)) > 1:
         small = fraction <= np.median(fraction)

@@ -22,7 +22,7 @@ import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.data.augment import AUGMENTS
-from esper_jax.env.controllers import CONTROLLERS, controller_name, parse_controller
+from esper_jax.env.controllers import CONTROLLERS, controller_name, parse_controller, parse_plan, schedule_name
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
@@ -286,6 +286,9 @@ def _canonical(name: str, value: Any) -> Any:
             return ",".join(str(s) for s in parse_seeds(value))
         if name == "imitate" and isinstance(value, str):
             return controller_name(parse_controller(value))
+        if name == "plans":
+            entries = value.split(",") if isinstance(value, str) else list(value)
+            return ",".join(schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, entries))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
     except RunConfigError:
@@ -502,9 +505,13 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                 raise RunConfigError(f"{flag}: member seed {member.seed} is outside 0..{MAX_SEED} "
                                      f"(seeds are 32-bit; --seed S gives members S, S+1, ...)")
         ppo_fields = {name: s[name] for name in PPO_SETTINGS}
+        ppo_fields["plans"] = _check_plans(s["plans"], slots, blueprints, s["episode_epochs"])
         ppo_fields.update(num_envs=s["envs"], learning_rate=members[0].learning_rate, ent_coef=members[0].ent_coef)
         ppo_config = ppo_lib.PPOConfig(**ppo_fields)  # validates the PPO settings
         warm_start = None
+        if s["imitate"] is not None and ppo_config.plans:
+            raise RunConfigError("--imitate warm-starts the per-epoch learner; --plans learns its choice from scratch: "
+                                 "give one of them")
         if s["imitate"] is not None:
             if ppo_config.recurrent != "none":
                 raise RunConfigError("--imitate fits a feed-forward policy step by step; it cannot warm-start "
@@ -568,6 +575,28 @@ def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...
             raise RunConfigError(f"--imitate {text}: epoch {seed.epoch} is outside the episode's "
                                  f"0..{episode_epochs - 1}")
     return controller_name(teacher)
+
+
+def _check_plans(value: Any, slots: tuple[str, ...], blueprints: tuple[str, ...],
+                 episode_epochs: int) -> tuple[str, ...]:
+    """``--plans``' menu (comma-separated, or a sequence) as canonical names, each plan ``static`` or a
+    schedule whose slots, blueprints and epochs this run has; ``()`` when not given."""
+    if value is None or value == () or value == []:
+        return ()
+    if isinstance(value, str) and not value.strip():
+        raise RunConfigError("--plans needs a menu: static and/or schedules, comma-separated, e.g. "
+                             "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10")
+    names = _canonical("plans", value).split(",")
+    for name in names:
+        for seed in parse_plan(name):
+            where = (f"slot {seed.slot} is not one of the run's slots ({', '.join(slots)})" if seed.slot not in slots else
+                     f"blueprint {seed.blueprint} is not one of the run's blueprints ({', '.join(blueprints)})"
+                     if seed.blueprint not in blueprints else
+                     f"epoch {seed.epoch} is outside the episode's 0..{episode_epochs - 1}"
+                     if seed.epoch >= episode_epochs else None)
+            if where is not None:
+                raise RunConfigError(f"--plans: plan {name}: {where}")
+    return tuple(names)
 
 
 def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:

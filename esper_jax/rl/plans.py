@@ -1,0 +1,309 @@
+"""Deciding once per episode: a learner that picks one plan from a menu at the episode's first
+observation and has it carried out to the end (``PPOConfig.plans``; ``--plans`` on the command line).
+
+A plan is a fixed growth schedule (``conv_heavy@r2c0@e0``, ``a@r2c0@e0+b@r1c0@e10``) or ``static``
+(grow nothing); :func:`esper_jax.env.controllers.make_plan_controller` carries out whichever one an
+env was given. The policy sees the first observation of the episode (the drawn problem, the
+training set's size among it, and the untrained host's losses) and chooses where, what and when to
+grow for the whole episode, in one categorical decision.
+
+Why: the per-epoch learner (:mod:`esper_jax.rl.ppo`) decides "germinate or not" afresh at every epoch,
+and on the growth problem the decision that pays is made per problem (grow ``conv_heavy`` early on a
+large training set, nothing on a small one). Over eight CIFAR runs it settled on one answer for
+every problem, although its critic told the problems apart: one transition in thirty is a first
+decision, and with problem groups it is learned from only when the partners chose differently
+(README, "The SEAL op"). Here every transition is that decision.
+
+Learning: a contextual bandit with PPO's clipped objective. Each update resets ``num_envs`` envs
+(fresh problems, in groups of ``group_size`` that share their problem, host initialization and
+batches, as in :func:`esper_jax.rl.ppo.group_keys`), samples one plan per env, runs the episodes to
+their end and learns from each env's undiscounted episode return (what the per-epoch learner's
+rewards add up to: the loss improvement, the terminal term and the price of compute). The advantage
+is the return minus the mean of the group's other members (leave-one-out, unbiased; a group whose
+members chose the same plan learns nothing from it) or, without groups, minus the critic's value of
+the first observation; normalized over the update's envs (not per minibatch: a minibatch holds a
+handful of envs). Then ``update_epochs`` epochs of ``num_minibatches`` shuffled minibatch steps with
+PPO's clip, value loss, entropy bonus and KL stop, as the per-epoch learner. ``gamma`` and
+``gae_lambda`` do not enter (one decision, the whole return), and so do not ``rollout_steps``
+(always one episode), kickstarting or a recurrent torso: :class:`~esper_jax.rl.ppo.PPOConfig`
+refuses them with plans.
+
+The learner state (:class:`PlanState`) holds exactly the learner fields the checkpoints restore
+(params, optimizer state, observation statistics, key, update, hyperparameters): nothing of the
+envs outlives an update. Populations, checkpoints, resume and evaluation work as for the per-epoch
+learner.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import distrax
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.flatten_util import ravel_pytree
+
+from esper_jax.env.controllers import make_plan_controller, parse_plan, schedule_name
+from esper_jax.env.environment import MorphogeneticEnv
+from esper_jax.rl import normalize
+from esper_jax.rl.policy import Policy
+from esper_jax.rl.ppo import (KL_STOP_FACTOR, Hyperparams, PPOConfig, explained_variance, group_keys, make_optimizer,
+                              relative_to_group)
+from esper_jax.trees import select
+
+PLAN_HEAD = "plan"
+
+
+def plan_names(plans: Sequence[str]) -> tuple[str, ...]:
+    """The menu's entries in canonical form (``static`` or ``a@slot@eN[+...]``)."""
+    return tuple(schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, plans))
+
+
+@struct.dataclass
+class PlanState:
+    """Everything needed to continue training (what a checkpoint saves)."""
+
+    params: Any
+    opt_state: Any
+    obs_stats: normalize.RunningStats
+    key: jax.Array
+    update: jax.Array            # int32: updates done
+    hyper: Hyperparams
+
+
+class PlanEpisodes(NamedTuple):
+    """One episode per env, each carried out under one plan (leaves ``[N]``; ``obs`` ``[N, D]``)."""
+
+    obs: jax.Array               # the first observation, normalized as the policy saw it
+    plan: jax.Array              # int32 index into the menu
+    log_prob: jax.Array          # of the plan, under the policy that chose it
+    value: jax.Array             # the critic's value of the first observation
+    episode_return: jax.Array    # undiscounted
+    final_val_loss: jax.Array
+    final_val_accuracy: jax.Array
+    germinated: jax.Array        # seeds, all blueprints
+    fossilized: jax.Array
+    pruned: jax.Array
+    rollbacks: jax.Array
+
+
+class PlanMetrics(NamedTuple):
+    """One update's metrics (scalars; a chunk stacks them ``[updates_per_chunk]``), named as the
+    per-epoch learner's where they mean the same, and ``chosen``: the share of envs per plan."""
+
+    update: jax.Array
+    env_steps: jax.Array
+    mean_return: jax.Array
+    mean_final_val_loss: jax.Array
+    mean_final_val_accuracy: jax.Array
+    germinated: jax.Array
+    fossilized: jax.Array
+    pruned: jax.Array
+    rollbacks: jax.Array
+    episodes: jax.Array
+    policy_loss: jax.Array
+    value_loss: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+    explained_variance: jax.Array
+    entropy: jax.Array           # of the plan distribution, mean over the update's first observations
+    minibatch_updates: jax.Array
+    kl_stopped: jax.Array
+    nonfinite: jax.Array
+    chosen: jax.Array            # [M]
+
+    def columns(self, names: Sequence[str]) -> dict[str, jax.Array]:
+        out = {name: value for name, value in zip(self._fields, self) if name != "chosen"}
+        out.update({f"plan_{name}": self.chosen[..., i] for i, name in enumerate(names)})
+        return out
+
+
+class PlanTrainer(NamedTuple):
+    init: Callable                # (key, hyper, data) -> PlanState
+    train_chunk: Callable         # (state, data) -> (state, metrics with leaves [updates_per_chunk])
+    act: Callable                 # (params, obs_stats, obs, env_state, carry, key, deterministic=False) ->
+                                  #  (FactoredAction, carry): the carry holds each env's plan (-1: not chosen)
+    plan_distribution: Callable   # (params, obs_stats, obs) -> (P(plan) [N, M], value [N])
+    init_carry: Callable          # (num_envs) -> carry
+    episodes: Callable            # (state, data, key, plans=None) -> (obs_stats, PlanEpisodes): one update's
+                                  #  episodes without learning; ``plans`` [N] imposes the plans
+    policy: Policy
+    plans: tuple[str, ...]        # the menu, canonical names
+    rollout_steps: int            # env steps per env per update: one episode
+    updates_per_chunk: int
+    config: PPOConfig
+
+
+class _Batch(NamedTuple):
+    obs: jax.Array
+    plan: jax.Array
+    log_prob: jax.Array
+    advantage: jax.Array
+    target: jax.Array            # the return, the critic's target
+
+
+def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int) -> PlanTrainer:
+    """The learner's pure functions for the menu ``config.plans``."""
+    if updates_per_chunk <= 0:
+        raise ValueError(f"updates_per_chunk must be positive, got {updates_per_chunk}")
+    if not config.plans:
+        raise ValueError("this learner chooses among plans: give PPOConfig.plans (--plans)")
+    menu = tuple(parse_plan(p) for p in config.plans)
+    names = plan_names(config.plans)
+    controller = jax.vmap(make_plan_controller(env, menu))
+    num_envs, epochs = config.num_envs, env.episode_epochs
+    if num_envs % config.num_minibatches:
+        raise ValueError(f"the plan learner's minibatches are sets of envs: --envs ({num_envs}) must be a multiple of "
+                         f"--minibatches ({config.num_minibatches})")
+    policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
+    tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
+    obs_size = env.observation_size
+    first = jnp.ones((num_envs,), bool)
+
+    def norm(stats, obs):
+        return normalize.apply(stats, obs) if config.normalize_obs else obs
+
+    def env_keys(key):
+        return group_keys(key, num_envs, config.group_size)
+
+    def evaluate(params, obs):
+        _, logits, value = policy.apply(params, (), obs, jnp.ones(obs.shape[:1], bool))
+        return distrax.Categorical(logits=logits[PLAN_HEAD]), value
+
+    def init(key: jax.Array, hyper: Hyperparams, data) -> PlanState:
+        del data  # the learner keeps nothing of the envs
+        k_net, k_run = jax.random.split(key)
+        params = policy.init(k_net, obs_size)
+        return PlanState(params=params, opt_state=make_optimizer(config, hyper.learning_rate).init(ravel_pytree(params)[0]),
+                         obs_stats=normalize.init(obs_size), key=k_run, update=jnp.zeros((), jnp.int32), hyper=hyper)
+
+    def episodes(state: PlanState, data, key, plans=None):
+        k_reset, k_plan, k_steps = jax.random.split(key, 3)
+        obs, env_state = env.population_reset(env_keys(k_reset), data)
+        stats = normalize.update(state.obs_stats, obs) if config.normalize_obs else state.obs_stats
+        nobs = norm(stats, obs)
+        dist, value = evaluate(state.params, nobs)
+        plan = dist.sample(seed=k_plan).astype(jnp.int32) if plans is None else jnp.asarray(plans, jnp.int32)
+        no_keys = jax.random.split(k_plan, num_envs)  # the plan controller is deterministic
+
+        def epoch(carry, k):
+            env_state, ret = carry
+            action = controller(no_keys, env_state, plan)
+            _, env_state, reward, _, _ = env.population_step(env_keys(k), env_state, action, data)
+            return (env_state, ret + reward.astype(jnp.float32)), None
+
+        (env_state, ret), _ = jax.lax.scan(epoch, (env_state, jnp.zeros((num_envs,), jnp.float32)),
+                                           jax.random.split(k_steps, epochs))
+        count = lambda x: jnp.sum(x, axis=-1).astype(jnp.float32)
+        return stats, PlanEpisodes(
+            obs=nobs, plan=plan, log_prob=dist.log_prob(plan), value=value, episode_return=ret,
+            final_val_loss=env_state.val_loss, final_val_accuracy=env_state.val_accuracy,
+            germinated=count(env_state.germinated), fossilized=count(env_state.fossilized),
+            pruned=count(env_state.pruned), rollbacks=env_state.rollbacks.astype(jnp.float32))
+
+    def loss_fn(params, batch: _Batch, ent_coef):
+        dist, value = evaluate(params, batch.obs)
+        log_ratio = dist.log_prob(batch.plan) - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        adv = batch.advantage
+        policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
+        value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
+        entropy = dist.entropy().mean()
+        loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
+        approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+        clip_fraction = jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32))
+        return loss, (policy_loss, value_loss, approx_kl, clip_fraction)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def learn(state: PlanState, batch: _Batch, key):
+        """``update_epochs`` epochs of shuffled minibatch steps (sets of envs), stopped for the rest
+        of the update once a minibatch's KL before its step exceeds ``1.5 x target_kl``."""
+        flat, unravel = ravel_pytree(state.params)
+
+        def step(carry, minibatch):
+            flat, opt_state, stopped = carry
+            (_, info), grads = grad_fn(unravel(flat), minibatch, state.hyper.ent_coef)
+            if config.target_kl is not None:
+                stopped = stopped | (info[2] > KL_STOP_FACTOR * config.target_kl)
+            updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
+            flat, opt_state = select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
+            return (flat, opt_state, stopped), (info, ~stopped)
+
+        def epoch(carry, key):
+            perm = jax.random.permutation(key, num_envs)
+            split = lambda x: jnp.take(x, perm, axis=0).reshape((config.num_minibatches, -1) + x.shape[1:])
+            return jax.lax.scan(step, carry, jax.tree.map(split, batch))
+
+        (flat, opt_state, stopped), (info, applied) = jax.lax.scan(
+            epoch, (flat, state.opt_state, jnp.asarray(False)), jax.random.split(key, config.update_epochs))
+        weight = applied.reshape(-1).astype(jnp.float32)
+        total = jnp.maximum(weight.sum(), 1.0)
+        means = tuple(jnp.sum(x.reshape(-1) * weight) / total for x in info)
+        return unravel(flat), opt_state, means, jnp.sum(applied).astype(jnp.int32), stopped.astype(jnp.int32)
+
+    def update_step(state: PlanState, data):
+        key, k_episodes, k_learn = jax.random.split(state.key, 3)
+        stats, ep = episodes(state, data, k_episodes)
+        if config.group_size > 1:
+            advantage = relative_to_group(ep.episode_return, config.group_size)
+        else:
+            advantage = ep.episode_return - ep.value
+        if config.normalize_advantages:
+            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        batch = _Batch(ep.obs, ep.plan, ep.log_prob, advantage, ep.episode_return)
+        params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction), applied, stopped = learn(
+            state.replace(obs_stats=stats), batch, k_learn)
+        update = state.update + 1
+        mean = lambda x: jnp.mean(x.astype(jnp.float32))
+        metrics = PlanMetrics(
+            update=update, env_steps=update * (epochs * num_envs), mean_return=mean(ep.episode_return),
+            mean_final_val_loss=mean(ep.final_val_loss), mean_final_val_accuracy=mean(ep.final_val_accuracy),
+            germinated=mean(ep.germinated), fossilized=mean(ep.fossilized), pruned=mean(ep.pruned),
+            rollbacks=mean(ep.rollbacks), episodes=jnp.asarray(num_envs, jnp.int32), policy_loss=policy_loss,
+            value_loss=value_loss, approx_kl=approx_kl, clip_fraction=clip_fraction,
+            explained_variance=explained_variance(ep.value, ep.episode_return),
+            entropy=evaluate(state.params, ep.obs)[0].entropy().mean(), minibatch_updates=applied,
+            kl_stopped=stopped,
+            nonfinite=(~(jnp.all(jnp.isfinite(ravel_pytree(params)[0])) & jnp.isfinite(policy_loss)
+                         & jnp.isfinite(value_loss))).astype(jnp.int32),
+            chosen=jnp.mean(jax.nn.one_hot(ep.plan, len(menu)), axis=0),
+        )
+        return state.replace(params=params, opt_state=opt_state, obs_stats=stats, key=key, update=update), metrics
+
+    def train_chunk(state: PlanState, data):
+        state, metrics = jax.lax.scan(lambda s, _: update_step(s, data), state, None, length=updates_per_chunk)
+        return state, _Columns(metrics, names)
+
+    def plan_distribution(params, obs_stats, obs):
+        dist, value = evaluate(params, norm(obs_stats, obs))
+        return dist.probs, value
+
+    def act(params, obs_stats, obs, env_state, carry, key, deterministic: bool = False):
+        """Each env's plan is chosen at the first call (its carry is -1) from that observation and
+        kept; the plan controller acts."""
+        k_plan, k_act = jax.random.split(key)
+        dist, _ = evaluate(params, norm(obs_stats, obs))
+        choice = dist.mode() if deterministic else dist.sample(seed=k_plan)
+        plan = jnp.where(carry < 0, choice.astype(jnp.int32), carry)
+        return controller(jax.random.split(k_act, obs.shape[0]), env_state, plan), plan
+
+    def init_carry(n: int) -> jax.Array:
+        return jnp.full((n,), -1, jnp.int32)
+
+    return PlanTrainer(init=init, train_chunk=train_chunk, act=act, plan_distribution=plan_distribution,
+                       init_carry=init_carry, episodes=episodes, policy=policy, plans=names, rollout_steps=epochs,
+                       updates_per_chunk=updates_per_chunk, config=config)
+
+
+@struct.dataclass
+class _Columns:
+    """A chunk's metrics with the menu's names, so the training loop reads them like the per-epoch
+    learner's (``metrics.columns()``)."""
+
+    metrics: PlanMetrics
+    names: tuple[str, ...] = struct.field(pytree_node=False)
+
+    def columns(self) -> dict[str, jax.Array]:
+        return self.metrics.columns(self.names)
