@@ -153,13 +153,9 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     names = plan_names(config.plans)
     controller = jax.vmap(make_plan_controller(env, menu))
     num_envs, epochs = config.num_envs, env.episode_epochs
-    if num_envs % config.num_minibatches:
-        raise ValueError(f"the plan learner's minibatches are sets of envs: --envs ({num_envs}) must be a multiple of "
-                         f"--minibatches ({config.num_minibatches})")
     policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
     tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
     obs_size = env.observation_size
-    first = jnp.ones((num_envs,), bool)
 
     def norm(stats, obs):
         return normalize.apply(stats, obs) if config.normalize_obs else obs

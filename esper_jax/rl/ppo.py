@@ -147,6 +147,9 @@ class PPOConfig:
             raise ValueError(f"--plans needs two plans or more to choose among, got {', '.join(names) or 'none'}")
         if len(set(names)) != len(names):
             raise ValueError(f"--plans names a plan twice: {', '.join(names)}")
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(f"--plans learns from minibatches of envs, one decision each: --envs ({self.num_envs}) "
+                             f"must be a multiple of --minibatches ({self.num_minibatches})")
         refused = {"rollout_steps": self.rollout_steps != 0, "recurrent": self.recurrent != "none",
                    "kickstart_coef": self.kickstart_coef > 0}
         for name, given in refused.items():

@@ -607,7 +607,7 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
     # configuration's value (the field's default when the configuration was read).
     base.update({f.name: _canonical(f.name, getattr(stored.env, f.name)) for f in dataclasses.fields(EnvSpec)
                  if f.name not in base})
-    base.update({name: getattr(stored.ppo, name) for name in PPO_SETTINGS if name not in base})
+    base.update({name: _canonical(name, getattr(stored.ppo, name)) for name in PPO_SETTINGS if name not in base})
     warm = stored.warm_start
     base.setdefault("imitate", None if warm is None else warm.teacher)
     base.setdefault("imitation_rounds", DEFAULTS["imitation_rounds"] if warm is None else warm.rounds)

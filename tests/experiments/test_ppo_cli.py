@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from esper_jax.data import load_image_dataset
@@ -446,6 +447,39 @@ def test_seal_settings():
         assert env.config.actions.seal == seal and env.action_space.num_ops == ops
 
 
+def test_plans_settings(capsys):
+    """--plans makes the learner decide once per episode: the menu is checked against the run's slots,
+    blueprints and episode, named canonically, stored with the learner and compared on resume;
+    settings that do not apply to it are refused in one line; a configuration from before it reads as
+    the per-epoch learner."""
+    smoke = ["--task=cifar10", "--preset=smoke"]
+    args = cli.build_parser().parse_args([*smoke, "--plans=static,norm@r0c0"])
+    assert cli.explicit_settings(args)["plans"] == "static,norm@r0c0"
+    config = resolve_config(resolve_settings({"task": "cifar10", "plans": "static,norm@r0c0", "num_minibatches": 1},
+                                             "smoke"))
+    assert config.ppo.plans == ("static", "norm@r0c0@e0") and config.options["plans"] == "static,norm@r0c0@e0"
+    assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    check_resume_settings(config, {"plans": "static, norm@r0c0@e0"})
+    with pytest.raises(RunConfigError, match="--plans=static does not match the run's --plans=static,norm@r0c0@e0"):
+        check_resume_settings(config, {"plans": "static"})
+    written = config.to_json()
+    del written["ppo"]["plans"]
+    written["settings"].pop("plans")
+    old = RunConfig.from_json(written)
+    assert old.ppo.plans == ()
+    check_resume_settings(old, {"plans": ()})
+    for bad, message in (("static", "needs two plans or more"), ("static,norm@r9c0", "slot r9c0 is not one of the run's"),
+                         ("static,conv_heavy@r0c0", "blueprint conv_heavy is not one of the run's"),
+                         ("static,norm@r0c0@e99", "epoch 99 is outside the episode's"),
+                         ("static,norm@r0c0,norm@r0c0@e0", "names a plan twice"), ("static,norm", "or 'static'")):
+        assert message in error_line(capsys, [*smoke, f"--plans={bad}", "--minibatches=1"]), bad
+    plans = [*smoke, "--plans=static,norm@r0c0", "--minibatches=1"]
+    assert "--recurrent does not apply" in error_line(capsys, [*plans, "--recurrent=gru"])
+    assert "give one of them" in error_line(capsys, [*plans, "--imitate=static"])
+    assert "--envs (2) must be a multiple of --minibatches (4)" in error_line(
+        capsys, [*smoke, "--plans=static,norm@r0c0", "--minibatches=4"])
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -665,6 +699,34 @@ def test_a_warm_started_run_imitates_once_then_trains(tmp_path, cache):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint at update 2 of 4" in resumed.stdout and "warm start" not in resumed.stdout
     assert [json.loads(line)["update"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_plan_run_resumes_exactly_and_evaluates(tmp_path, cache):
+    """A run of the learner that decides once per episode goes through the same loop: metrics with the
+    share of each plan, exact resume (two updates then two more write what four in one go do), and
+    ``experiments.evaluate`` drives its policy and reports its first decision as the plan's distribution."""
+    plans = [*TINY, "--plans=static,norm@r0c0@e1", "--minibatches=1", "--group-size=2"]
+    whole = cli_run([*plans, f"--run-dir={tmp_path / 'whole'}"], cache)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "deciding once per episode among 2 plans (static, norm@r0c0@e1), in problem groups of 2" in whole.stdout
+    halves = cli_run([*plans, "--updates=2", f"--run-dir={tmp_path / 'halves'}"], cache)
+    assert halves.returncode == 0, halves.stderr[-3000:]
+    resumed = cli_run([f"--resume={tmp_path / 'halves'}", "--updates=4", "--no-progress"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert (tmp_path / "halves" / "metrics.jsonl").read_text() == rows
+    first = json.loads(rows.splitlines()[0])
+    assert first["plan_static"] + first["plan_norm@r0c0@e1"] == pytest.approx(1.0) and first["episodes"] == 2
+    evaluated = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--run-dir={tmp_path / 'whole'}",
+                                "--envs=2", "--controllers=policy,static"], cwd=REPO, capture_output=True, text=True,
+                               timeout=900)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "whole" / "evaluation.json").read_text())
+    decision = evaluation["policy"]["first_decision"]
+    assert decision["plans"] == ["static", "norm@r0c0@e1"] and len(decision["probabilities"]) == 2
+    chosen = [int(np.argmax(p)) for p in decision["probabilities"]]
+    assert [sum(g.values()) for g in [evaluation["controllers"]["policy"]["germinated"]]] == [chosen.count(1)]
+    assert "its plan for the episode" in evaluated.stdout
 
 
 def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():
