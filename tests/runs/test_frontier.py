@@ -149,7 +149,7 @@ def test_a_two_seed_schedule_plants_in_order_and_a_built_in_seed_is_computed_fro
     import jax
 
     from esper_jax.data import load_image_dataset
-    from esper_jax.env.controllers import make_scripted_controller
+    from esper_jax.env.controllers import make_plan_controller, make_scripted_controller
     from esper_jax.env.environment import MorphogeneticEnv, make_env_config, make_env_data
     from esper_jax.env.tasks import get_task
     from esper_jax.lattice.hosts import CNNHost
@@ -162,9 +162,15 @@ def test_a_two_seed_schedule_plants_in_order_and_a_built_in_seed_is_computed_fro
     env = MorphogeneticEnv(config)
     data = make_env_data(config, load_image_dataset("cifar10", "synthetic", n_train=128, n_test=32))
     seeds = parse_schedules("conv_small@r1c0@e0+norm@r0c0@e1")
-    evaluator = Evaluator(env, 2, ("static",), scripted={"two": make_scripted_controller(env, seeds)})
+    menu = make_plan_controller(env, ((), seeds))  # plans of different lengths: the static one is padding only
+    evaluator = Evaluator(env, 2, ("static",), scripted={
+        "two": make_scripted_controller(env, seeds), "plan 0": lambda key, state: menu(key, state, jax.numpy.int32(0)),
+        "plan 1": lambda key, state: menu(key, state, jax.numpy.int32(1))})
     out = evaluator.run("two", data, jax.random.key(0))
     assert out.germinated.sum(axis=1).tolist() == [2, 2]
+    np.testing.assert_array_equal(evaluator.run("plan 1", data, jax.random.key(0)).op, out.op)
+    np.testing.assert_array_equal(evaluator.run("plan 0", data, jax.random.key(0)).op,
+                                  evaluator.run("static", data, jax.random.key(0)).op)
     first = [int(np.argmax(out.blueprint[0, :, s] >= 0)) for s in (1, 0)]   # epoch each slot got its seed
     assert first[0] < first[1]
     # a static network with conv_small built in at r1c0 at twice the host's rate: computed from the first epoch
