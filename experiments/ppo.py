@@ -51,6 +51,8 @@ PPO_HELP = {
     "normalize_obs": "running mean/variance observation normalization",
     "kickstart_coef": "with --imitate: weight of -log pi(the teacher's action) on the policy's own rollouts during "
                       "PPO (kickstarting; default 0, off)",
+    "plan_inputs": "with --plans: what the plan policy sees, the whole first observation or only its features of "
+                   "the drawn problem (the training set's size), known before anything trains",
     "group_size": "envs per problem group: G envs share each drawn problem, host initialization and batches, and "
                   "each one learns from its reward minus the mean of the others' in its group (leave-one-out "
                   "baseline; default 1, off)",

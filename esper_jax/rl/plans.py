@@ -5,7 +5,9 @@ A plan is a fixed growth schedule (``conv_heavy@r2c0@e0``, ``a@r2c0@e0+b@r1c0@e1
 (grow nothing); :func:`esper_jax.env.controllers.make_plan_controller` carries out whichever one an
 env was given. The policy sees the first observation of the episode (the drawn problem, the
 training set's size among it, and the untrained host's losses) and chooses where, what and when to
-grow for the whole episode, in one categorical decision.
+grow for the whole episode, in one categorical decision. With ``plan_inputs="problem"`` it sees only
+the observation's features of the drawn problem (:data:`PROBLEM_FEATURES`): at the first observation the
+untrained host's losses differ between envs by their initialization alone, and a policy may fit them.
 
 Why: the per-epoch learner (:mod:`esper_jax.rl.ppo`) decides "germinate or not" afresh at every epoch,
 and on the growth problem the decision that pays is made per problem (grow ``conv_heavy`` early on a
@@ -53,6 +55,22 @@ from esper_jax.rl.ppo import (KL_STOP_FACTOR, Hyperparams, PPOConfig, explained_
 from esper_jax.trees import select
 
 PLAN_HEAD = "plan"
+# The observation's features of the drawn problem (esper_jax.env.problems), what the policy sees with
+# plan_inputs="problem": known before anything trains, unlike the untrained host's losses, which at the
+# first observation differ between envs by their initialization alone.
+PROBLEM_FEATURES = ("train_set_size",)
+
+
+def input_features(config: PPOConfig, env: MorphogeneticEnv) -> tuple[int, ...]:
+    """The indices of the observation the plan policy sees (``config.plan_inputs``)."""
+    names = env.feature_names()
+    if config.plan_inputs == "observation":
+        return tuple(range(len(names)))
+    chosen = tuple(names.index(f) for f in PROBLEM_FEATURES if f in names)
+    if not chosen:
+        raise ValueError("--plan-inputs problem shows the policy the drawn problem, and this run's envs all train on "
+                         "one problem: give a family (--train-fraction LOW:HIGH), or --plan-inputs observation")
+    return chosen
 
 
 def plan_names(plans: Sequence[str]) -> tuple[str, ...]:
@@ -155,9 +173,11 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     num_envs, epochs = config.num_envs, env.episode_epochs
     policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
     tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
-    obs_size = env.observation_size
+    features = jnp.asarray(input_features(config, env), jnp.int32)
+    obs_size = int(features.shape[0])
 
-    def norm(stats, obs):
+    def norm(stats, obs):  # the policy's inputs: the chosen features, normalized
+        obs = jnp.take(obs, features, axis=-1)
         return normalize.apply(stats, obs) if config.normalize_obs else obs
 
     def env_keys(key):
@@ -177,7 +197,8 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     def episodes(state: PlanState, data, key, plans=None):
         k_reset, k_plan, k_steps = jax.random.split(key, 3)
         obs, env_state = env.population_reset(env_keys(k_reset), data)
-        stats = normalize.update(state.obs_stats, obs) if config.normalize_obs else state.obs_stats
+        stats = normalize.update(state.obs_stats, jnp.take(obs, features, axis=-1)) if config.normalize_obs \
+            else state.obs_stats
         nobs = norm(stats, obs)
         dist, value = evaluate(state.params, nobs)
         plan = dist.sample(seed=k_plan).astype(jnp.int32) if plans is None else jnp.asarray(plans, jnp.int32)

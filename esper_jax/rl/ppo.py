@@ -62,7 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,9 @@ from esper_jax.trees import select
 from esper_jax.rl.policy import (
     RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, masked_logits, sample_action,
 )
+
+PlanInputs = Literal["observation", "problem"]
+PLAN_INPUTS: tuple[PlanInputs, ...] = ("observation", "problem")
 
 # A minibatch whose KL before its step exceeds this multiple of target_kl stops the update
 # (Stable-Baselines3's rule).
@@ -111,11 +114,16 @@ class PPOConfig:
     # Decide once per episode: the menu of plans (fixed schedules and/or "static") the learner of
     # esper_jax.rl.plans chooses among at each episode's first observation; () = this per-epoch learner.
     plans: tuple[str, ...] = ()
+    # What the plan policy sees: the whole first observation, or only its features of the drawn problem
+    # (known before anything trains; esper_jax.rl.plans.PROBLEM_FEATURES).
+    plan_inputs: PlanInputs = "observation"
 
     def __post_init__(self):
         object.__setattr__(self, "plans", tuple(self.plans))  # JSON gives a list
         if self.plans:
             self._check_plans()
+        elif self.plan_inputs != "observation":
+            raise ValueError("--plan-inputs chooses what the plan policy sees: give the menu with --plans, or leave it out")
         for name in ("num_envs", "update_epochs", "num_minibatches", "hidden_size", "group_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -150,6 +158,8 @@ class PPOConfig:
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"--plans learns from minibatches of envs, one decision each: --envs ({self.num_envs}) "
                              f"must be a multiple of --minibatches ({self.num_minibatches})")
+        if self.plan_inputs not in PLAN_INPUTS:
+            raise ValueError(f"--plan-inputs must be one of {', '.join(PLAN_INPUTS)}, got {self.plan_inputs!r}")
         refused = {"rollout_steps": self.rollout_steps != 0, "recurrent": self.recurrent != "none",
                    "kickstart_coef": self.kickstart_coef > 0}
         for name, given in refused.items():

@@ -708,7 +708,7 @@ def test_a_plan_run_resumes_exactly_and_evaluates(tmp_path, cache):
     plans = [*TINY, "--plans=static,norm@r0c0@e1", "--minibatches=1", "--group-size=2"]
     whole = cli_run([*plans, f"--run-dir={tmp_path / 'whole'}"], cache)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "deciding once per episode among 2 plans (static, norm@r0c0@e1), in problem groups of 2" in whole.stdout
+    assert "deciding once per episode among 2 plans (static, norm@r0c0@e1) from its first observation, in problem groups of 2" in whole.stdout
     halves = cli_run([*plans, "--updates=2", f"--run-dir={tmp_path / 'halves'}"], cache)
     assert halves.returncode == 0, halves.stderr[-3000:]
     resumed = cli_run([f"--resume={tmp_path / 'halves'}", "--updates=4", "--no-progress"], cache)

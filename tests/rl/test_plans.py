@@ -103,3 +103,32 @@ def test_an_evaluated_plan_is_chosen_once_and_kept(learner):
     assert decision["plans"] == list(MENU) and "ops" not in decision
     assert np.allclose(np.sum(decision["probabilities"], axis=1), 1.0)
     assert "its plan for the episode" in ev.first_decision_text(decision)
+
+
+def test_the_policy_can_be_shown_only_the_drawn_problem(learner):
+    """``plan_inputs="problem"``: the policy's input is the observation's ``train_set_size`` alone (so two
+    first observations of one problem that differ elsewhere get one distribution); refused in one line
+    where the envs all train on one problem."""
+    import dataclasses
+
+    from esper_jax.env.environment import MorphogeneticEnv
+    from esper_jax.env.problems import ProblemFamily
+    from esper_jax.rl.plans import input_features
+
+    env, data, _, _, _ = learner
+    problem_only = dataclasses.replace(CONFIG, plan_inputs="problem")
+    with pytest.raises(ValueError, match="all train on one problem"):
+        input_features(problem_only, env)
+    family = MorphogeneticEnv(dataclasses.replace(env.config, problems=ProblemFamily((0.1, 1.0), (0.0, 0.0))))
+    names = family.feature_names()
+    assert input_features(problem_only, family) == (names.index("train_set_size"),)
+    assert input_features(CONFIG, family) == tuple(range(len(names)))
+    trainer = make_train(problem_only, family, 1)
+    state = trainer.init(jax.random.key(0), Hyperparams.default(problem_only), data)
+    assert state.obs_stats.mean.shape == (1,)
+    obs = np.random.default_rng(0).normal(size=(2, len(names))).astype(np.float32)
+    obs[1, names.index("train_set_size")] = obs[0, names.index("train_set_size")]
+    probabilities, _ = trainer.plan_distribution(state.params, state.obs_stats, obs)
+    np.testing.assert_array_equal(probabilities[0], probabilities[1])
+    with pytest.raises(ValueError, match="give the menu with --plans"):
+        PPOConfig(plan_inputs="problem")
