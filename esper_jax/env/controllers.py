@@ -206,6 +206,11 @@ def parse_plan(text: str) -> tuple[Schedule, ...]:
         raise ValueError(f"{error}, or 'static' (grow nothing)") from None
 
 
+def plan_names(texts: Sequence[str]) -> tuple[str, ...]:
+    """A menu of plans in canonical form (``static`` or ``a@slot@eN[+...]``); a ValueError names a bad entry."""
+    return tuple(schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, texts))
+
+
 def make_plan_controller(env: MorphogeneticEnv, plans: Sequence[Sequence[Schedule]]):
     """Several fixed schedules in one controller: ``(key, state, plan) -> FactoredAction`` carries out
     ``plans[plan]`` (``plan`` a traced int, so one compiled program serves every choice; a plan with

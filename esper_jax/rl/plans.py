@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from esper_jax.env.controllers import make_plan_controller, parse_plan, schedule_name
+from esper_jax.env.controllers import make_plan_controller, parse_plan, plan_names
 from esper_jax.env.environment import MorphogeneticEnv
 from esper_jax.rl import normalize
 from esper_jax.rl.policy import Policy
@@ -71,11 +71,6 @@ def input_features(config: PPOConfig, env: MorphogeneticEnv) -> tuple[int, ...]:
         raise ValueError("--plan-inputs problem shows the policy the drawn problem, and this run's envs all train on "
                          "one problem: give a family (--train-fraction LOW:HIGH), or --plan-inputs observation")
     return chosen
-
-
-def plan_names(plans: Sequence[str]) -> tuple[str, ...]:
-    """The menu's entries in canonical form (``static`` or ``a@slot@eN[+...]``)."""
-    return tuple(schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, plans))
 
 
 @struct.dataclass

@@ -72,7 +72,7 @@ from jax.flatten_util import ravel_pytree
 
 from esper_jax.rl import normalize
 from esper_jax.env.actions import HEADS, ActionMasks, ActionSpace, FactoredAction
-from esper_jax.env.controllers import parse_plan, schedule_name
+from esper_jax.env.controllers import plan_names
 from esper_jax.trees import select
 from esper_jax.rl.policy import (
     RECURRENT_KINDS, Policy, Recurrent, evaluate_actions, evaluate_actions_raw, masked_logits, sample_action,
@@ -145,10 +145,9 @@ class PPOConfig:
                 bounds = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number {bounds}, got {value!r}")
 
-
     def _check_plans(self) -> None:
         try:
-            names = [schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, self.plans)]
+            names = plan_names(self.plans)
         except ValueError as error:
             raise ValueError(f"--plans: {error}") from None
         if len(names) < 2:

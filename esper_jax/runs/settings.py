@@ -22,7 +22,7 @@ import jax
 
 from esper_jax.data import AUTO, IMAGES, SYNTHETIC, describe_image_dataset, is_user_image_dataset, user_image_location
 from esper_jax.data.augment import AUGMENTS
-from esper_jax.env.controllers import CONTROLLERS, controller_name, parse_controller, parse_plan, schedule_name
+from esper_jax.env.controllers import CONTROLLERS, controller_name, parse_controller, parse_plan, plan_names
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import REWARD_KINDS
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TASK_NAMES, TaskConfig, get_task, host_variants
@@ -287,8 +287,7 @@ def _canonical(name: str, value: Any) -> Any:
         if name == "imitate" and isinstance(value, str):
             return controller_name(parse_controller(value))
         if name == "plans":
-            entries = value.split(",") if isinstance(value, str) else list(value)
-            return ",".join(schedule_name(seeds) if seeds else "static" for seeds in map(parse_plan, entries))
+            return ",".join(plan_names(value.split(",") if isinstance(value, str) else value))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
     except RunConfigError:
@@ -564,17 +563,20 @@ def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...
         teacher = parse_controller(text)
     except ValueError as error:
         raise RunConfigError(f"--imitate: {error}") from None
-    for seed in () if isinstance(teacher, str) else teacher:
+    _check_seeds(f"--imitate {text}", () if isinstance(teacher, str) else teacher, slots, blueprints, episode_epochs)
+    return controller_name(teacher)
+
+
+def _check_seeds(what: str, seeds, slots: tuple[str, ...], blueprints: tuple[str, ...], episode_epochs: int) -> None:
+    """A schedule's seeds must name this run's slots and blueprints and an epoch of its episode."""
+    for seed in seeds:
         if seed.slot not in slots:
-            raise RunConfigError(f"--imitate {text}: slot {seed.slot} is not one of the run's slots "
-                                 f"({', '.join(slots)})")
+            raise RunConfigError(f"{what}: slot {seed.slot} is not one of the run's slots ({', '.join(slots)})")
         if seed.blueprint not in blueprints:
-            raise RunConfigError(f"--imitate {text}: blueprint {seed.blueprint} is not one of the run's blueprints "
+            raise RunConfigError(f"{what}: blueprint {seed.blueprint} is not one of the run's blueprints "
                                  f"({', '.join(blueprints)})")
         if seed.epoch >= episode_epochs:
-            raise RunConfigError(f"--imitate {text}: epoch {seed.epoch} is outside the episode's "
-                                 f"0..{episode_epochs - 1}")
-    return controller_name(teacher)
+            raise RunConfigError(f"{what}: epoch {seed.epoch} is outside the episode's 0..{episode_epochs - 1}")
 
 
 def _check_plans(value: Any, slots: tuple[str, ...], blueprints: tuple[str, ...],
@@ -588,14 +590,7 @@ def _check_plans(value: Any, slots: tuple[str, ...], blueprints: tuple[str, ...]
                              "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10")
     names = _canonical("plans", value).split(",")
     for name in names:
-        for seed in parse_plan(name):
-            where = (f"slot {seed.slot} is not one of the run's slots ({', '.join(slots)})" if seed.slot not in slots else
-                     f"blueprint {seed.blueprint} is not one of the run's blueprints ({', '.join(blueprints)})"
-                     if seed.blueprint not in blueprints else
-                     f"epoch {seed.epoch} is outside the episode's 0..{episode_epochs - 1}"
-                     if seed.epoch >= episode_epochs else None)
-            if where is not None:
-                raise RunConfigError(f"--plans: plan {name}: {where}")
+        _check_seeds(f"--plans: plan {name}", parse_plan(name), slots, blueprints, episode_epochs)
     return tuple(names)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from esper_jax.env.actions import Op
-from esper_jax.env.controllers import make_plan_controller, make_scripted_controller, parse_plan
-from esper_jax.rl.plans import PlanTrainer, make_train, plan_names
+from esper_jax.env.controllers import make_plan_controller, make_scripted_controller, parse_plan, plan_names
+from esper_jax.rl.plans import PlanTrainer, make_train
 from esper_jax.rl.ppo import Hyperparams, PPOConfig
 from esper_jax.runs import evaluation as ev
 from tests.env_rig import tiny_env
