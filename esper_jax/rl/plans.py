@@ -50,9 +50,8 @@ from esper_jax.env.controllers import make_plan_controller, parse_plan, plan_nam
 from esper_jax.env.environment import MorphogeneticEnv
 from esper_jax.rl import normalize
 from esper_jax.rl.policy import Policy
-from esper_jax.rl.ppo import (KL_STOP_FACTOR, Hyperparams, PPOConfig, explained_variance, group_keys, make_optimizer,
-                              relative_to_group)
-from esper_jax.trees import select
+from esper_jax.rl.ppo import (Hyperparams, PPOConfig, clipped_surrogate, explained_variance, group_keys,
+                              kl_stopped_step, make_optimizer, relative_to_group)
 
 PLAN_HEAD = "plan"
 # The observation's features of the drawn problem (esper_jax.env.problems), what the policy sees with
@@ -171,9 +170,11 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     features = jnp.asarray(input_features(config, env), jnp.int32)
     obs_size = int(features.shape[0])
 
-    def norm(stats, obs):  # the policy's inputs: the chosen features, normalized
-        obs = jnp.take(obs, features, axis=-1)
-        return normalize.apply(stats, obs) if config.normalize_obs else obs
+    def inputs(obs):  # the features the policy sees
+        return jnp.take(obs, features, axis=-1)
+
+    def norm(stats, x):
+        return normalize.apply(stats, x) if config.normalize_obs else x
 
     def env_keys(key):
         return group_keys(key, num_envs, config.group_size)
@@ -192,9 +193,9 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     def episodes(state: PlanState, data, key, plans=None):
         k_reset, k_plan, k_steps = jax.random.split(key, 3)
         obs, env_state = env.population_reset(env_keys(k_reset), data)
-        stats = normalize.update(state.obs_stats, jnp.take(obs, features, axis=-1)) if config.normalize_obs \
-            else state.obs_stats
-        nobs = norm(stats, obs)
+        x = inputs(obs)
+        stats = normalize.update(state.obs_stats, x) if config.normalize_obs else state.obs_stats
+        nobs = norm(stats, x)
         dist, value = evaluate(state.params, nobs)
         plan = dist.sample(seed=k_plan).astype(jnp.int32) if plans is None else jnp.asarray(plans, jnp.int32)
         no_keys = jax.random.split(k_plan, num_envs)  # the plan controller is deterministic
@@ -216,15 +217,10 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
 
     def loss_fn(params, batch: _Batch, ent_coef):
         dist, value = evaluate(params, batch.obs)
-        log_ratio = dist.log_prob(batch.plan) - batch.log_prob
-        ratio = jnp.exp(log_ratio)
-        adv = batch.advantage
-        policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
+        policy_loss, approx_kl, clip_fraction = clipped_surrogate(dist.log_prob(batch.plan), batch.log_prob,
+                                                                  batch.advantage, config.clip_eps)
         value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
-        entropy = dist.entropy().mean()
-        loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
-        approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
-        clip_fraction = jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32))
+        loss = policy_loss + config.vf_coef * value_loss - ent_coef * dist.entropy().mean()
         return loss, (policy_loss, value_loss, approx_kl, clip_fraction)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -237,10 +233,7 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
         def step(carry, minibatch):
             flat, opt_state, stopped = carry
             (_, info), grads = grad_fn(unravel(flat), minibatch, state.hyper.ent_coef)
-            if config.target_kl is not None:
-                stopped = stopped | (info[2] > KL_STOP_FACTOR * config.target_kl)
-            updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
-            flat, opt_state = select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
+            flat, opt_state, stopped = kl_stopped_step(config, tx, flat, opt_state, stopped, grads, info[2])
             return (flat, opt_state, stopped), (info, ~stopped)
 
         def epoch(carry, key):
@@ -289,14 +282,14 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
         return state, _Columns(metrics, names)
 
     def plan_distribution(params, obs_stats, obs):
-        dist, value = evaluate(params, norm(obs_stats, obs))
+        dist, value = evaluate(params, norm(obs_stats, inputs(obs)))
         return dist.probs, value
 
     def act(params, obs_stats, obs, env_state, carry, key, deterministic: bool = False):
         """Each env's plan is chosen at the first call (its carry is -1) from that observation and
         kept; the plan controller acts."""
         k_plan, k_act = jax.random.split(key)
-        dist, _ = evaluate(params, norm(obs_stats, obs))
+        dist, _ = evaluate(params, norm(obs_stats, inputs(obs)))
         choice = dist.mode() if deterministic else dist.sample(seed=k_plan)
         plan = jnp.where(carry < 0, choice.astype(jnp.int32), carry)
         return controller(jax.random.split(k_act, obs.shape[0]), env_state, plan), plan

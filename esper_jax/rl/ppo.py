@@ -402,6 +402,26 @@ def _per_episode(x: jax.Array, done: jax.Array, episodes: jax.Array) -> jax.Arra
     return jnp.where(episodes > 0, jnp.sum(x.astype(jnp.float32) * done) / episodes, jnp.nan)
 
 
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_eps: float):
+    """PPO's clipped policy loss and its diagnostics: ``(loss, approx_kl, clip_fraction)``, means over the
+    samples (the KL estimate is ``(r - 1) - log r``, Schulman's low-variance one)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = jnp.exp(log_ratio)
+    loss = -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages))
+    return (loss, jnp.mean((ratio - 1.0) - log_ratio),
+            jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)))
+
+
+def kl_stopped_step(config: PPOConfig, tx: optax.GradientTransformation, flat, opt_state, stopped, grads, approx_kl):
+    """One Adam step on the raveled parameters, skipped (and every later one of the update with it) once a
+    minibatch's KL before its step exceeds ``KL_STOP_FACTOR x target_kl``: ``(flat, opt_state, stopped)``."""
+    if config.target_kl is not None:
+        stopped = stopped | (approx_kl > KL_STOP_FACTOR * config.target_kl)
+    updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
+    flat, opt_state = select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
+    return flat, opt_state, stopped
+
+
 def ppo_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) -> tuple[jax.Array, LossInfo]:
     """The clipped PPO objective on one minibatch: policy loss + ``vf_coef`` x value loss -
     ``ent_coef`` x the entropy of the heads that mattered for each sampled action."""
@@ -413,12 +433,10 @@ def ppo_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) 
     log_prob, raw, rel = evaluate_actions_raw(logits, traj.masks, traj.action)
     entropies = jnp.stack([raw[h] for h in HEADS], axis=-1)       # [..., H]
     relevant_entropies = rel * entropies
-    log_ratio = log_prob - traj.log_prob
-    ratio = jnp.exp(log_ratio)
     adv = batch.advantages
     if config.normalize_advantages:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    policy_loss = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * adv))
+    policy_loss, approx_kl, clip_fraction = clipped_surrogate(log_prob, traj.log_prob, adv, config.clip_eps)
     value_loss = 0.5 * jnp.mean(jnp.square(values - batch.returns))
     entropy = relevant_entropies.sum(-1).mean()
     loss = policy_loss + config.vf_coef * value_loss - ent_coef * entropy
@@ -428,8 +446,7 @@ def ppo_loss(policy: Policy, config: PPOConfig, params, batch: Batch, ent_coef) 
         teacher_nll = -jnp.mean(teacher_log_prob)
         loss = loss + config.kickstart_coef * teacher_nll
     info = LossInfo(
-        policy_loss=policy_loss, value_loss=value_loss, approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
-        clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32)),
+        policy_loss=policy_loss, value_loss=value_loss, approx_kl=approx_kl, clip_fraction=clip_fraction,
         teacher_nll=teacher_nll,
         head_entropy_sum=relevant_entropies.reshape(-1, len(HEADS)).sum(0),
         head_relevant=rel.reshape(-1, len(HEADS)).sum(0),
@@ -587,10 +604,7 @@ def make_train(config: PPOConfig, env: PopulationEnv, updates_per_chunk: int, te
         def minibatch_step(carry, minibatch):
             flat, opt_state, stopped = carry
             (_, info), grads = grad_fn(unravel(flat), minibatch, ent_coef)
-            if config.target_kl is not None:
-                stopped = stopped | (info.approx_kl > KL_STOP_FACTOR * config.target_kl)
-            updates, new_opt_state = tx.update(ravel_pytree(grads)[0], opt_state, flat)
-            flat, opt_state = select(stopped, (flat, opt_state), (flat + updates, new_opt_state))
+            flat, opt_state, stopped = kl_stopped_step(config, tx, flat, opt_state, stopped, grads, info.approx_kl)
             return (flat, opt_state, stopped), (info, ~stopped)
 
         def epoch(carry, key):
