@@ -4,6 +4,7 @@
         [--controllers policy,heuristic,random,static,best_fixed_1,best_fixed_2] [--stochastic] [--step U] [--eval-seed S]
         [--data synthetic|PATH] [--data-dir PATH] [--efficiency | --no-efficiency] [--timing-rounds R]
         [--schedules conv_heavy@r2c0@e0,...] [--strata train_fraction:2]
+        [--train-fraction LOW:HIGH] [--label-noise LOW:HIGH]
 
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
 heuristic, random and static controllers for one episode each on the same ``N`` held-out
@@ -16,6 +17,10 @@ two seeds), chosen on calibration envs; every controller is compared with ``best
 ``--schedules`` adds fixed schedules by name (``a@slot@eN``, ``+`` between the seeds of one; for
 example the best of ``experiments.headroom --stream calibration``). ``--strata DIM:N`` compares the
 controllers within N quantile bins of the envs' drawn problems (:mod:`esper_jax.runs.strata`).
+``--train-fraction``/``--label-noise`` draw the held-out envs' problems from other ranges of the run's
+family, for example a stratum it never trained on (sets smaller than any in training), observed as
+the controller observed its training problems (:meth:`esper_jax.env.problems.ProblemFamily.stratum`);
+the results go to ``evaluation-<ranges>.json|md``, beside (never over) ``evaluation.json``.
 
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
@@ -74,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strata", default=None, metavar="DIM:N",
                         help="also compare the controllers within N quantile bins of the envs' drawn train_fraction "
                              "or label_noise (runs with a problem family; static is run for it)")
+    parser.add_argument("--train-fraction", default=None, metavar="LOW:HIGH",
+                        help="draw the held-out envs' training fractions from this range instead of the run's (a "
+                             "stratum it never trained on, e.g. sets smaller than any in training); written to "
+                             "evaluation-<ranges>.json|md, not evaluation.json")
+    parser.add_argument("--label-noise", default=None, metavar="LOW:HIGH",
+                        help="the same for the label noise (e.g. noisier labels than any in training)")
     parser.add_argument("--timing-rounds", type=positive, default=1,
                         help="with --efficiency: time every episode this many times, interleaved, and take the median "
                              "(default 1)")
@@ -119,6 +130,27 @@ def efficiency_enabled(flag: bool | None, task_kind: str) -> bool:
     return task_kind == "language_model" if flag is None else flag
 
 
+def stratum_ranges(train_fraction: str | None, label_noise: str | None) -> dict[str, tuple[float, float]] | None:
+    """``--train-fraction``/``--label-noise`` as ranges (ValueError naming the flag), or None when
+    neither is given (the run's own family)."""
+    from esper_jax.env.problems import parse_range
+
+    ranges = {}
+    if train_fraction is not None:
+        ranges["train_fraction"] = parse_range("train-fraction", train_fraction, 0.0, 1.0, low_open=True)
+    if label_noise is not None:
+        ranges["label_noise"] = parse_range("label-noise", label_noise, 0.0, 1.0)
+    return ranges or None
+
+
+def stratum_stem(ranges: dict[str, tuple[float, float]] | None) -> str:
+    """The stem of the evaluation's files: ``evaluation``, or for a stratum its ranges
+    (``evaluation-train_fraction-0.001-0.005``), so that it never replaces the run's own."""
+    if not ranges:
+        return "evaluation"
+    return "evaluation-" + "-".join(f"{name}-{low:g}-{high:g}" for name, (low, high) in ranges.items())
+
+
 def _selection(option: str, summary: dict | None) -> str:
     if option not in ("best", "all"):
         return "chosen with --member"
@@ -144,6 +176,7 @@ def main(argv=None) -> int:
 
     try:
         parse_controllers(args.controllers, ev.BEST_FIXED)  # the names alone, before anything is read
+        stratum = stratum_ranges(args.train_fraction, args.label_noise)
         if not (Path(args.run_dir) / CONFIG_FILE).is_file():
             raise RunConfigError(f"{args.run_dir} is not a run directory ({CONFIG_FILE} is missing): train one first "
                                  f"with `python -m experiments.ppo --task=... --run-dir {args.run_dir}`")
@@ -157,7 +190,7 @@ def main(argv=None) -> int:
         efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
             raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
-        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir)
+        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, stratum=stratum)
         large_env = eff.large_static_env(handle) if efficiency else None
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
         if ev.POLICY in controllers:
@@ -239,9 +272,13 @@ def main(argv=None) -> int:
             "hyperparameters": dataclasses.asdict(handle.members[member]),
             "first_decision": ev.first_decision(env, handle.trainer, inputs, handle.env_data, key, args.envs),
         }
+    trained_on = None
+    if stratum:
+        trained_on = {"train_fraction": list(handle.config.env.train_fraction),
+                      "label_noise": list(handle.config.env.label_noise)}
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
-                                    run_dir=str(handle.run_dir), policy=policy_info)
+                                    run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
     computes = cp.add_compute(payload, env, handle.env_data, results)
     if section is not None:
@@ -255,7 +292,7 @@ def main(argv=None) -> int:
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
     if strata is not None:
         markdown += "\n" + st.add_strata(payload, env.config.reward, results, computes, strata)
-    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown)
+    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown, stem=stratum_stem(stratum))
     print()
     print(markdown)
     if handle.synthetic:

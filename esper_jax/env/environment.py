@@ -188,10 +188,10 @@ class MorphogeneticEnv:
 
     @property
     def observation_size(self) -> int:
-        return observations.observation_size(self.lattice, self.config.problems.subsets, self.config.actions.seal)
+        return observations.observation_size(self.lattice, self.config.problems.observes_size, self.config.actions.seal)
 
     def feature_names(self) -> list[str]:
-        return observations.feature_names(self.lattice, self.config.problems.subsets, self.config.actions.seal)
+        return observations.feature_names(self.lattice, self.config.problems.observes_size, self.config.actions.seal)
 
     def model_costs(self, data: EnvData) -> ModelCosts:
         """The per-batch FLOPs of this env's model (:mod:`esper_jax.lattice.flops`) at its training
@@ -498,6 +498,6 @@ class MorphogeneticEnv:
             train_loss=state.train_loss, val_loss=state.val_loss, prev_val_loss=state.prev_val_loss,
             best_val_loss=state.best_val_loss, initial_val_loss=state.initial_val_loss,
             loss_history=state.loss_history, last_op=state.last_op,
-            train_set_size=problem_size(cfg.problems, state.problem) if cfg.problems.subsets else None,
+            train_set_size=problem_size(cfg.problems, state.problem) if cfg.problems.observes_size else None,
             sealed=state.sealed,
         )

@@ -56,10 +56,18 @@ class ProblemFamily:
 
     train_fraction: Range = (1.0, 1.0)   # log-uniform
     label_noise: Range = (0.0, 0.0)      # uniform
+    # The smallest fraction the observed ``train_set_size`` is measured against (:func:`problem_size`);
+    # None: the range's own lower end. A controller evaluated on a stratum it never trained on (a range
+    # outside its training family's) keeps its training family's, so the feature means what it meant
+    # in training, and the controller observes the set's size even where the stratum is the whole set.
+    size_scale: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "train_fraction", parse_range("train-fraction", self.train_fraction, 0.0, 1.0, True))
         object.__setattr__(self, "label_noise", parse_range("label-noise", self.label_noise, 0.0, 1.0))
+        if self.size_scale is not None and not 0.0 < self.size_scale < 1.0:
+            raise ValueError(f"size_scale must be a fraction in (0, 1), the training family's smallest; "
+                             f"got {self.size_scale!r}")
 
     @property
     def subsets(self) -> bool:
@@ -67,19 +75,37 @@ class ProblemFamily:
         return self.train_fraction != (1.0, 1.0)
 
     @property
+    def observes_size(self) -> bool:
+        """Whether the controller observes the training set's size (``train_set_size``)."""
+        return self.subsets or self.size_scale is not None
+
+    @property
     def noisy(self) -> bool:
         return self.label_noise[1] > 0.0
 
     @property
     def trivial(self) -> bool:
-        return not (self.subsets or self.noisy)
+        return not (self.observes_size or self.noisy)
+
+    def stratum(self, train_fraction=None, label_noise=None) -> "ProblemFamily":
+        """Another range of this family's problems (``None``: this family's range), observed as a
+        controller trained on this family observes them: for evaluating it on a stratum it never
+        trained on. ValueError, naming the flag, where the controller could not observe it so."""
+        if train_fraction is not None and not self.observes_size:
+            raise ValueError("--train-fraction: this run trained on the whole training set, so its controller does "
+                             "not observe the set's size; evaluate strata of runs trained with a --train-fraction range")
+        return ProblemFamily(self.train_fraction if train_fraction is None else train_fraction,
+                             self.label_noise if label_noise is None else label_noise,
+                             size_scale=self.size_scale if self.size_scale is not None
+                             else self.train_fraction[0] if self.subsets else None)
 
     def describe(self) -> str:
         if self.trivial:
             return "one problem (the whole training set, clean labels)"
         f, p = self.train_fraction, self.label_noise
+        scale = "" if self.size_scale is None else f"; the set's size observed on the scale of a smallest {self.size_scale:g}"
         return (f"problems drawn per env: training fraction {f[0]:g}..{f[1]:g} (log-uniform), "
-                f"label noise {p[0]:g}..{p[1]:g} (uniform)")
+                f"label noise {p[0]:g}..{p[1]:g} (uniform){scale}")
 
 
 @struct.dataclass
@@ -113,8 +139,9 @@ def train_count(problem: Problem, total: int, minimum: int = 1) -> jax.Array:
 
 def problem_size(family: ProblemFamily, problem: Problem) -> jax.Array:
     """The problem's training-set size as the controller sees it: ``log f / log f_min`` (0 for the
-    whole set, 1 for the family's smallest; 0 where the family draws no subsets)."""
-    smallest = family.train_fraction[0]
+    whole set, 1 for the family's smallest, ``f_min`` its ``size_scale`` when given, above 1 for sets
+    smaller still; 0 where the family draws no subsets)."""
+    smallest = family.train_fraction[0] if family.size_scale is None else family.size_scale
     if smallest >= 1.0:
         return jnp.zeros_like(problem.train_fraction)
     return jnp.log(problem.train_fraction) / math.log(smallest)

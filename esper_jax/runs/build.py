@@ -115,11 +115,13 @@ def data_label(dataset) -> str:
     return "SYNTHETIC data" if dataset.synthetic else f"real data from {dataset.source}"
 
 
-def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, MorphogeneticEnv, Any]:
+def build_env(config: RunConfig, dataset, problems: ProblemFamily | None = None
+              ) -> tuple[TaskConfig, Host, MorphogeneticEnv, Any]:
     """The task, the host, the environment a configuration makes on a loaded dataset, and the
     dataset as that environment takes it (images at the host's resolution; a language model's
-    host takes the dataset's vocabulary). :class:`RunConfigError` for settings the environment
-    refuses."""
+    host takes the dataset's vocabulary). ``problems``: another problem family than the
+    configuration's (:meth:`ProblemFamily.stratum`). :class:`RunConfigError` for settings the
+    environment refuses."""
     user_data = is_user_image_dataset(config.task)
     spec = config.env
     # A user's own host (--host) is none of the task's variants: the task is the same without one.
@@ -141,7 +143,7 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
             task, spec.slots, blueprints=spec.blueprints, host=host, episode_epochs=spec.episode_epochs,
             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size, val_size=spec.val_size,
             reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight, compute_weight=spec.compute_weight),
-            problems=ProblemFamily(spec.train_fraction, spec.label_noise),
+            problems=problems or ProblemFamily(spec.train_fraction, spec.label_noise),
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
             actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age,
                                  seal=spec.seal),
@@ -153,13 +155,16 @@ def build_env(config: RunConfig, dataset) -> tuple[TaskConfig, Host, Morphogenet
         raise RunConfigError(str(error)) from None
 
 
-def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None) -> Built:
+def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = None, devices=None,
+          problems: ProblemFamily | None = None) -> Built:
     """Load the data and build env, learner and placement for a resolved configuration. The
     built configuration (``Built.config``) records the data's origin, for a user's own image
-    dataset its digest, and for a language model the vocabulary its tokenizer gave the host."""
+    dataset its digest, and for a language model the vocabulary its tokenizer gave the host.
+    ``problems``: the envs draw from another family than the configuration's (evaluation on a
+    stratum; :meth:`~esper_jax.env.problems.ProblemFamily.stratum`)."""
     dataset = load_dataset(config, data, data_dir)
     fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
-    task, host, env, dataset = build_env(config, dataset)
+    task, host, env, dataset = build_env(config, dataset, problems)
     try:
         trainer = make_learner(config, env, config.checkpoint_every)
         env_data = make_env_data(env.config, dataset)

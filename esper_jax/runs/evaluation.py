@@ -368,7 +368,13 @@ def markdown_table(payload: dict[str, Any]) -> str:
     ]
     problems = held.get("problems")
     if problems and problems["family"] != ProblemFamily().describe():
-        lines.append(f"Inner problems: {problems['family']}; each env's drawn problem is in evaluation.json.")
+        lines.append(f"Inner problems: {problems['family']}; each env's drawn problem is in the evaluation's JSON file.")
+    if problems and problems.get("trained_on"):
+        trained = problems["trained_on"]
+        lines.append(f"**A stratum, not the run's family**: the run trained on training fractions "
+                     f"{trained['train_fraction'][0]:g}..{trained['train_fraction'][1]:g} and label noise "
+                     f"{trained['label_noise'][0]:g}..{trained['label_noise'][1]:g}; envs outside those ranges are "
+                     f"problems it never trained on.")
     if payload.get("policy"):
         pol = payload["policy"]
         lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
@@ -424,13 +430,14 @@ def write_json_and_markdown(json_path: str | os.PathLike, payload: dict[str, Any
         f.write(markdown)
 
 
-def write_evaluation(run_dir: str, payload: dict[str, Any], markdown: str | None = None) -> tuple[str, str]:
-    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``; returns their paths.
-    ``markdown``: the text of ``evaluation.md`` when it has more than :func:`markdown_table` (the
+def write_evaluation(run_dir: str, payload: dict[str, Any], markdown: str | None = None,
+                     stem: str = "evaluation") -> tuple[str, str]:
+    """Write ``evaluation.json`` and ``evaluation.md`` (or ``stem``'s) into ``run_dir``; returns their
+    paths. ``markdown``: the text of the ``.md`` when it has more than :func:`markdown_table` (the
     efficiency section of :mod:`esper_jax.runs.efficiency`)."""
-    json_path = os.path.join(run_dir, "evaluation.json")
+    json_path = os.path.join(run_dir, f"{stem}.json")
     write_json_and_markdown(json_path, payload, markdown_table(payload) if markdown is None else markdown)
-    return json_path, os.path.join(run_dir, "evaluation.md")
+    return json_path, os.path.join(run_dir, f"{stem}.md")
 
 
 # The best fixed growth schedules of a calibration sweep (esper_jax.runs.frontier): of one seed, of any.
@@ -519,8 +526,10 @@ def return_alignment(env: MorphogeneticEnv, results: dict[str, EpisodeOutput]) -
 
 def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput], *, run_seed: int, task: str,
                        data_label: str, synthetic: bool, run_dir: str | None = None,
-                       policy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``evaluation.json`` object for ``results`` (controller name → episode)."""
+                       policy: dict[str, Any] | None = None,
+                       trained_on: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """The ``evaluation.json`` object for ``results`` (controller name → episode). ``trained_on``:
+    the ranges of the run's own family, when the envs drew from another (a stratum)."""
     first = next(iter(results.values()))
     return {
         "version": EVALUATION_VERSION,
@@ -537,7 +546,8 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
             # every env's problem, the same for every controller (drawn from the env's reset key)
             "problems": {"family": env.config.problems.describe(),
                          "train_fraction": [float(v) for v in np.asarray(first.train_fraction)],
-                         "label_noise": [float(v) for v in np.asarray(first.label_noise)]},
+                         "label_noise": [float(v) for v in np.asarray(first.label_noise)],
+                         **({} if trained_on is None else {"trained_on": trained_on})},
         },
         "policy": policy,
         "controllers": {name: {**summarize_episodes(env, out), **paired_differences(out, results)}

@@ -135,3 +135,25 @@ def test_a_family_of_set_sizes_shows_the_size_and_one_problem_keeps_the_old_layo
         tiny.env.config, problems=ProblemFamily(label_noise=0.2))).feature_names()
     sizes = [float(problem_size(family, draw_problem(ProblemFamily(f), jax.random.key(0)))) for f in (1.0, 0.1, 0.01)]
     np.testing.assert_allclose(sizes, [0.0, 0.5, 1.0], atol=1e-6)
+
+
+def test_a_stratum_is_observed_on_the_training_familys_scale():
+    """Evaluated on sets smaller than any it trained on, a controller sees the set's size on the scale
+    it learned (above 1 for the smaller sets), and a stratum of whole sets keeps the feature."""
+    trained = ProblemFamily((0.01, 1.0), (0.0, 0.2))
+    smaller = trained.stratum((0.001, 0.01))
+    assert (smaller.train_fraction, smaller.label_noise, smaller.size_scale) == ((0.001, 0.01), (0.0, 0.2), 0.01)
+    sizes = [float(problem_size(smaller, draw_problem(ProblemFamily(f), jax.random.key(0)))) for f in (0.1, 0.01, 0.001)]
+    np.testing.assert_allclose(sizes, [0.5, 1.0, 1.5], atol=1e-6)
+    assert trained.stratum(label_noise=(0.2, 0.4)).label_noise == (0.2, 0.4)
+    assert smaller.stratum((0.5, 1.0)).size_scale == 0.01  # a stratum of a stratum keeps the training scale
+    tiny = tiny_env()
+    whole = trained.stratum((1.0, 1.0))
+    assert not whole.subsets and whole.observes_size
+    env = MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=whole))
+    assert env.observation_size == MorphogeneticEnv(dataclasses.replace(tiny.env.config, problems=trained)).observation_size
+    with pytest.raises(ValueError, match="--train-fraction: this run trained on the whole training set"):
+        ProblemFamily(label_noise=0.2).stratum((0.1, 1.0))
+    assert ProblemFamily(label_noise=0.2).stratum(label_noise=(0.3, 0.5)).size_scale is None
+    with pytest.raises(ValueError, match="size_scale"):
+        ProblemFamily((0.1, 1.0), size_scale=1.0)

@@ -704,8 +704,9 @@ def test_a_warm_started_run_imitates_once_then_trains(tmp_path, cache):
 def test_a_plan_run_resumes_exactly_and_evaluates(tmp_path, cache):
     """A run of the learner that decides once per episode goes through the same loop: metrics with the
     share of each plan, exact resume (two updates then two more write what four in one go do), and
-    ``experiments.evaluate`` drives its policy and reports its first decision as the plan's distribution."""
-    plans = [*TINY, "--plans=static,norm@r0c0@e1", "--minibatches=1", "--group-size=2"]
+    ``experiments.evaluate`` drives its policy and reports its first decision as the plan's distribution,
+    here on a stratum of sets smaller than any it trained on, written beside the run's own evaluation."""
+    plans = [*TINY, "--plans=static,norm@r0c0@e1", "--minibatches=1", "--group-size=2", "--train-fraction=0.25:1"]
     whole = cli_run([*plans, f"--run-dir={tmp_path / 'whole'}"], cache)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "deciding once per episode among 2 plans (static, norm@r0c0@e1) from its first observation, in problem groups of 2" in whole.stdout
@@ -718,10 +719,15 @@ def test_a_plan_run_resumes_exactly_and_evaluates(tmp_path, cache):
     first = json.loads(rows.splitlines()[0])
     assert first["plan_static"] + first["plan_norm@r0c0@e1"] == pytest.approx(1.0) and first["episodes"] == 2
     evaluated = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--run-dir={tmp_path / 'whole'}",
-                                "--envs=2", "--controllers=policy,static"], cwd=REPO, capture_output=True, text=True,
-                               timeout=900)
+                                "--envs=2", "--controllers=policy,static", "--train-fraction=0.05:0.25"], cwd=REPO,
+                               capture_output=True, text=True, timeout=900)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    evaluation = json.loads((tmp_path / "whole" / "evaluation.json").read_text())
+    assert not (tmp_path / "whole" / "evaluation.json").exists()
+    evaluation = json.loads((tmp_path / "whole" / "evaluation-train_fraction-0.05-0.25.json").read_text())
+    problems = evaluation["held_out"]["problems"]
+    assert problems["trained_on"] == {"train_fraction": [0.25, 1.0], "label_noise": [0.0, 0.0]}
+    assert all(0.05 <= f <= 0.25 for f in problems["train_fraction"]) and "observed on the scale of a smallest 0.25" in problems["family"]
+    assert "A stratum, not the run's family" in evaluated.stdout
     decision = evaluation["policy"]["first_decision"]
     assert decision["plans"] == ["static", "norm@r0c0@e1"] and len(decision["probabilities"]) == 2
     chosen = [int(np.argmax(p)) for p in decision["probabilities"]]

@@ -272,6 +272,10 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     _fails(capsys, ["--run-dir", str(tmp_path), "--strata", "width:2"], "--strata must be DIM:N")
     _fails(capsys, ["--run-dir", str(tmp_path), "--strata", "label_noise:2", "--controllers", "policy"], "keep static")
     _fails(capsys, ["--run-dir", str(tmp_path), "--schedules", "norm"], "blueprint@slot")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--train-fraction", "0:0.1"], "--train-fraction must be a number or a range")
+    _fails(capsys, ["--run-dir", str(tmp_path), "--label-noise", "0.5:0.2"], "--label-noise must be a number or a range")
+    # a stratum of set sizes needs a controller that observed the set's size in training
+    _fails(capsys, ["--run-dir", str(tmp_path), "--train-fraction", "0.01:0.1"], "--train-fraction", "whole training set")
     _fails(capsys, ["--run-dir", str(tmp_path)], "checkpoint", "python -m experiments.ppo")
     (tmp_path / "config.json").write_text("{not json")
     _fails(capsys, ["--run-dir", str(tmp_path)], "config.json is damaged")
