@@ -130,9 +130,9 @@ def efficiency_enabled(flag: bool | None, task_kind: str) -> bool:
     return task_kind == "language_model" if flag is None else flag
 
 
-def stratum_ranges(train_fraction: str | None, label_noise: str | None) -> dict[str, tuple[float, float]] | None:
-    """``--train-fraction``/``--label-noise`` as ranges (ValueError naming the flag), or None when
-    neither is given (the run's own family)."""
+def stratum_ranges(train_fraction: str | None, label_noise: str | None) -> dict[str, tuple[float, float]]:
+    """``--train-fraction``/``--label-noise`` as ranges by setting name (ValueError naming the flag);
+    empty when neither is given (the run's own family)."""
     from esper_jax.env.problems import parse_range
 
     ranges = {}
@@ -140,10 +140,10 @@ def stratum_ranges(train_fraction: str | None, label_noise: str | None) -> dict[
         ranges["train_fraction"] = parse_range("train-fraction", train_fraction, 0.0, 1.0, low_open=True)
     if label_noise is not None:
         ranges["label_noise"] = parse_range("label-noise", label_noise, 0.0, 1.0)
-    return ranges or None
+    return ranges
 
 
-def stratum_stem(ranges: dict[str, tuple[float, float]] | None) -> str:
+def stratum_stem(ranges: dict[str, tuple[float, float]]) -> str:
     """The stem of the evaluation's files: ``evaluation``, or for a stratum its ranges
     (``evaluation-train_fraction-0.001-0.005``), so that it never replaces the run's own."""
     if not ranges:
@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
     from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
+    from esper_jax.env.problems import ProblemFamily
     from esper_jax.runs import strata as st
 
     try:
@@ -190,7 +191,11 @@ def main(argv=None) -> int:
         efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
             raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
-        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, stratum=stratum)
+        problems = None
+        if stratum:
+            problems = ProblemFamily(config.env.train_fraction, config.env.label_noise).stratum(
+                stratum.get("train_fraction"), stratum.get("label_noise"))
+        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, problems=problems)
         large_env = eff.large_static_env(handle) if efficiency else None
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
         if ev.POLICY in controllers:

@@ -60,22 +60,17 @@ class RunHandle(Built):
 
 
 def load_run(run_dir: str | os.PathLike[str], *, step: int | None = None, data: str | None = None,
-             data_dir: str | None = None, stratum: dict[str, Any] | None = None) -> RunHandle:
+             data_dir: str | None = None, problems: ProblemFamily | None = None) -> RunHandle:
     """Rebuild a run and restore a checkpoint (default: the newest complete one).
 
     ``data``/``data_dir`` read the dataset from elsewhere than the run did (e.g. ``data="synthetic"``,
-    or the real dataset's directory on another machine). ``stratum``: the envs draw their problems
-    from other ranges of the run's family (``train_fraction``/``label_noise`` given as
-    :meth:`~esper_jax.env.problems.ProblemFamily.stratum` takes them; ValueError naming the flag
-    where the run's controller could not observe them). Raises
+    or the real dataset's directory on another machine). ``problems``: the envs draw their problems
+    from another family than the run's, a stratum of it (:meth:`~esper_jax.env.problems.ProblemFamily.stratum`).
+    Raises
     :class:`~esper_jax.runs.config.RunConfigError` or :class:`~esper_jax.runs.checkpoint.CheckpointError`
     with a one-line message when the directory is not a usable run."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    problems = None
-    if stratum:
-        problems = ProblemFamily(config.env.train_fraction, config.env.label_noise).stratum(**stratum)
-    built = build(config, data=data, data_dir=data_dir, problems=problems)
+    built = build(read_config(run_dir), data=data, data_dir=data_dir, problems=problems)
     programs = make_programs(built)
     with Checkpointer(run_dir / CHECKPOINT_DIR, read_only=True) as checkpointer:
         restored_step, state = checkpointer.restore(programs.abstract_state, step, only=LEARNER_FIELDS)
