@@ -172,7 +172,6 @@ def main(argv=None) -> int:
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
     from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
-    from esper_jax.env.problems import ProblemFamily
     from esper_jax.runs import strata as st
 
     try:
@@ -191,10 +190,8 @@ def main(argv=None) -> int:
         efficiency = efficiency_enabled(args.efficiency, config.kind)
         if args.timing_rounds > 1 and not efficiency:
             raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
-        problems = None
-        if stratum:
-            problems = ProblemFamily(config.env.train_fraction, config.env.label_noise).stratum(
-                stratum.get("train_fraction"), stratum.get("label_noise"))
+        problems = config.env.problems.stratum(stratum.get("train_fraction"), stratum.get("label_noise")) \
+            if stratum else None
         handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, problems=problems)
         large_env = eff.large_static_env(handle) if efficiency else None
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
@@ -277,10 +274,9 @@ def main(argv=None) -> int:
             "hyperparameters": dataclasses.asdict(handle.members[member]),
             "first_decision": ev.first_decision(env, handle.trainer, inputs, handle.env_data, key, args.envs),
         }
-    trained_on = None
-    if stratum:
-        trained_on = {"train_fraction": list(handle.config.env.train_fraction),
-                      "label_noise": list(handle.config.env.label_noise)}
+    # a stratum's evaluation records the ranges the run trained on
+    trained_on = {name: list(getattr(config.env, name)) for name in ("train_fraction", "label_noise")} \
+        if stratum else None
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on)

@@ -94,10 +94,10 @@ class ProblemFamily:
         if train_fraction is not None and not self.observes_size:
             raise ValueError("--train-fraction: this run trained on the whole training set, so its controller does "
                              "not observe the set's size; evaluate strata of runs trained with a --train-fraction range")
+        # the scale the controller learned on: this family's own, kept through a stratum of a stratum
+        scale = self.size_scale if self.size_scale is not None else self.train_fraction[0] if self.subsets else None
         return ProblemFamily(self.train_fraction if train_fraction is None else train_fraction,
-                             self.label_noise if label_noise is None else label_noise,
-                             size_scale=self.size_scale if self.size_scale is not None
-                             else self.train_fraction[0] if self.subsets else None)
+                             self.label_noise if label_noise is None else label_noise, size_scale=scale)
 
     def describe(self) -> str:
         if self.trivial:

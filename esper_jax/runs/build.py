@@ -143,7 +143,7 @@ def build_env(config: RunConfig, dataset, problems: ProblemFamily | None = None
             task, spec.slots, blueprints=spec.blueprints, host=host, episode_epochs=spec.episode_epochs,
             steps_per_epoch=spec.steps_per_epoch, batch_size=spec.batch_size, val_size=spec.val_size,
             reward=RewardConfig(kind=spec.reward, rent_weight=spec.rent_weight, compute_weight=spec.compute_weight),
-            problems=problems or ProblemFamily(spec.train_fraction, spec.label_noise),
+            problems=problems or spec.problems,
             gates=GateConfig(min_training_epochs=spec.min_training_epochs, auto_advance=spec.auto_advance),
             actions=ActionConfig(max_concurrent_training=spec.max_concurrent_training, min_prune_age=spec.min_prune_age,
                                  seal=spec.seal),

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from esper_jax.data import SYNTHETIC
 from esper_jax.data.augment import Augment
+from esper_jax.env.problems import ProblemFamily
 from esper_jax.env.rewards import RewardKind
 from esper_jax.env.tasks import LANGUAGE_MODEL_TASKS, TaskKind
 from esper_jax.lattice.hosts import CNNHost, FlaxHost, HostImportError, TransformerHost, import_host
@@ -89,6 +90,11 @@ class EnvSpec:
     compute_weight: float = 0.0      # the reward's price of compute (esper_jax.env.rewards.compute_price)
     augment: Augment = "crop_flip"   # image tasks' training augmentation (EnvConfig.augment)
     seal: bool = False               # the SEAL op: no more germinations this episode (esper_jax.env.actions)
+
+    @property
+    def problems(self) -> ProblemFamily:
+        """The problem family the run's envs draw from."""
+        return ProblemFamily(self.train_fraction, self.label_noise)
 
 
 @dataclasses.dataclass(frozen=True)
