@@ -153,8 +153,9 @@ def main(argv=None) -> int:
                                      f"{', '.join('--' + k.replace('_', '-') for k in explicit)} (or use --task)")
             config = read_config(run_dir)
         else:
-            explicit["num_minibatches"] = 1  # no learner runs here: its minibatch split must not refuse an env count
-            config = run_settings.resolve_config(run_settings.resolve_settings(explicit, explicit.pop("preset", None)))
+            preset = explicit.pop("preset", None)
+            config = run_settings.resolve_config(run_settings.resolve_settings(run_settings.without_learner(explicit),
+                                                                               preset))
         built = build(config)
         env = built.env
         texts = args.schedules.split(",") if args.schedules else None

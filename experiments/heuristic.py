@@ -25,7 +25,7 @@ from esper_jax.runs import evaluation as ev
 from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError
 from esper_jax.runs.loop import USER_ERRORS
-from esper_jax.runs.settings import resolve_config, resolve_settings
+from esper_jax.runs.settings import resolve_config, resolve_settings, without_learner
 from experiments.cli import Parser, add_env_settings, add_task_and_preset, given_settings
 
 OWN_OPTIONS = ("controller", "json")
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         explicit = given_settings(args, OWN_OPTIONS)
         if "task" not in explicit:
             raise RunConfigError("--task is required, e.g. --task=cifar10 (add --preset=proof for the proof problem)")
-        explicit["num_minibatches"] = 1  # no learner runs here: its minibatch split must not refuse an env count
-        built = build(resolve_config(resolve_settings(explicit, explicit.pop("preset", None))))
+        preset = explicit.pop("preset", None)
+        built = build(resolve_config(resolve_settings(without_learner(explicit), preset)))
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

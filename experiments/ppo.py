@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decide once per episode (esper_jax.rl.plans): at each episode's first observation the policy "
                         "picks one plan of MENU, comma-separated fixed schedules and/or static, e.g. "
                         "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10, carried out to the episode's end "
-                        "(default: none, a decision every epoch)")
+                        "(default: the preset's; the default preset's menu holds static and the calibration's best "
+                        "schedules of the task's host; none: the per-epoch learner, a decision every epoch)")
     return parser
 
 

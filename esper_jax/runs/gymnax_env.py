@@ -11,7 +11,7 @@ from typing import Any
 from esper_jax.env.gymnax_env import Encoding, EnvParams, GrowthGymnaxEnv, check_encoding
 from esper_jax.runs.build import build
 from esper_jax.runs.config import RunConfigError
-from esper_jax.runs.settings import resolve_config, resolve_settings
+from esper_jax.runs.settings import resolve_config, resolve_settings, without_learner
 
 
 def make_gymnax_env(task: str, preset: str = "smoke", encoding: Encoding = "flat",
@@ -25,6 +25,6 @@ def make_gymnax_env(task: str, preset: str = "smoke", encoding: Encoding = "flat
         check_encoding(encoding)
     except ValueError as error:
         raise RunConfigError(str(error)) from None
-    built = build(resolve_config(resolve_settings({"task": task, **settings}, preset)))
+    built = build(resolve_config(resolve_settings(without_learner({"task": task, **settings}), preset)))
     env = GrowthGymnaxEnv(built.env, built.env_data, encoding)
     return env, env.default_params

@@ -175,13 +175,20 @@ PRESETS: dict[str, Preset] = {
             "blueprints": {"cnn": "norm,attention,depthwise,conv_light,conv_heavy",
                            "transformer": "norm,lora,attention,mlp_small,depth"},
             "train_fraction": [0.005, 1.0], "label_noise": [0.0, 0.2], "compute_weight": 1.0, "rent_weight": 0.0,
-            "envs": 8, "updates": 40, "episode_epochs": {"cnn": 30, "transformer": 10},
+            "envs": 8, "updates": {"cnn": 80, "transformer": 40}, "episode_epochs": {"cnn": 30, "transformer": 10},
             "steps_per_epoch": {"cnn": 10, "transformer": 60},
             "batch_size": {"cnn": 64, "transformer": 32}, "val_size": {"cnn": 512, "transformer": 128},
             "min_training_epochs": 1, "auto_advance": True, "min_prune_age": 4,
             "optimizer": {"transformer": "adamw"}, "host_lr": {"cnn": 0.1, "transformer": 3e-3},
             "host_lr_schedule": "cosine", "seed_lr": {"cnn": 0.05, "transformer": 3e-3}, "checkpoint_every": 4,
-            "num_minibatches": 2, "hidden_size": 64, "learning_rate": 3e-3, "ent_coef": 0.05,
+            "num_minibatches": 2, "hidden_size": 64, "learning_rate": 1e-3, "ent_coef": 0.05,
+            # The learner that decides once per episode from the drawn problem (README "Does growth pay on the
+            # `default` preset?"): each menu holds static and the calibration's best schedules for the topology
+            # (calibration/cifar-30x10, calibration/tinystories-steps60 in results/default-cpu); envs in pairs
+            # that share a problem (--group-size 2). `--plans none` gives the per-epoch learner instead.
+            "plans": {"cnn": "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10,depthwise@r2c0@e0",
+                      "transformer": "static,depth@r1c0@e0,depth@r0c0@e0,mlp_small@r0c0@e0"},
+            "plan_inputs": "problem", "group_size": 2,
         },
     ),
     # Why the proof preset's inner problem looks like this (synthetic CIFAR-10, 8 paired envs from a
@@ -248,6 +255,7 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 DEFAULT_PRESET = "default"
+NO_PLANS = "none"  # --plans none: the per-epoch learner where a preset gives a menu
 
 # Settings that may differ when resuming (they do not change what is computed).
 RESUME_MAY_CHANGE = ("updates", "keep_checkpoints", "data_dir")
@@ -287,6 +295,8 @@ def _canonical(name: str, value: Any) -> Any:
         if name == "imitate" and isinstance(value, str):
             return controller_name(parse_controller(value))
         if name == "plans":
+            if _no_plans(value):
+                value = DEFAULTS["plans"]
             return ",".join(plan_names(value.split(",") if isinstance(value, str) else value))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
@@ -295,6 +305,18 @@ def _canonical(name: str, value: Any) -> Any:
     except ValueError as error:
         raise RunConfigError(str(error)) from None
     return value
+
+
+def without_learner(explicit: dict[str, Any]) -> dict[str, Any]:
+    """``explicit`` for a command that runs the env but no learner (a sweep of fixed controllers, a
+    gymnax env): the learner's settings (its minibatch split, problem groups, a preset's menu of plans
+    naming the task's slots) must not refuse an env count, slots or episode the command is given."""
+    return {**explicit, "num_minibatches": 1, "group_size": 1, "plans": NO_PLANS}
+
+
+def _no_plans(value: Any) -> bool:
+    """``--plans none``: the per-epoch learner."""
+    return isinstance(value, str) and value.strip() == NO_PLANS
 
 
 def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
@@ -324,6 +346,19 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
         if settings["kickstart_coef"]:
             raise RunConfigError("--kickstart-coef weighs the teacher's actions during PPO: give the teacher with "
                                  "--imitate, or leave it out")
+    if _no_plans(explicit.get("plans")):
+        settings["plans"] = DEFAULTS["plans"]  # the per-epoch learner, whatever the preset's menu
+        if explicit.get("plan_inputs") is None:
+            settings["plan_inputs"] = DEFAULTS["plan_inputs"]
+    elif settings["plans"] and explicit.get("plans") is None:
+        # The preset's learner decides once per episode; these options belong to the per-epoch one.
+        for flag, per_epoch in (("imitate", explicit.get("imitate") is not None),
+                                ("recurrent", explicit.get("recurrent") not in (None, "none")),
+                                ("rollout_steps", bool(explicit.get("rollout_steps")))):
+            if per_epoch:
+                raise RunConfigError(f"--{flag.replace('_', '-')} is an option of the per-epoch learner, and the "
+                                     f"{settings['preset']} preset's decides once per episode among plans (--plans): "
+                                     f"add --plans none")
     if settings["host"] is not None:
         if explicit.get("host_variant") is not None:
             raise RunConfigError("--host grows your own network and --host-variant chooses among the built-in ones: "
@@ -331,6 +366,8 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
         # A preset's host variant, field overrides and resolution are made for the task's own host;
         # a user's host takes its input size from itself or the data (or an explicit --image-size).
         settings.update(host_variant=None, host_fields={}, image_size=explicit.get("image_size"))
+        if explicit.get("plans") is None:  # so are its menus of plans, which name the built-in hosts' slots
+            settings.update(plans=DEFAULTS["plans"], plan_inputs=explicit.get("plan_inputs") or DEFAULTS["plan_inputs"])
     return settings
 
 
@@ -504,7 +541,13 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                 raise RunConfigError(f"{flag}: member seed {member.seed} is outside 0..{MAX_SEED} "
                                      f"(seeds are 32-bit; --seed S gives members S, S+1, ...)")
         ppo_fields = {name: s[name] for name in PPO_SETTINGS}
-        ppo_fields["plans"] = _check_plans(s["plans"], slots, blueprints, s["episode_epochs"])
+        try:
+            ppo_fields["plans"] = _check_plans(s["plans"], slots, blueprints, s["episode_epochs"])
+        except RunConfigError as error:
+            if s["plans"] != _per_topology(PRESETS[s["preset"]].settings.get("plans"), topology):
+                raise
+            raise RunConfigError(f"the {s['preset']} preset's {error} (its menu is made for the task's own slots, "
+                                 f"blueprints and episode): give your own --plans MENU, or --plans none") from None
         ppo_fields.update(num_envs=s["envs"], learning_rate=members[0].learning_rate, ent_coef=members[0].ent_coef)
         ppo_config = ppo_lib.PPOConfig(**ppo_fields)  # validates the PPO settings
         warm_start = None
@@ -583,7 +626,7 @@ def _check_plans(value: Any, slots: tuple[str, ...], blueprints: tuple[str, ...]
                  episode_epochs: int) -> tuple[str, ...]:
     """``--plans``' menu (comma-separated, or a sequence) as canonical names, each plan ``static`` or a
     schedule whose slots, blueprints and epochs this run has; ``()`` when not given."""
-    if value is None or value == () or value == []:
+    if value is None or value == () or value == [] or _no_plans(value):
         return ()
     if isinstance(value, str) and not value.strip():
         raise RunConfigError("--plans needs a menu: static and/or schedules, comma-separated, e.g. "

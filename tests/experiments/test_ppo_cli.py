@@ -35,7 +35,7 @@ from esper_jax.runs.build import build_env
 from esper_jax.runs.config import Member, RunConfig, RunConfigError, WarmStart, read_config
 from esper_jax.runs.load import load_run
 from esper_jax.runs.rundir import write_json
-from esper_jax.runs.settings import check_resume_settings, resolve_config, resolve_settings
+from esper_jax.runs.settings import check_resume_settings, resolve_config, resolve_settings, without_learner
 from tests.conftest import block_imports
 from experiments import ppo as cli
 
@@ -478,6 +478,43 @@ def test_plans_settings(capsys):
     assert "give one of them" in error_line(capsys, [*plans, "--imitate=static"])
     assert "--envs (2) must be a multiple of --minibatches (4)" in error_line(
         capsys, [*smoke, "--plans=static,norm@r0c0", "--minibatches=4"])
+
+
+def test_the_default_preset_learns_a_plan_per_problem(capsys):
+    """The command users run first poses the growth-that-pays problem with the learner that decides
+    once per episode from the drawn problem, each topology with its own menu; ``--plans none`` gives
+    the per-epoch learner, and options of that learner, or slots, blueprints or an episode the menu
+    does not fit, are refused in one line that says so. Commands that run no learner ignore the menu."""
+    cifar = resolve_config(resolve_settings({"task": "cifar10"}))
+    assert cifar.ppo.plans == ("static", "conv_heavy@r2c0@e0", "conv_heavy@r2c0@e10", "depthwise@r2c0@e0")
+    assert (cifar.ppo.plan_inputs, cifar.ppo.group_size, cifar.ppo.num_minibatches) == ("problem", 2, 2)
+    story = resolve_config(resolve_settings({"task": "tinystories"}))
+    assert story.ppo.plans == ("static", "depth@r1c0@e0", "depth@r0c0@e0", "mlp_small@r0c0@e0")
+    per_epoch = resolve_config(resolve_settings({"task": "cifar10", "plans": "none", "imitate": "conv_heavy@r2c0@e0"}))
+    assert (per_epoch.ppo.plans, per_epoch.ppo.plan_inputs) == ((), "observation")
+    assert per_epoch.warm_start.teacher == "conv_heavy@r2c0@e0" and per_epoch.options["plans"] == ""
+    check_resume_settings(per_epoch, {"plans": "none"})
+    with pytest.raises(RunConfigError, match="does not match the run's --plans=static,conv_heavy"):
+        check_resume_settings(cifar, {"plans": "none"})
+    with pytest.raises(RunConfigError, match="--plan-inputs chooses what the plan policy sees"):
+        resolve_config(resolve_settings({"task": "cifar10", "plans": "none", "plan_inputs": "problem"}))
+    task = ["--task=cifar10", "--data=synthetic"]
+    for option in ("--imitate=conv_heavy@r2c0@e0", "--recurrent=gru", "--rollout-steps=5"):
+        line = error_line(capsys, [*task, option])
+        assert "is an option of the per-epoch learner" in line and "add --plans none" in line, option
+    for option, message in (("--slots=r0c0,r1c0", "slot r2c0 is not one of the run's slots"),
+                            ("--blueprints=norm,conv_heavy", "blueprint depthwise is not one of the run's"),
+                            ("--episode-epochs=10", "epoch 10 is outside the episode's 0..9")):
+        line = error_line(capsys, [*task, option])
+        assert line.startswith("error: the default preset's --plans") and message in line, option
+        assert "give your own --plans MENU, or --plans none" in line
+    # a menu of one's own replaces the preset's and is checked as given
+    own = resolve_config(resolve_settings({"task": "cifar10", "slots": "r0c0", "plans": "static,conv_heavy@r0c0"}))
+    assert own.ppo.plans == ("static", "conv_heavy@r0c0@e0")
+    assert "error: --plans: plan conv_heavy@r2c0" in error_line(capsys, [*task, "--slots=r0c0",
+                                                                       "--plans=static,conv_heavy@r2c0"])
+    sweep = resolve_config(resolve_settings(without_learner({"task": "cifar10", "slots": "r0c0", "envs": 3})))
+    assert sweep.ppo.plans == () and sweep.env.slots == ("r0c0",)
 
 
 # ---------------------------------------------------------------------------- end to end
