@@ -53,6 +53,9 @@ PPO_HELP = {
                       "PPO (kickstarting; default 0, off)",
     "plan_inputs": "with --plans: what the plan policy sees, the whole first observation or only its features of "
                    "the drawn problem (the training set's size), known before anything trains",
+    "plan_head": "with --plans: fixed (one logit per plan of the menu) or scorer (one network scores each plan from "
+                 "what it grows, where, when and at what cost relative to the host: its parameters act on any "
+                 "menu and host)",
     "group_size": "envs per problem group: G envs share each drawn problem, host initialization and batches, and "
                   "each one learns from its reward minus the mean of the others' in its group (leave-one-out "
                   "baseline; default 1, off)",

@@ -196,15 +196,25 @@ class MorphogeneticEnv:
     def model_costs(self, data: EnvData) -> ModelCosts:
         """The per-batch FLOPs of this env's model (:mod:`esper_jax.lattice.flops`) at its training
         batch and ``data``'s validation set; from shapes alone, so it may be asked while tracing."""
+        return self._model_costs(tuple(data.val_x.shape))
+
+    def training_costs(self) -> ModelCosts:
+        """:meth:`model_costs` without the data: the training batch's counts are exact, the
+        evaluation ones are those of a one-example validation set (what needs no data: the cost of
+        a seed relative to the host, :mod:`esper_jax.env.descriptors`)."""
+        host = self.model.host
+        example = host.input_shape(1) if self.config.task.kind == "classification" else (1, self.config.task.block_size)
+        return self._model_costs(tuple(example))
+
+    def _model_costs(self, val_shape: tuple[int, ...]) -> ModelCosts:
         cfg = self.config
-        key = tuple(data.val_x.shape)
-        if key not in self._costs:
+        if val_shape not in self._costs:
             if cfg.task.kind == "classification":
-                example, target, dtype = key[1:], (), jnp.float32
+                example, target, dtype = val_shape[1:], (), jnp.float32
             else:
                 example, target, dtype = (cfg.task.block_size,), (cfg.task.block_size,), jnp.int32
-            self._costs[key] = model_costs(self.model, cfg.batch_size, key[0], example, target, dtype)
-        return self._costs[key]
+            self._costs[val_shape] = model_costs(self.model, cfg.batch_size, val_shape[0], example, target, dtype)
+        return self._costs[val_shape]
 
     # ------------------------------------------------------------------ data
 

@@ -8,6 +8,9 @@ training set's size among it, and the untrained host's losses) and chooses where
 grow for the whole episode, in one categorical decision. With ``plan_inputs="problem"`` it sees only
 the observation's features of the drawn problem (:data:`PROBLEM_FEATURES`): at the first observation the
 untrained host's losses differ between envs by their initialization alone, and a policy may fit them.
+With ``plan_head="fixed"`` the policy has one logit per plan of the menu; with ``"scorer"`` one network
+scores each plan from its description (:mod:`esper_jax.env.descriptors`: what it grows, where, when and
+at what cost relative to the host; :mod:`esper_jax.rl.scorer`), so its parameters fit any menu and host.
 
 Why: the per-epoch learner (:mod:`esper_jax.rl.ppo`) decides "germinate or not" afresh at every epoch,
 and on the growth problem the decision that pays is made per problem (grow ``conv_heavy`` early on a
@@ -47,9 +50,11 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from esper_jax.env.controllers import make_plan_controller, parse_plan, plan_names
+from esper_jax.env.descriptors import plan_features
 from esper_jax.env.environment import MorphogeneticEnv
 from esper_jax.rl import normalize
 from esper_jax.rl.policy import Policy
+from esper_jax.rl.scorer import CandidatePolicy
 from esper_jax.rl.ppo import (Hyperparams, PPOConfig, clipped_surrogate, explained_variance, group_keys,
                               kl_stopped_step, make_optimizer, relative_to_group)
 
@@ -140,7 +145,7 @@ class PlanTrainer(NamedTuple):
     init_carry: Callable          # (num_envs) -> carry
     episodes: Callable            # (state, data, key, plans=None) -> (obs_stats, PlanEpisodes): one update's
                                   #  episodes without learning; ``plans`` [N] imposes the plans
-    policy: Policy
+    policy: Policy | CandidatePolicy
     plans: tuple[str, ...]        # the menu, canonical names
     rollout_steps: int            # env steps per env per update: one episode
     updates_per_chunk: int
@@ -165,7 +170,12 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     names = plan_names(config.plans)
     controller = jax.vmap(make_plan_controller(env, menu))
     num_envs, epochs = config.num_envs, env.episode_epochs
-    policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
+    if config.plan_head == "scorer":
+        policy = CandidatePolicy(config.hidden_size)
+        candidates = jnp.asarray(plan_features(env, menu))
+        offered = jnp.ones((len(menu),), bool)
+    else:
+        policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
     tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
     features = jnp.asarray(input_features(config, env), jnp.int32)
     obs_size = int(features.shape[0])
@@ -180,13 +190,17 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
         return group_keys(key, num_envs, config.group_size)
 
     def evaluate(params, obs):
+        if config.plan_head == "scorer":
+            logits, value = policy.apply(params, obs, candidates, offered)
+            return distrax.Categorical(logits=logits), value
         _, logits, value = policy.apply(params, (), obs, jnp.ones(obs.shape[:1], bool))
         return distrax.Categorical(logits=logits[PLAN_HEAD]), value
 
     def init(key: jax.Array, hyper: Hyperparams, data) -> PlanState:
         del data  # the learner keeps nothing of the envs
         k_net, k_run = jax.random.split(key)
-        params = policy.init(k_net, obs_size)
+        params = (policy.init(k_net, obs_size, candidates.shape[1]) if config.plan_head == "scorer"
+                  else policy.init(k_net, obs_size))
         return PlanState(params=params, opt_state=make_optimizer(config, hyper.learning_rate).init(ravel_pytree(params)[0]),
                          obs_stats=normalize.init(obs_size), key=k_run, update=jnp.zeros((), jnp.int32), hyper=hyper)
 

@@ -150,6 +150,29 @@ def _kernel_scale(module: str) -> float:
     return 1.0       # value head, recurrent cell
 
 
+def orthogonal_params(key: jax.Array, shapes: Any) -> Any:
+    """Parameters of a ``flax.linen`` network from its shapes (``jax.eval_shape`` of its ``init``):
+    orthogonal kernels scaled by the layer's role (:func:`_kernel_scale`, from its name: ``torso*``,
+    ``head_*``, the rest), zero biases, cut from one normal draw (see :meth:`Policy.init`)."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    sizes = [_orthogonal_sizes(leaf.shape) for _, leaf in paths]
+    noise = jax.random.normal(key, (sum(r * c for r, c in sizes if c),), jnp.float32)
+    leaves, offset = [], 0
+    for (path, leaf), (rows, cols) in zip(paths, sizes):
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[-1] != "kernel":
+            leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
+            continue
+        a = noise[offset:offset + rows * cols].reshape(rows, cols)
+        offset += rows * cols
+        q, r = jnp.linalg.qr(a)
+        q = q * jnp.sign(jnp.diag(r))[None, :]
+        if leaf.shape[0] < leaf.shape[-1]:
+            q = q.T
+        leaves.append((_kernel_scale(names[1]) * q).reshape(leaf.shape).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """The network plus its carry conventions; every method is a pure function. The factored
@@ -194,23 +217,7 @@ class Policy:
         (orthogonalization of an i.i.d. normal matrix, as ``nn.initializers.orthogonal``)."""
         obs = jnp.zeros((1, observation_size), jnp.float32)
         shapes = jax.eval_shape(self.network.init, jax.random.key(0), self.initial_carry(1), obs, jnp.ones((1,), bool))
-        paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-        sizes = [_orthogonal_sizes(leaf.shape) for _, leaf in paths]
-        noise = jax.random.normal(key, (sum(r * c for r, c in sizes if c),), jnp.float32)
-        leaves, offset = [], 0
-        for (path, leaf), (rows, cols) in zip(paths, sizes):
-            names = [getattr(p, "key", str(p)) for p in path]
-            if names[-1] != "kernel":
-                leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
-                continue
-            a = noise[offset:offset + rows * cols].reshape(rows, cols)
-            offset += rows * cols
-            q, r = jnp.linalg.qr(a)
-            q = q * jnp.sign(jnp.diag(r))[None, :]
-            if leaf.shape[0] < leaf.shape[-1]:
-                q = q.T
-            leaves.append((_kernel_scale(names[1]) * q).reshape(leaf.shape).astype(leaf.dtype))
-        return jax.tree.unflatten(treedef, leaves)
+        return orthogonal_params(key, shapes)
 
     def apply(self, params, carry, obs, episode_start):
         return self.network.apply(params, carry, obs, episode_start)

@@ -80,6 +80,10 @@ from esper_jax.rl.policy import (
 
 PlanInputs = Literal["observation", "problem"]
 PLAN_INPUTS: tuple[PlanInputs, ...] = ("observation", "problem")
+# How the plan policy scores the menu: one logit per entry of this menu ("fixed"), or one network
+# that scores each plan from its task-independent description ("scorer": esper_jax.rl.scorer).
+PlanHead = Literal["fixed", "scorer"]
+PLAN_HEADS: tuple[PlanHead, ...] = ("fixed", "scorer")
 
 # A minibatch whose KL before its step exceeds this multiple of target_kl stops the update
 # (Stable-Baselines3's rule).
@@ -117,6 +121,7 @@ class PPOConfig:
     # What the plan policy sees: the whole first observation, or only its features of the drawn problem
     # (known before anything trains; esper_jax.rl.plans.PROBLEM_FEATURES).
     plan_inputs: PlanInputs = "observation"
+    plan_head: PlanHead = "fixed"
 
     def __post_init__(self):
         object.__setattr__(self, "plans", tuple(self.plans))  # JSON gives a list
@@ -124,6 +129,9 @@ class PPOConfig:
             self._check_plans()
         elif self.plan_inputs != "observation":
             raise ValueError("--plan-inputs chooses what the plan policy sees: give the menu with --plans, or leave it out")
+        elif self.plan_head != "fixed":
+            raise ValueError("--plan-head chooses how the plan policy scores its menu: give the menu with --plans, "
+                             "or leave it out")
         for name in ("num_envs", "update_epochs", "num_minibatches", "hidden_size", "group_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -159,6 +167,8 @@ class PPOConfig:
                              f"must be a multiple of --minibatches ({self.num_minibatches})")
         if self.plan_inputs not in PLAN_INPUTS:
             raise ValueError(f"--plan-inputs must be one of {', '.join(PLAN_INPUTS)}, got {self.plan_inputs!r}")
+        if self.plan_head not in PLAN_HEADS:
+            raise ValueError(f"--plan-head must be one of {', '.join(PLAN_HEADS)}, got {self.plan_head!r}")
         refused = {"rollout_steps": self.rollout_steps != 0, "recurrent": self.recurrent != "none",
                    "kickstart_coef": self.kickstart_coef > 0}
         for name, given in refused.items():

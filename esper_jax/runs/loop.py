@@ -89,6 +89,7 @@ def describe(built: Built, run_dir: Path) -> str:
         f"{c.updates} updates, a checkpoint every {c.checkpoint_every}",
         (f"policy mlp {ppo.hidden_size}, deciding once per episode among {len(ppo.plans)} plans "
          f"({', '.join(ppo.plans)}) from {'the drawn problem alone' if ppo.plan_inputs == 'problem' else 'its first observation'}"
+         f"{', each scored from its description' if ppo.plan_head == 'scorer' else ''}"
          f"{'' if ppo.group_size == 1 else f', in problem groups of {ppo.group_size}'}; "
          if ppo.plans else f"policy {ppo.recurrent if ppo.recurrent != 'none' else 'mlp'} {ppo.hidden_size}; ")
         + f"members {members}"

@@ -86,6 +86,31 @@ def test_the_learner_moves_to_the_plan_whose_paired_return_is_higher(learner):
     assert np.asarray(probabilities)[:, 0].mean() > 0.8 and (np.asarray(probabilities)[:, 0] > 0.6).all()
 
 
+def test_the_scorer_learns_the_same_choice_from_the_plans_descriptions(learner):
+    """``plan_head="scorer"``: the policy scores each plan from its description
+    (:mod:`esper_jax.env.descriptors`) with parameters whose shapes depend on neither the menu nor
+    the host, and learns what the fixed head learns in the test above."""
+    import dataclasses
+
+    env, data, _, _, _ = learner
+    config = dataclasses.replace(CONFIG, plan_head="scorer")
+    trainer = make_train(config, env, 4)
+    state = jax.jit(trainer.init)(jax.random.key(0), Hyperparams.default(config), data)
+    assert all(MENU[0] not in str(path) for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
+    longer = make_train(dataclasses.replace(config, plans=(*MENU, "norm@r0c0@e1")), env, 4)
+    shapes = lambda params: jax.tree.map(np.shape, params)
+    assert shapes(longer.init(jax.random.key(0), Hyperparams.default(config), data).params) == shapes(state.params)
+    chunk = jax.jit(trainer.train_chunk)
+    trained, _ = chunk(state, data)
+    trained, metrics = chunk(trained, data)
+    assert not jax.device_get(metrics).columns()["nonfinite"].any()
+    obs, _ = jax.jit(env.population_reset)(jax.random.split(jax.random.key(5), 4), data)
+    probabilities, _ = trainer.plan_distribution(trained.params, trained.obs_stats, obs)
+    assert np.asarray(probabilities)[:, 0].mean() > 0.8
+    with pytest.raises(ValueError, match="give the menu with --plans"):
+        PPOConfig(plan_head="scorer")
+
+
 def test_an_evaluated_plan_is_chosen_once_and_kept(learner):
     """``act`` chooses each env's plan at its first call (the most likely one when deterministic) and
     keeps it whatever it observes later; evaluation drives it and reports the plan distribution."""

@@ -21,7 +21,8 @@ class Noop:
         return jnp.zeros_like(h)
 
 
-@register_blueprint("norm", "cnn", "Per-sample normalization branch with a learned, zero-initialized affine.")
+@register_blueprint("norm", "cnn", "Per-sample normalization branch with a learned, zero-initialized affine.",
+                    role="normalization")
 class Norm:
     @staticmethod
     def init(key, dim):
@@ -32,7 +33,7 @@ class Norm:
         return ops.group_norm(h, params["scale"], params["bias"])
 
 
-@register_blueprint("attention", "cnn", "Squeeze-and-excitation channel attention (reduction 4).")
+@register_blueprint("attention", "cnn", "Squeeze-and-excitation channel attention (reduction 4).", role="context")
 class SqueezeExcitation:
     @staticmethod
     def init(key, dim):
@@ -49,7 +50,7 @@ class SqueezeExcitation:
         return h * excitation[:, None, None, :]
 
 
-@register_blueprint("depthwise", "cnn", "Depthwise 3×3 then pointwise 1×1 (depthwise-separable).")
+@register_blueprint("depthwise", "cnn", "Depthwise 3×3 then pointwise 1×1 (depthwise-separable).", role="context")
 class DepthwiseSeparable:
     @staticmethod
     def init(key, dim):
@@ -60,7 +61,7 @@ class DepthwiseSeparable:
         return ops.conv2d(jax.nn.relu(ops.depthwise_conv2d(h, params["dw"])), params["pw"])
 
 
-@register_blueprint("bottleneck", "cnn", "1×1 down to C/4, 3×3, 1×1 back up.")
+@register_blueprint("bottleneck", "cnn", "1×1 down to C/4, 3×3, 1×1 back up.", role="depth")
 class Bottleneck:
     @staticmethod
     def init(key, dim):
@@ -79,7 +80,7 @@ class Bottleneck:
         return ops.conv2d(x, params["up"])
 
 
-@register_blueprint("conv_small", "cnn", "One 1×1 convolution (channel mixing only).")
+@register_blueprint("conv_small", "cnn", "One 1×1 convolution (channel mixing only).", role="width")
 class ConvSmall:
     @staticmethod
     def init(key, dim):
@@ -90,7 +91,8 @@ class ConvSmall:
         return ops.conv2d(h, params["w"])
 
 
-@register_blueprint("conv_light", "cnn", "One 3×3 convolution, ReLU, per-channel scale starting at zero.")
+@register_blueprint("conv_light", "cnn", "One 3×3 convolution, ReLU, per-channel scale starting at zero.",
+                    role="depth")
 class ConvLight:
     @staticmethod
     def init(key, dim):
@@ -101,7 +103,7 @@ class ConvLight:
         return jax.nn.relu(ops.conv2d(h, params["w"])) * params["scale"]
 
 
-@register_blueprint("conv_heavy", "cnn", "Two 3×3 convolutions with a normalization between them.")
+@register_blueprint("conv_heavy", "cnn", "Two 3×3 convolutions with a normalization between them.", role="depth")
 class ConvHeavy:
     @staticmethod
     def init(key, dim):

@@ -3,13 +3,17 @@ of each topology is derived from what is registered.
 
 A blueprint maps a host activation ``h`` to a *residual* ``r`` (see :mod:`esper_jax.lattice.blending`)
 and must return exactly zero at germination so that planting a seed never shocks the host.
+
+Each blueprint names its *role*, what it adds to a host whatever the host (:data:`ROLES`), so that a
+controller can tell blueprints of different hosts apart by what they do rather than by their names
+(:mod:`esper_jax.env.descriptors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import jax
 import numpy as np
@@ -17,6 +21,12 @@ import numpy as np
 from esper_jax.lattice.slots import TOPOLOGIES, Topology
 
 Params = Any
+
+# What a blueprint adds: normalization; context (mixing across positions or channels' global
+# statistics: attention, a spatial kernel beside the host's); width (a wider layer beside the host's);
+# depth (a new nonlinear stage); adapter (a low-rank update of the activation); other.
+Role = Literal["normalization", "context", "width", "depth", "adapter", "other"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 # Names used for other per-slot trainable units, so no blueprint may take them.
 RESERVED_NAMES = frozenset({"gate"})
@@ -29,6 +39,7 @@ class Blueprint:
     description: str
     init: Callable[[jax.Array, int], Params]
     apply: Callable[[Params, jax.Array], jax.Array]
+    role: Role = "other"
 
     def num_params(self, dim: int) -> int:
         """Exact parameter count at width ``dim`` (derived from ``init``, never hand-written)."""
@@ -49,17 +60,21 @@ def _count_params(blueprint: Blueprint, dim: int) -> int:
 _REGISTRY: dict[str, dict[str, Blueprint]] = {topology: {} for topology in TOPOLOGIES}
 
 
-def register_blueprint(name: str, topology: str, description: str = ""):
-    """Class decorator: the class provides ``init(key, dim)`` and ``apply(params, h)`` as staticmethods."""
+def register_blueprint(name: str, topology: str, description: str = "", role: Role = "other"):
+    """Class decorator: the class provides ``init(key, dim)`` and ``apply(params, h)`` as staticmethods;
+    ``role`` says what it adds (:data:`ROLES`)."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology {topology!r}; expected one of {TOPOLOGIES}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} for blueprint {name!r}; roles are: {', '.join(ROLES)}")
     if name in RESERVED_NAMES:
         raise ValueError(f"blueprint name {name!r} is reserved")
 
     def decorator(cls):
         if name in _REGISTRY[topology]:
             raise ValueError(f"blueprint {topology}:{name} is already registered")
-        _REGISTRY[topology][name] = Blueprint(name, topology, description or (cls.__doc__ or "").strip(), cls.init, cls.apply)
+        _REGISTRY[topology][name] = Blueprint(name, topology, description or (cls.__doc__ or "").strip(), cls.init,
+                                              cls.apply, role)
         return cls
 
     return decorator

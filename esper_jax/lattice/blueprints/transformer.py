@@ -10,7 +10,7 @@ from esper_jax.lattice import ops
 from esper_jax.lattice.blueprints.registry import register_blueprint
 
 
-@register_blueprint("norm", "transformer", "LayerNorm branch with a zero-initialized affine.")
+@register_blueprint("norm", "transformer", "LayerNorm branch with a zero-initialized affine.", role="normalization")
 class Norm:
     @staticmethod
     def init(key, dim):
@@ -29,7 +29,7 @@ def _lora_apply(params, h):
     return (ops.layer_norm(h) @ params["a"]) @ params["b"]
 
 
-@register_blueprint("lora", "transformer", "Low-rank adapter, rank 8.")
+@register_blueprint("lora", "transformer", "Low-rank adapter, rank 8.", role="adapter")
 class Lora:
     @staticmethod
     def init(key, dim):
@@ -38,7 +38,7 @@ class Lora:
     apply = staticmethod(_lora_apply)
 
 
-@register_blueprint("lora_large", "transformer", "Low-rank adapter, rank 32.")
+@register_blueprint("lora_large", "transformer", "Low-rank adapter, rank 32.", role="adapter")
 class LoraLarge:
     @staticmethod
     def init(key, dim):
@@ -50,7 +50,7 @@ class LoraLarge:
 ATTENTION_SEED_HEADS = 2
 
 
-@register_blueprint("attention", "transformer", "Two extra causal attention heads (total width D/4).")
+@register_blueprint("attention", "transformer", "Two extra causal attention heads (total width D/4).", role="context")
 class ExtraAttention:
     @staticmethod
     def init(key, dim):
@@ -72,7 +72,7 @@ def _mlp_apply(params, h):
     return jax.nn.gelu(ops.layer_norm(h) @ params["w1"] + params["b1"]) @ params["w2"]
 
 
-@register_blueprint("mlp_small", "transformer", "Parallel MLP, 2× expansion.")
+@register_blueprint("mlp_small", "transformer", "Parallel MLP, 2× expansion.", role="width")
 class MlpSmall:
     @staticmethod
     def init(key, dim):
@@ -81,7 +81,7 @@ class MlpSmall:
     apply = staticmethod(_mlp_apply)
 
 
-@register_blueprint("mlp", "transformer", "Parallel MLP, 4× expansion.")
+@register_blueprint("mlp", "transformer", "Parallel MLP, 4× expansion.", role="width")
 class Mlp:
     @staticmethod
     def init(key, dim):
@@ -106,7 +106,8 @@ def depth_heads(dim: int) -> int:
 
 @register_blueprint("depth", "transformer",
                     "A whole pre-norm transformer layer (causal self-attention with heads of width 64, then a 4x "
-                    "GELU MLP), both output projections zero-initialized; at r{i}c0 it is a new layer of depth.")
+                    "GELU MLP), both output projections zero-initialized; at r{i}c0 it is a new layer of depth.",
+                    role="depth")
 class Depth:
     """The residual ``layer(h) - h`` of a layer shaped like the host's, computed as its two
     branches ``A(h) + M(h + A(h))`` (no cancellation): exactly zero while both output projections

@@ -1,0 +1,58 @@
+"""A policy over a variable set of candidates described by features: one score per candidate
+from a network shared by all of them, so that its parameters act on any number of candidates and
+on any task whose candidates are described alike (:mod:`esper_jax.env.descriptors`).
+
+``(obs [N, D], candidates [M, F], mask [M]) -> (logits [N, M], value [N])``: the observation goes
+through a tanh torso to ``z [N, H]``, each candidate through its own layer to ``e [M, H]``, and a
+candidate's logit is a linear read-out of ``tanh(z + e)`` (an MLP on ``[z, e]`` whose first layer
+is split in two). Masked candidates (padding, or choices a task does not offer) get the same large
+negative logit as masked actions of the factored policy (:data:`esper_jax.rl.policy.MASKED_LOGIT`):
+exactly zero probability and no NaN in the entropy. The value reads the observation alone. Nothing
+in the parameters' shapes depends on ``M`` or on the order of the candidates: permuting them
+permutes the logits.
+
+Initialization as the factored policy's (:func:`esper_jax.rl.policy.orthogonal_params`): the
+read-out at scale 0.01 gives a near-uniform initial choice over the candidates left unmasked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from esper_jax.rl.policy import masked_logits, orthogonal_params
+
+
+class _Scorer(nn.Module):
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, obs, candidates, mask):
+        z = obs
+        for i in range(2):
+            z = nn.tanh(nn.Dense(self.hidden_size, name=f"torso_{i}")(z))
+        e = nn.tanh(nn.Dense(self.hidden_size, name="torso_candidate")(candidates))
+        joint = nn.tanh(nn.Dense(self.hidden_size, name="torso_joint")(z)[:, None, :] + e[None, :, :])
+        logits = nn.Dense(1, name="head_candidate")(joint)[..., 0]
+        value = nn.Dense(1, name="value")(z)[..., 0]
+        return masked_logits(logits, mask[None, :]), value
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidatePolicy:
+    """The scorer's pure functions: :meth:`init` and :meth:`apply`."""
+
+    hidden_size: int = 64
+
+    def init(self, key: jax.Array, observation_size: int, candidate_size: int) -> Any:
+        shapes = jax.eval_shape(_Scorer(self.hidden_size).init, jax.random.key(0),
+                                jnp.zeros((1, observation_size)), jnp.zeros((1, candidate_size)), jnp.ones((1,), bool))
+        return orthogonal_params(key, shapes)
+
+    def apply(self, params, obs: jax.Array, candidates: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(logits [N, M], value [N])`` for ``obs [N, D]``, ``candidates [M, F]``, ``mask [M]`` bool."""
+        return _Scorer(self.hidden_size).apply(params, obs, candidates, mask)
