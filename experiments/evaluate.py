@@ -4,7 +4,7 @@
         [--controllers policy,heuristic,random,static,best_fixed_1,best_fixed_2] [--stochastic] [--step U] [--eval-seed S]
         [--data synthetic|PATH] [--data-dir PATH] [--efficiency | --no-efficiency] [--timing-rounds R]
         [--schedules conv_heavy@r2c0@e0,...] [--strata train_fraction:2]
-        [--train-fraction LOW:HIGH] [--label-noise LOW:HIGH]
+        [--train-fraction LOW:HIGH] [--label-noise LOW:HIGH] [--task TASK | --target-run DIR]
 
 Restores the run's newest checkpoint (or ``--step U``), then runs the trained policy, the
 heuristic, random and static controllers for one episode each on the same ``N`` held-out
@@ -21,6 +21,12 @@ controllers within N quantile bins of the envs' drawn problems (:mod:`esper_jax.
 family, for example a stratum it never trained on (sets smaller than any in training), observed as
 the controller observed its training problems (:meth:`esper_jax.env.problems.ProblemFamily.stratum`);
 the results go to ``evaluation-<ranges>.json|md``, beside (never over) ``evaluation.json``.
+``--task TASK`` or ``--target-run DIR`` evaluate the run's policy zero-shot on another task's envs and
+menu (:mod:`esper_jax.runs.transfer`: a plan policy that sees only the drawn problem, and with
+``--plan-head scorer`` any menu); the other controllers run on the same target envs; results in
+``transfer-<task or DIR's name>.json|md``. ``--target-run`` takes everything but the policy from that
+run, its held-out envs included (so its own evaluation pairs with this one) and its best fixed
+schedules; ``--task`` the run's preset for that task.
 
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
@@ -45,6 +51,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -85,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "evaluation-<ranges>.json|md, not evaluation.json")
     parser.add_argument("--label-noise", default=None, metavar="LOW:HIGH",
                         help="the same for the label noise (e.g. noisier labels than any in training)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--task", default=None,
+                        help="zero-shot transfer: evaluate the run's policy on this task's envs and menu of plans, "
+                             "under the run's preset (with --data for the task's data); results in "
+                             "transfer-TASK.json|md. Plan policies from the drawn problem transfer (--plan-inputs "
+                             "problem; --plan-head scorer for a menu of other plans)")
+    target.add_argument("--target-run", default=None, metavar="DIR",
+                        help="zero-shot transfer onto another run's task, data, settings, menu and held-out envs (the "
+                             "same envs as that run's own evaluation); results in transfer-NAME.json|md (NAME: the "
+                             "directory's name)")
     parser.add_argument("--timing-rounds", type=positive, default=1,
                         help="with --efficiency: time every episode this many times, interleaved, and take the median "
                              "(default 1)")
@@ -151,6 +168,21 @@ def stratum_stem(ranges: dict[str, tuple[float, float]]) -> str:
     return "evaluation-" + "-".join(f"{name}-{low:g}-{high:g}" for name, (low, high) in ranges.items())
 
 
+def target_of_task(args: argparse.Namespace, source):
+    """``--task``'s target: the task under the source run's preset and seed, with ``--data``/``--data-dir``."""
+    from esper_jax.runs import settings as run_settings
+
+    explicit = {"task": args.task, "data": args.data, "data_dir": args.data_dir, "seed": source.seed}
+    return run_settings.resolve_config(run_settings.resolve_settings(explicit, source.preset))
+
+
+def transfer_stem(task: str | None, target_run: str | None) -> str:
+    """The stem of a transfer evaluation's files: ``transfer-TASK`` or ``transfer-NAME`` (the target
+    run directory's name), in characters safe in a file name."""
+    name = task if task is not None else Path(target_run).resolve().name
+    return "transfer-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def _selection(option: str, summary: dict | None) -> str:
     if option not in ("best", "all"):
         return "chosen with --member"
@@ -171,6 +203,7 @@ def main(argv=None) -> int:
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
+    from esper_jax.runs.transfer import transfer_config
     from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
     from esper_jax.runs import strata as st
 
@@ -187,12 +220,22 @@ def main(argv=None) -> int:
             raise ValueError("--strata compares with static: keep static among --controllers")
         extra = {schedule_name(s): s for s in (parse_schedules(t) for t in (args.schedules or "").split(",") if t)}
         config = read_config(args.run_dir)
-        efficiency = efficiency_enabled(args.efficiency, config.kind)
+        transfer = None
+        if args.task is not None or args.target_run is not None:
+            if stratum:
+                raise ValueError("--train-fraction/--label-noise draw a stratum of the run's own family, and a transfer "
+                                 "evaluation draws the target's problems: drop them")
+            target = read_config(args.target_run) if args.target_run else target_of_task(args, config)
+            transfer = transfer_config(config, target)
+            fixed = read_best_schedules(args.target_run) if args.target_run else {}
+            controllers = parse_controllers(args.controllers, tuple(fixed))
+        efficiency = efficiency_enabled(args.efficiency, (transfer or config).kind)
         if args.timing_rounds > 1 and not efficiency:
             raise ValueError("--timing-rounds times the episodes of --efficiency, which is off for this run: drop it")
         problems = config.env.problems.stratum(stratum.get("train_fraction"), stratum.get("label_noise")) \
             if stratum else None
-        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, problems=problems)
+        handle = load_run(args.run_dir, step=args.step, data=args.data, data_dir=args.data_dir, problems=problems,
+                          config=transfer)
         large_env = eff.large_static_env(handle) if efficiency else None
         member, all_members = parse_member(args.member, handle.population, handle.best_member)
         if ev.POLICY in controllers:
@@ -277,9 +320,13 @@ def main(argv=None) -> int:
     # a stratum's evaluation records the ranges the run trained on
     trained_on = {name: list(getattr(config.env, name)) for name in ("train_fraction", "label_noise")} \
         if stratum else None
+    transferred = None if transfer is None else {
+        "task": config.task, "data": config.data.label or config.data.source, "plans": list(config.ppo.plans),
+        "plan_head": config.ppo.plan_head, "target_run": args.target_run}
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
-                                    run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on)
+                                    run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on,
+                                    transferred_from=transferred)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
     computes = cp.add_compute(payload, env, handle.env_data, results)
     if section is not None:
@@ -293,7 +340,8 @@ def main(argv=None) -> int:
     markdown = ev.markdown_table(payload) + eff.markdown_section(payload)
     if strata is not None:
         markdown += "\n" + st.add_strata(payload, env.config.reward, results, computes, strata)
-    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown, stem=stratum_stem(stratum))
+    stem = stratum_stem(stratum) if transfer is None else transfer_stem(args.task, args.target_run)
+    json_path, md_path = ev.write_evaluation(str(handle.run_dir), payload, markdown, stem=stem)
     print()
     print(markdown)
     if handle.synthetic:

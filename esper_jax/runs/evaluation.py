@@ -375,6 +375,11 @@ def markdown_table(payload: dict[str, Any]) -> str:
                      f"{trained['train_fraction'][0]:g}..{trained['train_fraction'][1]:g} and label noise "
                      f"{trained['label_noise'][0]:g}..{trained['label_noise'][1]:g}; envs outside those ranges are "
                      f"problems it never trained on.")
+    source = payload.get("transferred_from")
+    if source:
+        lines.append(f"**Zero-shot transfer**: the policy trained on {source['task']} ({source['data']}; plans "
+                     f"{', '.join(source['plans'])}; {source['plan_head']} plan head) acts here on {payload['task']}'s "
+                     f"envs and menu, which it never trained on.")
     if payload.get("policy"):
         pol = payload["policy"]
         lines.append(f"Policy: member {pol['member']} of {pol['population']} ({pol['selection']}); checkpoint after "
@@ -527,9 +532,12 @@ def return_alignment(env: MorphogeneticEnv, results: dict[str, EpisodeOutput]) -
 def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput], *, run_seed: int, task: str,
                        data_label: str, synthetic: bool, run_dir: str | None = None,
                        policy: dict[str, Any] | None = None,
-                       trained_on: dict[str, list[float]] | None = None) -> dict[str, Any]:
+                       trained_on: dict[str, list[float]] | None = None,
+                       transferred_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``evaluation.json`` object for ``results`` (controller name → episode). ``trained_on``:
-    the ranges of the run's own family, when the envs drew from another (a stratum)."""
+    the ranges of the run's own family, when the envs drew from another (a stratum);
+    ``transferred_from``: the task, data and menu the policy trained on, when it acts on another task's
+    envs (zero-shot transfer)."""
     first = next(iter(results.values()))
     return {
         "version": EVALUATION_VERSION,
@@ -550,6 +558,7 @@ def evaluation_payload(env: MorphogeneticEnv, results: dict[str, EpisodeOutput],
                          **({} if trained_on is None else {"trained_on": trained_on})},
         },
         "policy": policy,
+        **({} if transferred_from is None else {"transferred_from": transferred_from}),
         "controllers": {name: {**summarize_episodes(env, out), **paired_differences(out, results)}
                         for name, out in results.items()},
         "return_alignment": return_alignment(env, results),

@@ -14,7 +14,7 @@ import numpy as np
 from esper_jax.env.problems import ProblemFamily
 from esper_jax.runs.build import Built, build, make_programs
 from esper_jax.runs.checkpoint import Checkpointer
-from esper_jax.runs.config import read_config
+from esper_jax.runs.config import RunConfig, read_config
 from esper_jax.runs.rundir import CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, read_json, read_rows
 from esper_jax.trees import take
 
@@ -60,17 +60,19 @@ class RunHandle(Built):
 
 
 def load_run(run_dir: str | os.PathLike[str], *, step: int | None = None, data: str | None = None,
-             data_dir: str | None = None, problems: ProblemFamily | None = None) -> RunHandle:
+             data_dir: str | None = None, problems: ProblemFamily | None = None,
+             config: RunConfig | None = None) -> RunHandle:
     """Rebuild a run and restore a checkpoint (default: the newest complete one).
 
     ``data``/``data_dir`` read the dataset from elsewhere than the run did (e.g. ``data="synthetic"``,
     or the real dataset's directory on another machine). ``problems``: the envs draw their problems
     from another family than the run's, a stratum of it (:meth:`~esper_jax.env.problems.ProblemFamily.stratum`).
-    Raises
+    ``config``: build this configuration instead of the run's and restore the run's learner into it
+    (another task's, :func:`esper_jax.runs.transfer.transfer_config`). Raises
     :class:`~esper_jax.runs.config.RunConfigError` or :class:`~esper_jax.runs.checkpoint.CheckpointError`
     with a one-line message when the directory is not a usable run."""
     run_dir = Path(run_dir)
-    built = build(read_config(run_dir), data=data, data_dir=data_dir, problems=problems)
+    built = build(config or read_config(run_dir), data=data, data_dir=data_dir, problems=problems)
     programs = make_programs(built)
     with Checkpointer(run_dir / CHECKPOINT_DIR, read_only=True) as checkpointer:
         restored_step, state = checkpointer.restore(programs.abstract_state, step, only=LEARNER_FIELDS)

@@ -772,6 +772,40 @@ def test_a_plan_run_resumes_exactly_and_evaluates(tmp_path, cache):
     assert "its plan for the episode" in evaluated.stdout
 
 
+def test_a_scorer_policy_evaluates_zero_shot_on_another_task(tmp_path, cache):
+    """A plan policy trained on CIFAR-10 that sees the drawn problem and scores plans from their
+    descriptions acts on TinyStories' envs and menu (another run's configuration, here written
+    without training): the other controllers run there too, the results go beside the run's own,
+    and they say where the policy trained. What cannot act there is refused in one line."""
+    source = tmp_path / "cifar"
+    trained = cli_run([*TINY, "--updates=2", "--plans=static,norm@r0c0@e1", "--minibatches=1", "--group-size=2",
+                       "--train-fraction=0.25:1", "--plan-inputs=problem", "--plan-head=scorer",
+                       f"--run-dir={source}"], cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "each scored from its description" in trained.stdout
+    target = tmp_path / "stories"
+    target.mkdir()
+    config = resolve_config(resolve_settings({"task": "tinystories", "plans": "static,lora@r0c0@e0,norm@r0c0@e2",
+                                              "num_minibatches": 1, "train_fraction": "0.25:1",
+                                              "plan_inputs": "problem", "seed": 4}, "smoke"))
+    write_json(target / "config.json", config.to_json())
+    evaluate = [sys.executable, "-m", "experiments.evaluate", f"--run-dir={source}", "--envs=2"]
+    evaluated = subprocess.run([*evaluate, f"--target-run={target}", "--controllers=policy,static",
+                                "--no-efficiency"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert not (source / "evaluation.json").exists() and not (target / "transfer-stories.json").exists()
+    evaluation = json.loads((source / "transfer-stories.json").read_text())
+    assert evaluation["task"] == "tinystories" and evaluation["held_out"]["run_seed"] == 4
+    assert evaluation["transferred_from"]["task"] == "cifar10" and evaluation["transferred_from"]["plan_head"] == "scorer"
+    assert evaluation["policy"]["first_decision"]["plans"] == ["static", "lora@r0c0@e0", "norm@r0c0@e2"]
+    assert set(evaluation["controllers"]) == {"policy", "static"}
+    assert "Zero-shot transfer" in evaluated.stdout and "Zero-shot transfer" in (source / "transfer-stories.md").read_text()
+    for extra, message in ((["--task=tinystories", "--data=synthetic"], "has no menu of plans"),
+                           ([f"--target-run={target}", "--train-fraction=0.05:0.25"], "drop them")):
+        refused = subprocess.run([*evaluate, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
+
+
 def test_resume_compares_a_setting_newer_than_the_run_with_what_the_run_used():
     """A run written before a setting existed has no option for it: giving the value the run used
     is accepted on resume, another value is refused by name."""

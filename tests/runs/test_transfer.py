@@ -1,0 +1,47 @@
+"""Which policies act on another task, and in what configuration (:mod:`esper_jax.runs.transfer`).
+Nothing here builds or compiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from esper_jax.runs.config import RunConfigError
+from esper_jax.runs.settings import resolve_config, resolve_settings
+from esper_jax.runs.transfer import transfer_config
+
+PLANS = {"plans": "static,norm@r0c0@e1", "num_minibatches": 1, "train_fraction": "0.25:1", "plan_inputs": "problem"}
+
+
+def smoke(task: str, **settings):
+    return resolve_config(resolve_settings({"task": task, **settings}, "smoke"))
+
+
+def test_a_scorer_policy_takes_the_targets_envs_and_menu():
+    source = smoke("cifar10", **PLANS, plan_head="scorer", seed=3, population=2, learning_rate="1e-3,3e-3")
+    target = smoke("tinystories", **{**PLANS, "plans": "static,lora@r0c0@e0,norm@r0c0@e2"}, seed=5)
+    config = transfer_config(source, target)
+    assert config.task == "tinystories" and config.env == target.env and config.data == target.data
+    assert config.ppo.plans == target.ppo.plans and config.ppo.plan_head == "scorer"
+    assert config.ppo.hidden_size == source.ppo.hidden_size and config.members == source.members
+    assert config.seed == 5  # the target's held-out envs
+
+
+def test_what_cannot_act_on_another_task_is_refused_in_one_line():
+    target = smoke("tinystories", **{**PLANS, "plans": "static,lora@r0c0@e0"})
+    cases = (
+        (smoke("cifar10"), target, "per-epoch learner"),
+        (smoke("cifar10", **PLANS, plan_head="scorer"), smoke("tinystories"), "has no menu of plans"),
+        (smoke("cifar10", **{**PLANS, "plan_inputs": "observation"}, plan_head="scorer"), target,
+         "sees the whole first observation"),
+        (smoke("cifar10", **PLANS), target, "one logit per plan of its menu (static,norm@r0c0@e1)"),
+    )
+    for source, to, message in cases:
+        with pytest.raises(RunConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            transfer_config(source, to)
+
+
+def test_a_fixed_plan_head_acts_on_a_menu_of_the_same_plans():
+    """CIFAR-10 to CIFAR-100 with the same slots, blueprints and menu: the fixed head's logits name
+    the same plans there."""
+    config = transfer_config(smoke("cifar10", **PLANS), smoke("cifar100", **PLANS))
+    assert config.task == "cifar100" and config.ppo.plan_head == "fixed"
