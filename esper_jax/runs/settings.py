@@ -354,7 +354,8 @@ def resolve_settings(explicit: dict[str, Any], preset: str | None = None) -> dic
         # The preset's learner decides once per episode; these options belong to the per-epoch one.
         for flag, per_epoch in (("imitate", explicit.get("imitate") is not None),
                                 ("recurrent", explicit.get("recurrent") not in (None, "none")),
-                                ("rollout_steps", bool(explicit.get("rollout_steps")))):
+                                ("rollout_steps", bool(explicit.get("rollout_steps"))),
+                                ("seal", bool(explicit.get("seal")))):
             if per_epoch:
                 raise RunConfigError(f"--{flag.replace('_', '-')} is an option of the per-epoch learner, and the "
                                      f"{settings['preset']} preset's decides once per episode among plans (--plans): "
@@ -554,6 +555,9 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         if s["imitate"] is not None and ppo_config.plans:
             raise RunConfigError("--imitate warm-starts the per-epoch learner; --plans learns its choice from scratch: "
                                  "give one of them")
+        if s["seal"] and ppo_config.plans:
+            raise RunConfigError("--seal gives the per-epoch learner's op head SEAL; --plans decides once per episode "
+                                 "and never acts per epoch: give one of them")
         if s["imitate"] is not None:
             if ppo_config.recurrent != "none":
                 raise RunConfigError("--imitate fits a feed-forward policy step by step; it cannot warm-start "

@@ -476,6 +476,7 @@ def test_plans_settings(capsys):
     plans = [*smoke, "--plans=static,norm@r0c0", "--minibatches=1"]
     assert "--recurrent does not apply" in error_line(capsys, [*plans, "--recurrent=gru"])
     assert "give one of them" in error_line(capsys, [*plans, "--imitate=static"])
+    assert "never acts per epoch: give one of them" in error_line(capsys, [*plans, "--seal"])
     assert "--envs (2) must be a multiple of --minibatches (4)" in error_line(
         capsys, [*smoke, "--plans=static,norm@r0c0", "--minibatches=4"])
 
@@ -499,7 +500,7 @@ def test_the_default_preset_learns_a_plan_per_problem(capsys):
     with pytest.raises(RunConfigError, match="--plan-inputs chooses what the plan policy sees"):
         resolve_config(resolve_settings({"task": "cifar10", "plans": "none", "plan_inputs": "problem"}))
     task = ["--task=cifar10", "--data=synthetic"]
-    for option in ("--imitate=conv_heavy@r2c0@e0", "--recurrent=gru", "--rollout-steps=5"):
+    for option in ("--imitate=conv_heavy@r2c0@e0", "--recurrent=gru", "--rollout-steps=5", "--seal"):
         line = error_line(capsys, [*task, option])
         assert "is an option of the per-epoch learner" in line and "add --plans none" in line, option
     for option, message in (("--slots=r0c0,r1c0", "slot r2c0 is not one of the run's slots"),
