@@ -45,3 +45,20 @@ def test_a_fixed_plan_head_acts_on_a_menu_of_the_same_plans():
     the same plans there."""
     config = transfer_config(smoke("cifar10", **PLANS), smoke("cifar100", **PLANS))
     assert config.task == "cifar100" and config.ppo.plan_head == "fixed"
+
+
+def test_a_task_named_on_the_command_line_is_the_runs_preset_for_it():
+    """``experiments.evaluate --task``: the target task under the source run's preset and seed, with
+    ``--data``; the default preset's menu for the target's host."""
+    import argparse
+
+    from experiments.evaluate import target_of_task, transfer_stem
+
+    source = resolve_config(resolve_settings({"task": "cifar10", "data": "synthetic", "plan_head": "scorer",
+                                              "seed": 7}))
+    target = target_of_task(argparse.Namespace(task="tinystories", data="synthetic", data_dir=None), source)
+    assert target.task == "tinystories" and target.seed == 7 and target.data.synthetic
+    assert target.ppo.plans == ("static", "depth@r1c0@e0", "depth@r0c0@e0", "mlp_small@r0c0@e0")
+    assert transfer_config(source, target).ppo.plan_head == "scorer"
+    assert transfer_stem("tfds:mnist", None) == "transfer-tfds_mnist"
+    assert transfer_stem(None, "runs/ts-run/") == "transfer-ts-run"
