@@ -157,15 +157,16 @@ PRESETS: dict[str, Preset] = {
     #   planted in the untrained transformer, trained behind it for 20 batches and blended in over 60, hurts it;
     #   planted at epoch 10 it gains -0.064 [-0.076, -0.051] (16/16), built in from the start -0.113.
     "default": Preset(
-        "growth that has to pay for itself, sized for a 2-core CPU (CIFAR about 15 minutes when its episodes were 10 "
-        "epochs of 30 batches, not yet timed at 30 of 10; a GPU when JAX sees one): a host "
+        "growth that has to pay for itself, sized for a 2-core CPU (measured beside one or two other jobs: CIFAR 23 minutes, "
+        "TinyStories 38; a GPU when JAX sees one): a host "
         "weak by capacity (CIFAR: the baseline's 3x3 CNN at half its width, base width 4, on 16x16 images; TinyStories: "
         "the tiny transformer with attention at width 32), 5 blueprints, 3 slots; every env draws its own problem "
         "(training on a log-uniform 0.5-100% of the training set, 0-20% of its labels noisy), so that no fixed schedule "
         "is best for every env; the reward prices compute (--compute-weight 1: a static host's episode of extra FLOPs "
         "costs as much as 0.02 of final loss) instead of parameters; 30-epoch episodes of 10 batches (TinyStories: 10 of "
-        "60), "
-        "host lr cosine-decayed; 8 envs, 40 updates",
+        "60), host lr cosine-decayed. The learner decides once per episode, from the drawn problem alone, among a menu "
+        "of plans: static and the calibration's best schedules for the host (--plans none: a decision every epoch); "
+        "8 envs in problem groups of 2, 80 updates (TinyStories: 40)",
         {
             "synthetic_train": {"cnn": 20_000, "transformer": 10_000}, "synthetic_test": 1_000,
             "tokenizer": {"transformer": "byte"}, "block_size": {"transformer": 16},
