@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
 import re
 import sys
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
-    from esper_jax.runs.transfer import transfer_config
+    from esper_jax.runs.transfer import against_native_policy, transfer_config
     from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
     from esper_jax.runs import strata as st
 
@@ -327,6 +328,9 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on,
                                     transferred_from=transferred)
+    if args.target_run is not None and (Path(args.target_run) / "evaluation.json").is_file():
+        native = json.loads((Path(args.target_run) / "evaluation.json").read_text())
+        payload["transferred_from"]["minus_native_policy"] = against_native_policy(payload, native)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
     computes = cp.add_compute(payload, env, handle.env_data, results)
     if section is not None:

@@ -18,8 +18,12 @@ inputs, head), members and learner state are the source run's.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
 
 from esper_jax.runs.config import RunConfig, RunConfigError
+from esper_jax.runs.evaluation import POLICY, paired_ci
 
 
 def transfer_config(source: RunConfig, target: RunConfig) -> RunConfig:
@@ -43,3 +47,18 @@ def transfer_config(source: RunConfig, target: RunConfig) -> RunConfig:
     ppo = dataclasses.replace(source.ppo, plans=target.ppo.plans, num_envs=target.ppo.num_envs,
                               num_minibatches=target.ppo.num_minibatches, group_size=target.ppo.group_size)
     return dataclasses.replace(target, ppo=ppo, members=source.members)
+
+
+def against_native_policy(payload: Mapping[str, Any], native: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The transferred policy's final loss minus the target run's own policy's on the same held-out
+    envs (``native``: the target's ``evaluation.json``), paired over envs; ``None`` unless both
+    evaluated the same envs (one seed stream, episode and drawn problems) and both have a policy."""
+    if not native or POLICY not in native.get("controllers", {}) or POLICY not in payload["controllers"]:
+        return None
+    mine, theirs = payload["held_out"], native["held_out"]
+    same = all(mine.get(k) == theirs.get(k) for k in ("derivation", "num_envs", "episode_epochs")) and all(
+        mine["problems"].get(k) == theirs.get("problems", {}).get(k) for k in ("train_fraction", "label_noise"))
+    if not same:
+        return None
+    loss = lambda evaluation: np.asarray(evaluation["controllers"][POLICY]["final_val_loss_per_env"], np.float64)
+    return paired_ci(loss(payload) - loss(native))

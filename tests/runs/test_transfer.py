@@ -62,3 +62,21 @@ def test_a_task_named_on_the_command_line_is_the_runs_preset_for_it():
     assert transfer_config(source, target).ppo.plan_head == "scorer"
     assert transfer_stem("tfds:mnist", None) == "transfer-tfds_mnist"
     assert transfer_stem(None, "runs/ts-run/") == "transfer-ts-run"
+
+
+def test_the_transferred_policy_is_paired_with_the_targets_own_on_the_same_envs():
+    from esper_jax.runs.transfer import against_native_policy
+
+    def evaluation(losses, fractions=(0.3, 0.6, 0.9), derivation="fold_in(key(0), 0x45564c31)"):
+        return {"held_out": {"derivation": derivation, "num_envs": 3, "episode_epochs": 10,
+                             "problems": {"train_fraction": list(fractions), "label_noise": [0.0] * 3}},
+                "controllers": {"policy": {"final_val_loss_per_env": list(losses)}, "static": {}}}
+
+    transferred = evaluation([2.0, 2.5, 3.0])
+    ci = against_native_policy(transferred, evaluation([2.1, 2.4, 2.8]))
+    assert ci["mean"] == pytest.approx((-0.1 + 0.1 + 0.2) / 3) and ci["n"] == 3 and ci["better"] == 1
+    assert against_native_policy(transferred, evaluation([2.0] * 3, fractions=(0.3, 0.6, 0.8))) is None
+    assert against_native_policy(transferred, evaluation([2.0] * 3, derivation="other")) is None
+    assert against_native_policy(transferred, None) is None
+    del transferred["controllers"]["policy"]
+    assert against_native_policy(transferred, evaluation([2.0] * 3)) is None
