@@ -3,9 +3,13 @@ from a network shared by all of them, so that its parameters act on any number o
 on any task whose candidates are described alike (:mod:`esper_jax.env.descriptors`).
 
 ``(obs [N, D], candidates [M, F], mask [M]) -> (logits [N, M], value [N])``: the observation goes
-through a tanh torso to ``z [N, H]``, each candidate through its own layer to ``e [M, H]``, and a
-candidate's logit is a linear read-out of ``tanh(z + e)`` (an MLP on ``[z, e]`` whose first layer
-is split in two). Masked candidates (padding, or choices a task does not offer) get the same large
+through a tanh torso to ``z [N, H]``; each pair of an observation and a candidate's features goes
+through one MLP, ``[z, c] -> tanh -> tanh -> logit`` (its first layer split in two, so ``z`` is
+projected once per observation and ``c`` once per candidate). Both enter that first layer linearly:
+a first version squashed the candidate through its own tanh before adding it to the observation's
+projection, and on SYNTHETIC CIFAR the observation's term drowned the candidates' wherever it was
+large (a near-uniform choice on the large training sets after 80 updates; README "One gardener for
+every host"). Masked candidates (padding, or choices a task does not offer) get the same large
 negative logit as masked actions of the factored policy (:data:`esper_jax.rl.policy.MASKED_LOGIT`):
 exactly zero probability and no NaN in the entropy. The value reads the observation alone. Nothing
 in the parameters' shapes depends on ``M`` or on the order of the candidates: permuting them
@@ -35,8 +39,9 @@ class _Scorer(nn.Module):
         z = obs
         for i in range(2):
             z = nn.tanh(nn.Dense(self.hidden_size, name=f"torso_{i}")(z))
-        e = nn.tanh(nn.Dense(self.hidden_size, name="torso_candidate")(candidates))
-        joint = nn.tanh(nn.Dense(self.hidden_size, name="torso_joint")(z)[:, None, :] + e[None, :, :])
+        c = nn.Dense(self.hidden_size, use_bias=False, name="torso_candidate")(candidates)
+        joint = nn.tanh(nn.Dense(self.hidden_size, name="torso_joint")(z)[:, None, :] + c[None, :, :])
+        joint = nn.tanh(nn.Dense(self.hidden_size, name="torso_score")(joint))
         logits = nn.Dense(1, name="head_candidate")(joint)[..., 0]
         value = nn.Dense(1, name="value")(z)[..., 0]
         return masked_logits(logits, mask[None, :]), value
