@@ -378,8 +378,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
     source = payload.get("transferred_from")
     if source:
         lines.append(f"**Zero-shot transfer**: the policy trained on {source['task']} ({source['data']}; plans "
-                     f"{', '.join(source['plans'])}; {source['plan_head']} plan head) acts here on {payload['task']}'s "
-                     f"envs and menu, which it never trained on."
+                     f"{', '.join(source['plans'])}; {source['plan_head']} plan head) acts here on the envs and "
+                     f"menu of {payload['task']}, which it never trained on."
                      + (f" Minus the target run's own policy on the same envs (its evaluation.json): "
                         f"{ci_text(source['minus_native_policy'])}." if source.get("minus_native_policy") else ""))
     if payload.get("policy"):
