@@ -157,8 +157,8 @@ PRESETS: dict[str, Preset] = {
     #   planted in the untrained transformer, trained behind it for 20 batches and blended in over 60, hurts it;
     #   planted at epoch 10 it gains -0.064 [-0.076, -0.051] (16/16), built in from the start -0.113.
     "default": Preset(
-        "growth that has to pay for itself, sized for a 2-core CPU (measured beside one or two other jobs: CIFAR 23 minutes, "
-        "TinyStories 38; a GPU when JAX sees one): a host "
+        "growth that has to pay for itself, sized for a 2-core CPU (CIFAR: about 15 minutes alone, 23 beside another "
+        "job; TinyStories: 38 beside one or two; a GPU when JAX sees one): a host "
         "weak by capacity (CIFAR: the baseline's 3x3 CNN at half its width, base width 4, on 16x16 images; TinyStories: "
         "the tiny transformer with attention at width 32), 5 blueprints, 3 slots; every env draws its own problem "
         "(training on a log-uniform 0.5-100% of the training set, 0-20% of its labels noisy), so that no fixed schedule "
