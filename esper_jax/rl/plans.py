@@ -170,15 +170,23 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
     names = plan_names(config.plans)
     controller = jax.vmap(make_plan_controller(env, menu))
     num_envs, epochs = config.num_envs, env.episode_epochs
+    tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
+    features = jnp.asarray(input_features(config, env), jnp.int32)
+    obs_size = int(features.shape[0])
+    # The plan head: (init(key) -> params, logits_and_value(params, obs) -> ([N, M], [N])).
     if config.plan_head == "scorer":
         policy = CandidatePolicy(config.hidden_size)
         candidates = jnp.asarray(plan_features(env, menu))
         offered = jnp.ones((len(menu),), bool)
+        init_params = lambda key: policy.init(key, obs_size, candidates.shape[1])
+        logits_and_value = lambda params, obs: policy.apply(params, obs, candidates, offered)
     else:
         policy = Policy(((PLAN_HEAD, len(menu)),), config.hidden_size)
-    tx = make_optimizer(config, config.learning_rate)  # only `update`: the rate is read from the state
-    features = jnp.asarray(input_features(config, env), jnp.int32)
-    obs_size = int(features.shape[0])
+        init_params = lambda key: policy.init(key, obs_size)
+
+        def logits_and_value(params, obs):
+            _, logits, value = policy.apply(params, (), obs, jnp.ones(obs.shape[:1], bool))
+            return logits[PLAN_HEAD], value
 
     def inputs(obs):  # the features the policy sees
         return jnp.take(obs, features, axis=-1)
@@ -190,17 +198,13 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int)
         return group_keys(key, num_envs, config.group_size)
 
     def evaluate(params, obs):
-        if config.plan_head == "scorer":
-            logits, value = policy.apply(params, obs, candidates, offered)
-            return distrax.Categorical(logits=logits), value
-        _, logits, value = policy.apply(params, (), obs, jnp.ones(obs.shape[:1], bool))
-        return distrax.Categorical(logits=logits[PLAN_HEAD]), value
+        logits, value = logits_and_value(params, obs)
+        return distrax.Categorical(logits=logits), value
 
     def init(key: jax.Array, hyper: Hyperparams, data) -> PlanState:
         del data  # the learner keeps nothing of the envs
         k_net, k_run = jax.random.split(key)
-        params = (policy.init(k_net, obs_size, candidates.shape[1]) if config.plan_head == "scorer"
-                  else policy.init(k_net, obs_size))
+        params = init_params(k_net)
         return PlanState(params=params, opt_state=make_optimizer(config, hyper.learning_rate).init(ravel_pytree(params)[0]),
                          obs_stats=normalize.init(obs_size), key=k_run, update=jnp.zeros((), jnp.int32), hyper=hyper)
 
