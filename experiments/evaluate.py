@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import re
 import sys
@@ -204,6 +203,7 @@ def main(argv=None) -> int:
     from esper_jax.runs.load import load_run
     from esper_jax.runs.loop import USER_ERRORS
     from esper_jax.runs.frontier import read_best_schedules
+    from esper_jax.runs.rundir import read_json
     from esper_jax.runs.transfer import against_native_policy, transfer_config
     from esper_jax.env.controllers import make_scripted_controller, parse_schedules, schedule_name
     from esper_jax.runs import strata as st
@@ -221,13 +221,17 @@ def main(argv=None) -> int:
             raise ValueError("--strata compares with static: keep static among --controllers")
         extra = {schedule_name(s): s for s in (parse_schedules(t) for t in (args.schedules or "").split(",") if t)}
         config = read_config(args.run_dir)
-        transfer = None
+        transfer = native = None
         if args.task is not None or args.target_run is not None:
             if stratum:
                 raise ValueError("--train-fraction/--label-noise draw a stratum of the run's own family, and a transfer "
                                  "evaluation draws the target's problems: drop them")
             target = read_config(args.target_run) if args.target_run else target_of_task(args, config)
             transfer = transfer_config(config, target)
+            # the target run's own evaluation, paired with this one when it holds the same envs (read here, so a
+            # damaged file is a one-line error before anything runs)
+            native_path = None if args.target_run is None else Path(args.target_run) / "evaluation.json"
+            native = read_json(native_path) if native_path is not None and native_path.is_file() else None
             fixed = read_best_schedules(args.target_run) if args.target_run else {}
             controllers = parse_controllers(args.controllers, tuple(fixed))
         efficiency = efficiency_enabled(args.efficiency, (transfer or config).kind)
@@ -328,8 +332,7 @@ def main(argv=None) -> int:
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on,
                                     transferred_from=transferred)
-    if args.target_run is not None and (Path(args.target_run) / "evaluation.json").is_file():
-        native = json.loads((Path(args.target_run) / "evaluation.json").read_text())
+    if native is not None:
         payload["transferred_from"]["minus_native_policy"] = against_native_policy(payload, native)
     # every controller's training compute in FLOPs (machine-independent; esper_jax.runs.compute)
     computes = cp.add_compute(payload, env, handle.env_data, results)

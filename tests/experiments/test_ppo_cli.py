@@ -801,8 +801,10 @@ def test_a_scorer_policy_evaluates_zero_shot_on_another_task(tmp_path, cache):
     assert evaluation["policy"]["first_decision"]["plans"] == ["static", "lora@r0c0@e0", "norm@r0c0@e2"]
     assert set(evaluation["controllers"]) == {"policy", "static"}
     assert "Zero-shot transfer" in evaluated.stdout and "Zero-shot transfer" in (source / "transfer-stories.md").read_text()
+    (target / "evaluation.json").write_text("{")  # the target's own evaluation, damaged
     for extra, message in ((["--task=tinystories", "--data=synthetic"], "has no menu of plans"),
-                           ([f"--target-run={target}", "--train-fraction=0.05:0.25"], "drop them")):
+                           ([f"--target-run={target}", "--train-fraction=0.05:0.25"], "drop them"),
+                           ([f"--target-run={target}"], "evaluation.json is damaged")):
         refused = subprocess.run([*evaluate, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
 
