@@ -631,7 +631,7 @@ def _check_plans(value: Any, slots: tuple[str, ...], blueprints: tuple[str, ...]
                  episode_epochs: int) -> tuple[str, ...]:
     """``--plans``' menu (comma-separated, or a sequence) as canonical names, each plan ``static`` or a
     schedule whose slots, blueprints and epochs this run has; ``()`` when not given."""
-    if value is None or value == () or value == [] or _no_plans(value):
+    if value is None or value == () or value == []:
         return ()
     if isinstance(value, str) and not value.strip():
         raise RunConfigError("--plans needs a menu: static and/or schedules, comma-separated, e.g. "

@@ -35,7 +35,8 @@ def bench_preset(preset: str, task: str, rounds: int, calls: int) -> dict:
     runner = jax.jit(trainer.init)(jax.random.key(0), hyper, built.env_data)
     jax.block_until_ready(runner)
     chunk, seconds = compile_timed(jax.jit(trainer.train_chunk), runner, built.env_data)
-    print(f"  compile one PPO update ({preset} preset): lower {seconds['lower']:.1f} s + compile "
+    learner = "plans" if built.ppo_config.plans else "per-epoch"  # the default preset's decides once per episode
+    print(f"  compile one PPO update ({preset} preset, {learner} learner): lower {seconds['lower']:.1f} s + compile "
           f"{seconds['compile']:.1f} s ({seconds['cpu_total']:.1f} s CPU)", flush=True)
     state = {"runner": runner}
 
@@ -49,7 +50,7 @@ def bench_preset(preset: str, task: str, rounds: int, calls: int) -> dict:
     env_steps = trainer.rollout_steps * built.ppo_config.num_envs
     env = built.config.env
     return {
-        "preset": preset, "task": task, "data": built.data_label,
+        "preset": preset, "task": task, "data": built.data_label, "learner": learner,
         "num_envs": built.ppo_config.num_envs, "rollout_steps": trainer.rollout_steps,
         "steps_per_epoch": env.steps_per_epoch, "batch_size": env.batch_size, "val_size": env.val_size,
         "blueprints": [b.name for b in built.env.lattice.blueprints],
