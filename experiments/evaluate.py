@@ -26,7 +26,8 @@ menu (:mod:`esper_jax.runs.transfer`: a plan policy that sees only the drawn pro
 ``--plan-head scorer`` any menu); the other controllers run on the same target envs; results in
 ``transfer-<task or DIR's name>.json|md``. ``--target-run`` takes everything but the policy from that
 run, its held-out envs included (so its own evaluation pairs with this one) and its best fixed
-schedules; ``--task`` the run's preset for that task.
+schedules; ``--task`` the run's preset for that task, or for a task of a mixed run (``--mix``) the
+configuration it trained on there (its held-out envs: the run's held-out stream on that task).
 
 Populations: ``--member best`` (default) evaluates the member ``summary.json`` names best (member 0
 if the run has no summary yet) as ``policy``; ``--member K`` evaluates member K; ``--member all``
@@ -169,9 +170,13 @@ def stratum_stem(ranges: dict[str, tuple[float, float]]) -> str:
 
 
 def target_of_task(args: argparse.Namespace, source):
-    """``--task``'s target: the task under the source run's preset and seed, with ``--data``/``--data-dir``."""
+    """``--task``'s target: the task under the source run's preset and seed, with ``--data``/``--data-dir``;
+    for a task of a mixed run's ``--mix`` (and its data, or no ``--data``), the configuration it trained on."""
     from esper_jax.runs import settings as run_settings
 
+    for other in source.mix:
+        if other.task == args.task and args.data in (None, other.data.source) and args.data_dir is None:
+            return other
     explicit = {"task": args.task, "data": args.data, "data_dir": args.data_dir, "seed": source.seed}
     return run_settings.resolve_config(run_settings.resolve_settings(explicit, source.preset))
 
@@ -327,7 +332,8 @@ def main(argv=None) -> int:
         if stratum else None
     transferred = None if transfer is None else {
         "task": config.task, "data": config.data.label or config.data.source, "plans": list(config.ppo.plans),
-        "plan_head": config.ppo.plan_head, "target_run": args.target_run}
+        "plan_head": config.ppo.plan_head, "target_run": args.target_run,
+        "mix": [{"task": m.task, "data": m.data.label or m.data.source, "plans": list(m.ppo.plans)} for m in config.mix]}
     payload = ev.evaluation_payload(env, results, run_seed=seed, task=handle.config.task,
                                     data_label=handle.data_label, synthetic=handle.synthetic,
                                     run_dir=str(handle.run_dir), policy=policy_info, trained_on=trained_on,

@@ -6,6 +6,8 @@
         (your own flax.linen network, e.g. examples.my_host:make_host; see esper_jax.lattice.hosts.flax_host)
         [--envs N] [--updates U] [--population P --lr log:1e-4:1e-3 --ent-coef 0.01,0.05 ...]
         [--run-dir DIR] [--checkpoint-every C] [--keep-checkpoints K]
+    python -m experiments.ppo --task=cifar10 --plan-head scorer --mix tinystories=synthetic [...]
+        (one policy trained on several tasks' envs; esper_jax.rl.plans)
     python -m experiments.ppo --resume DIR [--updates U]
     python -m experiments.ppo ... --run-dir DIR --coordinator HOST:PORT --num-processes N --process-id I
         (one command per process; see the README's "Several processes")
@@ -179,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "static,conv_heavy@r2c0@e0,conv_heavy@r2c0@e10, carried out to the episode's end "
                         "(default: the preset's; the default preset's menu holds static and the calibration's best "
                         "schedules of the task's host; none: the per-epoch learner, a decision every epoch)")
+    g.add_argument("--mix", metavar="TASK[=DATA],...",
+                   help="also train the policy on these tasks' envs in the same updates (one compiled program; e.g. "
+                        "--mix tinystories=synthetic), each under the preset with the preset's menu for its host and "
+                        "this run's learner settings; the other environment options apply to --task alone. Needs "
+                        "--plan-head scorer and --plan-inputs problem (the default preset's inputs)")
     return parser
 
 

@@ -1,5 +1,5 @@
 """Building a run from its configuration: the data, the environment, the learner, where they
-run (:class:`Built`), and the population programs, jitted with their shardings (:class:`Programs`).
+run (:class:`Built`; a mixed run's other tasks as :class:`MixedTask`), and the population programs, jitted with their shardings (:class:`Programs`).
 
 A user's own image dataset (``images``, ``tfds:NAME``) must be the data the run started with: its
 digest is recorded in the configuration when the run is first built, and a resumed or evaluated
@@ -38,6 +38,16 @@ from esper_jax.trees import add_axis, drop_axis
 
 
 @dataclasses.dataclass
+class MixedTask:
+    """Another task of a mixed run (``--mix``): its configuration, env and data."""
+
+    config: RunConfig
+    task: TaskConfig
+    env: MorphogeneticEnv
+    env_data: EnvData
+
+
+@dataclasses.dataclass
 class Built:
     """Everything a configuration makes: env, data, learner and where it runs."""
 
@@ -48,6 +58,13 @@ class Built:
     env_data: EnvData
     trainer: ppo_lib.Trainer | plans_lib.PlanTrainer
     placement: Placement
+    mixed: tuple[MixedTask, ...]   # a mixed run's other tasks (--mix); () for one task
+
+    @property
+    def learner_data(self) -> Any:
+        """What the learner's programs take: the env's data, or a mixed run's tuple of every task's
+        data (the run's own first)."""
+        return self.env_data if not self.mixed else (self.env_data,) + tuple(m.env_data for m in self.mixed)
 
     @property
     def population(self) -> int:
@@ -165,16 +182,33 @@ def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = 
     dataset = load_dataset(config, data, data_dir)
     fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
     task, host, env, dataset = build_env(config, dataset, problems)
+    placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
+    mixed = tuple(_build_mixed(other, placement) for other in config.mix)
     try:
-        trainer = make_learner(config, env, config.checkpoint_every)
+        trainer = make_learner(config, env, config.checkpoint_every, mixed)
         env_data = make_env_data(env.config, dataset)
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
     config = config.replace(host=host, data=dataclasses.replace(config.data, label=env.config.data_label,
-                                                                 fingerprint=fingerprint))
-    placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
+                                                                 fingerprint=fingerprint),
+                            mix=tuple(m.config for m in mixed))
     env_data = placement.put(env_data, placement.replicated())
-    return Built(config, task, env, dataset, env_data, trainer, placement)
+    return Built(config, task, env, dataset, env_data, trainer, placement, mixed)
+
+
+def _build_mixed(config: RunConfig, placement: Placement) -> MixedTask:
+    """A mixed run's other task on its own data; its configuration records the data's origin (and
+    a language model's vocabulary) as the run's own does."""
+    try:
+        dataset = load_dataset(config)
+        fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
+        task, host, env, dataset = build_env(config, dataset)
+        env_data = make_env_data(env.config, dataset)
+    except (ValueError, TypeError) as error:  # RunConfigError among them
+        raise RunConfigError(f"--mix {config.task}: {error}") from None
+    config = config.replace(host=host, data=dataclasses.replace(config.data, label=env.config.data_label,
+                                                                 fingerprint=fingerprint))
+    return MixedTask(config, task, env, placement.put(env_data, placement.replicated()))
 
 
 # ---------------------------------------------------------------------------- population programs
@@ -228,7 +262,7 @@ def make_programs(built: Built) -> Programs:
     hyper = placement.put(stack_hyperparams(ppo_lib.Hyperparams.default(built.ppo_config), members),
                           placement.population())
     init, chunk = population_functions(built.trainer, len(members))
-    abstract = placement.with_shardings(jax.eval_shape(init, seeds, hyper, built.env_data))
+    abstract = placement.with_shardings(jax.eval_shape(init, seeds, hyper, built.learner_data))
     shardings = placement.state_shardings(abstract)
     imitate = None
     if built.config.warm_start is not None:
@@ -245,13 +279,14 @@ def make_programs(built: Built) -> Programs:
     return Programs(init_fn, chunk_fn, abstract, seeds, hyper, imitate_fn)
 
 
-def make_learner(config: RunConfig, env: MorphogeneticEnv,
-                 updates_per_chunk: int) -> ppo_lib.Trainer | plans_lib.PlanTrainer:
+def make_learner(config: RunConfig, env: MorphogeneticEnv, updates_per_chunk: int,
+                 mixed: tuple[MixedTask, ...] = ()) -> ppo_lib.Trainer | plans_lib.PlanTrainer:
     """The run's learner, ``updates_per_chunk`` updates per chunk: the per-epoch PPO learner
     (kickstarted by the warm start's teacher when ``ppo.kickstart_coef`` > 0), or with ``ppo.plans``
-    the one that decides once per episode (:mod:`esper_jax.rl.plans`)."""
+    the one that decides once per episode (:mod:`esper_jax.rl.plans`), over ``mixed``'s tasks too."""
     if config.ppo.plans:
-        return plans_lib.make_train(config.ppo, env, updates_per_chunk)
+        others = tuple(plans_lib.TaskMenu(m.config.task, m.config.ppo.plans, m.env) for m in mixed)
+        return plans_lib.make_train(config.ppo, env, updates_per_chunk, others)
     teacher = None if config.warm_start is None else make_teacher(config.warm_start.teacher, env)
     return ppo_lib.make_train(config.ppo, env, updates_per_chunk, teacher)
 
@@ -265,7 +300,7 @@ def make_teacher(teacher: str, env: MorphogeneticEnv) -> Callable:
 def chunk_program(built: Built, programs: Programs, updates: int):
     """The population chunk program for a chunk of a different length (the last one of a run whose
     ``updates`` is not a multiple of ``checkpoint_every``): a second learner, same state layout."""
-    trainer = make_learner(built.config, built.env, updates)
+    trainer = make_learner(built.config, built.env, updates, built.mixed)
     _, chunk = population_functions(trainer, built.population)
     shardings = built.placement.state_shardings(programs.abstract_state)
     if shardings is None:

@@ -2,8 +2,9 @@
 
 A :class:`RunConfig` is everything needed to rebuild a run: the task and the host actually used,
 the data source, the inner environment (:class:`EnvSpec`), the learner (``PPOConfig``), the
-members of the population, the run's length and checkpoints, and the command-line options it
-was resolved from (kept so that ``--resume`` can compare options given again). A built-in host is
+members of the population, the run's length and checkpoints, the further tasks a mixed run also
+trains on (``--mix``, each a :class:`RunConfig` of its own), and the command-line options it was
+resolved from (kept so that ``--resume`` can compare options given again). A built-in host is
 written as its fields; a user's own (:class:`~esper_jax.lattice.hosts.FlaxHost`) as the import path
 it came from (``module:function``), its input and a digest of its parameters' shapes, and is rebuilt
 by importing that path again: the code must still be importable, and still build the same network. Every section is
@@ -135,6 +136,9 @@ class RunConfig:
     # options given again on --resume.
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     warm_start: WarmStart | None = None
+    # Further tasks the learner trains on in the same updates (--mix): each one's configuration under
+    # the run's preset, sharing the run's learner settings (esper_jax.rl.plans.TaskMenu).
+    mix: tuple["RunConfig", ...] = ()
 
     @property
     def topology(self) -> Topology:
@@ -175,6 +179,7 @@ class RunConfig:
             "seed": self.seed,
             "settings": dict(self.options),
             "warm_start": None if self.warm_start is None else dataclasses.asdict(self.warm_start),
+            "mix": [task.to_json() for task in self.mix],
         }
 
     @classmethod
@@ -201,6 +206,7 @@ class RunConfig:
                 updates=value["updates"], checkpoint_every=value["checkpoint_every"],
                 keep_checkpoints=value["keep_checkpoints"], seed=value["seed"], options=dict(value.get("settings", {})),
                 warm_start=None if warm_start is None else WarmStart(**warm_start),
+                mix=tuple(cls.from_json(task) for task in value.get("mix", [])),  # absent before --mix existed
             )
         except RunConfigError:
             raise

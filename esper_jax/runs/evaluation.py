@@ -377,10 +377,17 @@ def markdown_table(payload: dict[str, Any]) -> str:
                      f"problems it never trained on.")
     source = payload.get("transferred_from")
     if source:
-        lines.append(f"**Zero-shot transfer**: the policy trained on {source['task']} ({source['data']}; plans "
-                     f"{', '.join(source['plans'])}; {source['plan_head']} plan head) acts here on the envs and "
-                     f"menu of {payload['task']}, which it never trained on."
-                     + (f" Minus the target run's own policy on the same envs (its evaluation.json): "
+        mix = source.get("mix") or []  # a mixed run's other tasks (absent from evaluations before --mix)
+        trained = (f"{source['task']} ({source['data']}; plans {', '.join(source['plans'])}; {source['plan_head']} "
+                   f"plan head)" + "".join(f" and {other['task']} ({other['data']}; plans {', '.join(other['plans'])})"
+                                           for other in mix))
+        if payload["task"] in [other["task"] for other in mix]:
+            head = (f"**Trained on a mix**: the policy trained on {trained} in one run acts here on held-out envs of "
+                    f"{payload['task']}, one of its tasks.")
+        else:
+            head = (f"**Zero-shot transfer**: the policy trained on {trained} acts here on the envs and menu of "
+                    f"{payload['task']}, which it never trained on.")
+        lines.append(head + (f" Minus the target run's own policy on the same envs (its evaluation.json): "
                         f"{ci_text(source['minus_native_policy'])}." if source.get("minus_native_policy") else ""))
     if payload.get("policy"):
         pol = payload["policy"]

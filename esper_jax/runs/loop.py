@@ -96,6 +96,11 @@ def describe(built: Built, run_dir: Path) -> str:
         + (f"; ... ({c.population} in all, see config.json)" if c.population > 8 else ""),
         f"devices: {built.placement.describe()}; run directory {run_dir}",
     ]
+    for other in built.mixed:  # a mixed run's other tasks: the same policy learns from their envs too
+        o = other.config
+        lines.insert(-1, f"mixed with {o.task} on {other.env.config.data_label} ({o.host_variant} host variant, "
+                         f"{other.env.host_param_count} parameters), {ppo.num_envs} envs x {o.env.episode_epochs}-epoch "
+                         f"episodes per update, plans {', '.join(o.ppo.plans)}; its metrics are prefixed {o.task}/")
     if built.synthetic:
         lines.append("NOTE: training on SYNTHETIC data, not the real dataset.")
     return "\n".join(lines)
@@ -216,14 +221,14 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, log: 
                 log(f"compiling {n} update(s) per chunk..." if n == config.checkpoint_every
                     else f"compiling the last chunk ({n} update(s))...")
                 fn = programs.chunk if n == config.checkpoint_every else chunk_program(built, programs, n)
-                compiled[n] = fn.lower(programs.abstract_state, built.env_data).compile()
+                compiled[n] = fn.lower(programs.abstract_state, built.learner_data).compile()
             compile_seconds = time.perf_counter() - t0
             if sizes:
                 log(f"initialized and compiled in {compile_seconds:.1f} s; training")
             bar = _progress_bar(config.updates, done, progress)
             for n in sizes:
                 t = time.perf_counter()
-                new_state, metrics = compiled[n](state, built.env_data)
+                new_state, metrics = compiled[n](state, built.learner_data)
                 rows = metric_rows(distributed.fetch(metrics).columns())  # the one host sync per chunk
                 if not built.task.has_accuracy:
                     rows = language_model_rows(rows)
@@ -306,6 +311,7 @@ def _warm_start(config: RunConfig, programs, state, env_data, run_dir: Path, wri
 
 def _steps_per_update(built: Built) -> int:
     rollout = built.ppo_config.rollout_steps or built.config.env.episode_epochs
+    rollout += sum(m.config.env.episode_epochs for m in built.mixed)  # a mixed run's other tasks' episodes
     return rollout * built.ppo_config.num_envs * built.population
 
 

@@ -103,6 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "imitate": None,
     "imitation_rounds": 4,       # teacher rollouts, each costing one PPO update's rollout
     "imitation_epochs": 32,      # minibatch epochs over each round's rollout
+    # further tasks the plan learner trains on in the same updates, TASK[=DATA] comma-separated (--mix)
+    "mix": None,
     **{name: value for name, value in _PPO_DEFAULTS.items() if name not in ("num_envs", "learning_rate", "ent_coef")},
 }
 
@@ -301,11 +303,29 @@ def _canonical(name: str, value: Any) -> Any:
             return ",".join(plan_names(value.split(",") if isinstance(value, str) else value))
         if name in ("train_fraction", "label_noise"):
             return list(getattr(ProblemFamily(**{name: value}), name))
+        if name == "mix":
+            return ",".join(f"{task}={data}" for task, data in parse_mix(value)) or None
     except RunConfigError:
         raise
     except ValueError as error:
         raise RunConfigError(str(error)) from None
     return value
+
+
+def parse_mix(value: Any) -> tuple[tuple[str, str], ...]:
+    """``--mix``'s tasks: ``TASK[=DATA]`` comma-separated (DATA as --data: auto, synthetic or a path;
+    default auto), as (task, data) pairs."""
+    if value is None:
+        return ()
+    if not isinstance(value, str) or not value.strip():
+        raise RunConfigError("--mix needs tasks: TASK[=DATA] comma-separated, e.g. --mix tinystories=synthetic")
+    pairs = []
+    for item in value.split(","):
+        task, _, data = item.strip().partition("=")
+        if not task.strip() or (_ and not data.strip()):
+            raise RunConfigError(f"--mix: {item.strip()!r} is not TASK or TASK=DATA (e.g. tinystories=synthetic)")
+        pairs.append((task.strip(), data.strip() or AUTO))
+    return tuple(pairs)
 
 
 def without_learner(explicit: dict[str, Any]) -> dict[str, Any]:
@@ -578,7 +598,7 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
                "augment": augment,
                "slots": list(slots), "blueprints": list(blueprints), "host_fields": s["host_fields"] or {},
                "host_variant": variant, "population": len(members), "seeds": [m.seed for m in members]}
-    return RunConfig(
+    config = RunConfig(
         task=task.name, host_variant=variant, host=host,
         data=DataSpec(source=data_source, data_dir=None if s["data_dir"] is None else str(s["data_dir"]),
                       tokenizer=s["tokenizer"] if language_model else None,
@@ -599,6 +619,36 @@ def resolve_config(settings: dict[str, Any]) -> RunConfig:
         updates=s["updates"], checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
         seed=s["seed"], options={k: _canonical(k, v) for k, v in sorted(options.items())}, warm_start=warm_start,
     )
+    return config.replace(mix=_resolve_mix(config, s)) if s["mix"] is not None else config
+
+
+def _resolve_mix(config: RunConfig, s: dict[str, Any]) -> tuple[RunConfig, ...]:
+    """``--mix``'s tasks, each resolved under the run's preset with the run's learner settings: one
+    policy learns from every task's envs (:class:`esper_jax.rl.plans.TaskMenu`), so it must be one
+    whose inputs and parameters do not depend on the task. The run's explicit environment settings
+    (slots, episode, host) are its own task's; each other task takes the preset's."""
+    ppo = config.ppo
+    if not ppo.plans or ppo.plan_head != "scorer" or ppo.plan_inputs != "problem":
+        raise RunConfigError("--mix trains one policy on several tasks' envs, which only a plan policy that sees the "
+                             "drawn problem and scores each task's own menu can act on: give --plan-head scorer and "
+                             "--plan-inputs problem with a menu of plans (the default preset's, or --plans)")
+    learner = {name: s[name] for name in PPO_SETTINGS if name != "plans"}
+    learner.update(envs=s["envs"], learning_rate=s["learning_rate"], ent_coef=s["ent_coef"], seed=s["seed"])
+    tasks, seen = [], {config.task}
+    for task, data in parse_mix(s["mix"]):
+        if task in seen:
+            what = "the run's own task" if task == config.task else "given twice"
+            raise RunConfigError(f"--mix: {task} is {what}; each task enters a run once")
+        seen.add(task)
+        topology = "transformer" if task in LANGUAGE_MODEL_TASKS else "cnn"  # the preset's built-in hosts
+        if not _per_topology(PRESETS[s["preset"]].settings.get("plans"), topology):
+            raise RunConfigError(f"--mix {task}: the {s['preset']} preset has no menu of plans for the {task} host "
+                                 f"(each task of a mix takes its menu from the preset): use --preset {DEFAULT_PRESET}")
+        try:
+            tasks.append(resolve_config(resolve_settings({"task": task, "data": data, **learner}, s["preset"])))
+        except RunConfigError as error:
+            raise RunConfigError(f"--mix {task}: {error}") from None
+    return tuple(tasks)
 
 
 def _check_teacher(text: Any, slots: tuple[str, ...], blueprints: tuple[str, ...], episode_epochs: int) -> str:
@@ -652,6 +702,7 @@ def check_resume_settings(stored: RunConfig, explicit: dict[str, Any]) -> None:
                  if f.name not in base})
     base.update({name: _canonical(name, getattr(stored.ppo, name)) for name in PPO_SETTINGS if name not in base})
     warm = stored.warm_start
+    base.setdefault("mix", None)  # a run written before --mix existed trained on its own task alone
     base.setdefault("imitate", None if warm is None else warm.teacher)
     base.setdefault("imitation_rounds", DEFAULTS["imitation_rounds"] if warm is None else warm.rounds)
     base.setdefault("imitation_epochs", DEFAULTS["imitation_epochs"] if warm is None else warm.epochs)

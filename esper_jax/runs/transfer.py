@@ -10,7 +10,8 @@ own menu. A fixed plan head transfers only to a menu of the same plans by name (
 image task with the same slots and blueprints). The per-epoch learner's heads and observation are
 sized by its task's slots and blueprints: it does not transfer.
 
-The target's environment, data, menu and held-out stream are the target's (another run's
+A mixed run's policy (``--mix``) evaluates on each of its tasks this way too (the report says it
+trained there). The target's environment, data, menu and held-out stream are the target's (another run's
 configuration, or the source's preset for the target task); the policy's settings (its network,
 inputs, head), members and learner state are the source run's.
 """
@@ -46,7 +47,7 @@ def transfer_config(source: RunConfig, target: RunConfig) -> RunConfig:
                              f"--plan-head scorer scores any menu")
     ppo = dataclasses.replace(source.ppo, plans=target.ppo.plans, num_envs=target.ppo.num_envs,
                               num_minibatches=target.ppo.num_minibatches, group_size=target.ppo.group_size)
-    return dataclasses.replace(target, ppo=ppo, members=source.members)
+    return dataclasses.replace(target, ppo=ppo, members=source.members, mix=())  # the policy acts on one task
 
 
 def against_native_policy(payload: Mapping[str, Any], native: Mapping[str, Any] | None) -> dict[str, Any] | None:
