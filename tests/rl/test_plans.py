@@ -111,6 +111,37 @@ def test_the_scorer_learns_the_same_choice_from_the_plans_descriptions(learner):
         PPOConfig(plan_head="scorer")
 
 
+def test_one_scorer_learns_from_two_tasks_menus_in_each_update(learner):
+    """A mixed learner (``others``): each update also plays the other task's envs under its own menu
+    (here the tiny env again, with a longer menu in another order: the padded plan is never chosen),
+    and one parameter set learns both tasks' better plan. A fixed head is refused."""
+    import dataclasses
+
+    from esper_jax.rl.plans import TaskMenu
+
+    env, data, _, _, _ = learner
+    config = dataclasses.replace(CONFIG, plan_head="scorer")  # one env, so one observation layout
+    other = ("conv_small@r0c0@e0", "norm@r0c0@e1", "static")
+    trainer = make_train(config, env, 4, (TaskMenu("again", other, env),))
+    state = jax.jit(trainer.init)(jax.random.key(0), Hyperparams.default(config), data)
+    chunk = jax.jit(trainer.train_chunk)
+    trained, first = chunk(state, (data, data))
+    trained, metrics = chunk(trained, (data, data))
+    columns = jax.device_get(metrics).columns()
+    assert {"plan_static", "again/plan_static", "again/plan_norm@r0c0@e1", "again/mean_return"} <= set(columns)
+    assert not columns["nonfinite"].any() and int(columns["env_steps"][-1]) == 8 * 2 * 4 * env.episode_epochs
+    chosen = jax.device_get(first).columns()  # each task's shares sum to 1 over its own menu
+    assert np.allclose(chosen["plan_static"] + chosen["plan_conv_small@r0c0@e0"], 1.0)
+    assert np.allclose(sum(chosen[f"again/plan_{n}"] for n in other), 1.0)
+    obs, _ = jax.jit(env.population_reset)(jax.random.split(jax.random.key(5), 4), data)
+    for menu, static in ((MENU, 0), (other, 2)):
+        acting = make_train(dataclasses.replace(config, plans=menu), env, 4)
+        probabilities, _ = acting.plan_distribution(trained.params, trained.obs_stats, obs)
+        assert np.asarray(probabilities)[:, static].mean() > 0.7, menu
+    with pytest.raises(ValueError, match="give --plan-head scorer"):
+        make_train(dataclasses.replace(config, plan_head="fixed"), env, 4, (TaskMenu("again", other, env),))
+
+
 def test_an_evaluated_plan_is_chosen_once_and_kept(learner):
     """``act`` chooses each env's plan at its first call (the most likely one when deterministic) and
     keeps it whatever it observes later; evaluation drives it and reports the plan distribution."""
