@@ -42,10 +42,9 @@ inside the update), so the update sees every task at once rather than alternatin
 resumed run is exact as for one task. The returns are standardized per task before the advantages
 and the critic's targets are made of them (a task whose returns are larger would otherwise drown the
 others' choices); the observation's statistics are shared (the drawn problem is on each family's own
-[0, 1] scale). The metrics of the run's own task keep their
-names; another task's are prefixed with its name (``tinystories/mean_final_val_loss``). Evaluation,
-``act`` and ``episodes`` concern the run's own task; another task is evaluated through
-:mod:`esper_jax.runs.transfer`.
+[0, 1] scale). The metrics of the run's own task keep their names; another task's are prefixed with
+its name (``tinystories/mean_final_val_loss``). Evaluation, ``act`` and ``episodes`` concern the
+run's own task; another task is evaluated through :mod:`esper_jax.runs.transfer`.
 
 The learner state (:class:`PlanState`) holds exactly the learner fields the checkpoints restore
 (params, optimizer state, observation statistics, key, update, hyperparameters): nothing of the

@@ -1,5 +1,6 @@
 """Building a run from its configuration: the data, the environment, the learner, where they
-run (:class:`Built`; a mixed run's other tasks as :class:`MixedTask`), and the population programs, jitted with their shardings (:class:`Programs`).
+run (:class:`Built`; a mixed run's other tasks as :class:`MixedTask`), and the population programs,
+jitted with their shardings (:class:`Programs`).
 
 A user's own image dataset (``images``, ``tfds:NAME``) must be the data the run started with: its
 digest is recorded in the configuration when the run is first built, and a resumed or evaluated
