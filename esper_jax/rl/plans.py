@@ -127,7 +127,8 @@ class TaskMenu(NamedTuple):
 
 
 class TaskMetrics(NamedTuple):
-    """One update's episodes of another task of a mixed run (scalars; ``chosen`` ``[M]`` of its menu)."""
+    """One update's episodes of one task (scalars; ``chosen`` ``[M]``: the share of envs per plan of
+    its menu)."""
 
     mean_return: jax.Array
     mean_final_val_loss: jax.Array
@@ -141,17 +142,11 @@ class TaskMetrics(NamedTuple):
 
 class PlanMetrics(NamedTuple):
     """One update's metrics (scalars; a chunk stacks them ``[updates_per_chunk]``), named as the
-    per-epoch learner's where they mean the same, and ``chosen``: the share of envs per plan."""
+    per-epoch learner's where they mean the same: the learner's, and each task's episodes (``tasks``:
+    the run's own first, then a mixed run's others)."""
 
     update: jax.Array
     env_steps: jax.Array
-    mean_return: jax.Array
-    mean_final_val_loss: jax.Array
-    mean_final_val_accuracy: jax.Array
-    germinated: jax.Array
-    fossilized: jax.Array
-    pruned: jax.Array
-    rollbacks: jax.Array
     episodes: jax.Array
     policy_loss: jax.Array
     value_loss: jax.Array
@@ -162,23 +157,17 @@ class PlanMetrics(NamedTuple):
     minibatch_updates: jax.Array
     kl_stopped: jax.Array
     nonfinite: jax.Array
-    chosen: jax.Array            # [M]
-    others: tuple = ()           # TaskMetrics per other task of a mixed run
+    tasks: tuple                 # TaskMetrics per task
 
     def columns(self, names: Sequence[str],
                 others: Sequence[tuple[str, Sequence[str]]] = ()) -> dict[str, jax.Array]:
-        """Flat columns; ``others``: (name, menu) of each other task, whose columns are prefixed
-        with its name."""
-        out = {name: value for name, value in zip(self._fields, self) if name not in ("chosen", "others")}
-        out.update(_plan_columns("", self.chosen, names))
-        for (label, menu), task in zip(others, self.others):
-            out.update({f"{label}/{name}": value for name, value in zip(task._fields, task) if name != "chosen"})
-            out.update(_plan_columns(f"{label}/", task.chosen, menu))
+        """Flat columns: the run's own task's unprefixed (``plan_NAME`` per plan of ``names``), each
+        other task's (``others``: its name and menu) prefixed with its name."""
+        out = {name: value for name, value in zip(self._fields, self) if name != "tasks"}
+        for (prefix, menu), task in zip((("", names),) + tuple((f"{label}/", m) for label, m in others), self.tasks):
+            out.update({prefix + name: value for name, value in zip(task._fields, task) if name != "chosen"})
+            out.update({f"{prefix}plan_{name}": task.chosen[..., i] for i, name in enumerate(menu)})
         return out
-
-
-def _plan_columns(prefix: str, chosen: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
-    return {f"{prefix}plan_{name}": chosen[..., i] for i, name in enumerate(names)}
 
 
 class PlanTrainer(NamedTuple):
@@ -414,12 +403,9 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
         params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction), applied, stopped = learn(
             state.replace(obs_stats=stats), batch, k_learn)
         update = state.update + 1
-        ep, mine = eps[0], task_metrics(own, eps[0])
+        ep = eps[0]
         metrics = PlanMetrics(
             update=update, env_steps=update * sum(t.env.episode_epochs * num_envs for t in tasks),
-            mean_return=mine.mean_return, mean_final_val_loss=mine.mean_final_val_loss,
-            mean_final_val_accuracy=mine.mean_final_val_accuracy, germinated=mine.germinated,
-            fossilized=mine.fossilized, pruned=mine.pruned, rollbacks=mine.rollbacks,
             episodes=jnp.asarray(num_envs, jnp.int32), policy_loss=policy_loss,
             value_loss=value_loss, approx_kl=approx_kl, clip_fraction=clip_fraction,
             explained_variance=explained_variance(ep.value, ep.episode_return),
@@ -427,7 +413,7 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
             kl_stopped=stopped,
             nonfinite=(~(jnp.all(jnp.isfinite(ravel_pytree(params)[0])) & jnp.isfinite(policy_loss)
                          & jnp.isfinite(value_loss))).astype(jnp.int32),
-            chosen=mine.chosen, others=tuple(task_metrics(t, e) for t, e in zip(tasks[1:], eps[1:])),
+            tasks=tuple(task_metrics(t, e) for t, e in zip(tasks, eps)),
         )
         return state.replace(params=params, opt_state=opt_state, obs_stats=stats, key=key, update=update), metrics
 
