@@ -14,7 +14,9 @@ controllers' per-env losses and timelines are compared as they are, no checkpoin
 2. **held-out** (the evaluation's envs): the best fixed schedules, static (checked against the
    evaluation's), and every static network of the family at its calibrated rate;
 3. **compute** of every episode in FLOPs (:mod:`esper_jax.runs.compute`), the frontier and each
-   controller's distance below it (:mod:`esper_jax.runs.frontier`).
+   controller's distance below it (:mod:`esper_jax.runs.frontier`); for a run that chooses among a
+   menu of plans, the ceiling of any policy over that menu (its best plan on each env, known after
+   the fact).
 
 Writes ``DIR/frontier.json`` and ``DIR/frontier.md`` and prints the table;
 ``experiments.report`` draws ``plots/frontier.png`` from it.
@@ -173,6 +175,8 @@ def rerender(run_dir: Path) -> int:
     from esper_jax.runs import evaluation as ev
     from esper_jax.runs import frontier as fr
 
+    from esper_jax.runs.config import read_config
+
     path = run_dir / FRONTIER_FILE
     try:
         old = json.loads(path.read_text())
@@ -180,8 +184,9 @@ def rerender(run_dir: Path) -> int:
         payload = fr.frontier_payload(old["rows"], envs=held["num_envs"], run_seed=held["run_seed"], task=old["task"],
                                       data_label=old["data"], synthetic=old["synthetic"], host_params=old["host_params"],
                                       run_dir=old["run_dir"], calibration=old.get("calibration"),
-                                      static_check=old.get("static_reproduced_max_abs_difference"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+                                      static_check=old.get("static_reproduced_max_abs_difference"),
+                                      menu=read_config(run_dir).ppo.plans)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # RunConfigError among them
         print(f"error: {path} cannot be rerendered ({error}): run `python -m experiments.frontier --run-dir {run_dir}`",
               file=sys.stderr)
         return 2
@@ -284,7 +289,7 @@ def main(argv=None) -> int:
     # 3. the frontier and every row against it
     payload = fr.frontier_payload(rows, envs=envs, run_seed=seed, task=config.task, data_label=built.data_label,
                                   synthetic=built.synthetic, host_params=env.host_param_count, run_dir=str(run_dir),
-                                  calibration=calibration, static_check=static_check)
+                                  calibration=calibration, static_check=static_check, menu=config.ppo.plans)
     payload["wall_seconds"] = time.perf_counter() - started
     markdown = fr.markdown(payload)
     ev.write_json_and_markdown(run_dir / FRONTIER_FILE, payload, markdown)

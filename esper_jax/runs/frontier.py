@@ -20,6 +20,12 @@ the same env, interpolated in log compute), paired over envs with a 95% interval
 controller's compute divided by the compute the frontier needs to reach its mean loss (below 1:
 growing saved compute; LiGO and LEMON report 0.43-0.67 for hand-designed growth of pretrained models).
 
+**The ceiling of a plan policy** (:func:`menu_ceiling`): for a run that decides once per episode among
+a menu of plans, the menu's plan with the lowest final loss on each held-out env, chosen knowing the
+result (and the plan furthest below the frontier at its own compute), against the frontier. No
+policy over that menu passes it; where it is on the frontier, what limits the policy is the menu
+(what its growth offers), not the learning.
+
 **The best fixed schedule** (:func:`schedule_candidates`, :func:`later_and_pairs`): single seeds
 (every blueprint in every slot at epoch 0, the best three also later) and pairs of the best single
 seeds, each scored by mean final loss on the calibration envs; the best single and the best
@@ -296,6 +302,32 @@ def frontier_gap(loss: np.ndarray, compute: np.ndarray, frontier_losses: np.ndar
     }
 
 
+def menu_ceiling(rows: Mapping[str, Mapping[str, Any]], menu: Sequence[str], frontier_losses: np.ndarray,
+                 frontier_compute: np.ndarray) -> dict[str, Any] | None:
+    """The best a policy choosing one plan of ``menu`` per env can reach on these envs: per env the
+    plan with the lowest final loss (``by_loss``) and the plan furthest below the frontier at its
+    own compute (``by_frontier``), each chosen knowing the outcome (optimistic: the minimum over
+    noisy values), with its distance from the frontier (:func:`frontier_gap`) and how often each
+    plan is chosen. ``None`` unless the rows hold at least two of the menu's plans."""
+    names = [name for name in menu if name in rows]
+    if len(names) < 2:
+        return None
+    loss = np.asarray([rows[n]["final_val_loss_per_env"] for n in names], np.float64)   # [M, N]
+    flops = np.asarray([rows[n]["flops_per_env"] for n in names], np.float64)
+    envs = np.arange(loss.shape[1])
+    frontier_here = np.array([[interpolate_log(flops[m, i], frontier_compute, frontier_losses[:, i]) for i in envs]
+                              for m in range(len(names))])
+
+    def oracle(choice: np.ndarray) -> dict[str, Any]:
+        chosen_loss, chosen_flops = loss[choice, envs], flops[choice, envs]
+        return {"final_val_loss": float(chosen_loss.mean()), "flops": float(chosen_flops.mean()),
+                "chosen": {n: int(np.sum(choice == m)) for m, n in enumerate(names)},
+                **frontier_gap(chosen_loss, chosen_flops, frontier_losses, frontier_compute)}
+
+    return {"plans": names, "by_loss": oracle(loss.argmin(axis=0)),
+            "by_frontier": oracle((loss - frontier_here).argmin(axis=0))}
+
+
 # ---------------------------------------------------------------------------- results
 
 
@@ -304,11 +336,13 @@ STATIC_NETWORK = "static network"
 
 def frontier_payload(rows: Mapping[str, dict[str, Any]], *, envs: int, run_seed: int, task: str, data_label: str,
                      synthetic: bool, host_params: int, run_dir: str | None = None,
-                     calibration: Mapping[str, Any] | None = None, static_check: float | None = None) -> dict[str, Any]:
+                     calibration: Mapping[str, Any] | None = None, static_check: float | None = None,
+                     menu: Sequence[str] = ()) -> dict[str, Any]:
     """The ``frontier.json`` object. ``rows``: name -> ``kind`` (``"static network"`` for the
     family, anything else for a controller), ``final_val_loss_per_env`` ``[N]`` and ``flops_per_env``
     (with :func:`~esper_jax.runs.compute.compute_summary`'s other fields): every row gets its mean
-    loss and its distance from the frontier of the static networks."""
+    loss and its distance from the frontier of the static networks. ``menu``: the run's plans (a
+    plan learner's), for the ceiling of any policy over them (:func:`menu_ceiling`)."""
     rows = {name: dict(r) for name, r in rows.items()}
     for r in rows.values():
         loss = np.asarray(r["final_val_loss_per_env"], np.float64)
@@ -338,6 +372,7 @@ def frontier_payload(rows: Mapping[str, dict[str, Any]], *, envs: int, run_seed:
                      "final_val_loss": [float(v) for v in frontier_losses.mean(axis=1)]},
         "static_reproduced_max_abs_difference": static_check,
         "calibration": calibration,
+        "ceiling": menu_ceiling(rows, menu, frontier_losses, frontier_compute),
         "rows": rows,
         "definitions": {
             "flops": "training compute of the episode: host and computed seeds forward+backward for every batch, "
@@ -350,6 +385,9 @@ def frontier_payload(rows: Mapping[str, dict[str, Any]], *, envs: int, run_seed:
                                               "each env's problem), paired over envs, 95% CI",
             "compute_ratio": "the row's compute / the compute the frontier needs for the row's mean loss "
                              "(< 1: fewer FLOPs than the best static network of that loss)",
+            "ceiling": "the best a policy choosing one plan of the run's menu per env can reach on these envs: "
+                       "per env the plan with the lowest final loss (by_loss) or the one furthest below the "
+                       "frontier at its compute (by_frontier), chosen knowing the outcome",
         },
     }
 
@@ -395,6 +433,17 @@ def markdown(payload: Mapping[str, Any]) -> str:
               + payload["definitions"]["flops"] + "; compute / frontier's: " + payload["definitions"]["compute_ratio"] + "."]
     if check is not None:
         lines += ["", f"Static re-run here vs the evaluation's static: largest per-env difference {check:.2e}."]
+    ceiling = payload.get("ceiling")  # absent from payloads written before it existed
+    if ceiling:
+        lines += ["", f"**The ceiling of a policy over the menu** ({', '.join(ceiling['plans'])}): "
+                  + payload["definitions"]["ceiling"] + "."]
+        for key, what in (("by_loss", "lowest loss"), ("by_frontier", "furthest below the frontier")):
+            c = ceiling[key]
+            chosen = ", ".join(f"{n} {k}" for n, k in c["chosen"].items() if k)
+            lines.append(f"- {what} per env: final val loss {c['final_val_loss']:.4f} at {c['flops'] / 1e9:.3g} GFLOPs "
+                         f"(chosen: {chosen}); minus the frontier at its compute {ci_text(c['minus_frontier_ci'])}, "
+                         f"{_verdict(c['minus_frontier_ci'])}; compute / frontier's for its loss "
+                         f"{c['compute_ratio']:.2f}.")
     cal = payload.get("calibration")
     if cal:
         lines += ["", f"Best fixed schedules, chosen on {cal['num_envs']} calibration envs ({cal['stream']}): single "

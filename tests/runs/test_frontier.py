@@ -181,17 +181,55 @@ def test_a_two_seed_schedule_plants_in_order_and_a_built_in_seed_is_computed_fro
     assert np.all(out.params_added > 0) and np.all(np.isfinite(out.final_val_loss))
 
 
-def test_rerender_recomputes_from_the_rows_and_compares_with_the_best_fixed_schedule(tmp_path, capsys):
+def _menu_rows():
+    """_rows() with a plan learner's menu evaluated: static (cheap) is best on env 0, growing on env 1."""
     rows = _rows()
+    rows["static"] = {"kind": "controller", "final_val_loss_per_env": [1.9, 2.2], "flops_per_env": [1e6, 1e6]}
+    rows["conv_small@r0c0@e0"] = {"kind": "controller", "final_val_loss_per_env": [2.0, 1.6],
+                                  "flops_per_env": [1e7, 1e7]}
+    for r in rows.values():
+        r["flops"] = float(np.mean(r["flops_per_env"]))
+    return rows
+
+
+def test_the_ceiling_of_a_plan_policy_is_its_menus_best_plan_on_each_env():
+    """Per env the menu's lowest-loss plan (static on env 0, the growth on env 1), and the plan
+    furthest below the frontier at its compute, each against the frontier; plans of the menu the
+    rows lack are left out, and a menu with fewer than two is no ceiling."""
+    rows = _menu_rows()
+    payload = fr.frontier_payload(rows, envs=2, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
+                                  synthetic=True, host_params=100, menu=("static", "conv_small@r0c0@e0", "norm@r0c0@e1"))
+    ceiling = payload["ceiling"]
+    assert ceiling["plans"] == ["static", "conv_small@r0c0@e0"]
+    assert ceiling["by_loss"]["final_val_loss"] == pytest.approx((1.9 + 1.6) / 2)
+    assert ceiling["by_loss"]["chosen"] == {"static": 1, "conv_small@r0c0@e0": 1}
+    assert ceiling["by_loss"]["flops"] == pytest.approx((1e6 + 1e7) / 2)
+    # the frontier (small at 1e6, large at 1e8) at 1e6 on env 0 is 2.0; at 1e7 on env 1 it is (2.2 + 1.7) / 2
+    assert ceiling["by_loss"]["minus_frontier_ci"]["mean"] == pytest.approx(((1.9 - 2.0) + (1.6 - 1.95)) / 2)
+    assert ceiling["by_frontier"]["chosen"] == ceiling["by_loss"]["chosen"]
+    assert "The ceiling of a policy over the menu" in fr.markdown(payload)
+    assert fr.frontier_payload(rows, envs=2, run_seed=0, task="t", data_label="d", synthetic=False, host_params=1,
+                               menu=("static",))["ceiling"] is None
+
+
+def test_rerender_recomputes_from_the_rows_and_compares_with_the_best_fixed_schedule(tmp_path, capsys):
+    from esper_jax.runs.rundir import write_json
+    from esper_jax.runs.settings import resolve_config, resolve_settings
+
+    rows = _menu_rows()
     rows["best_fixed_2"] = {"kind": "fixed schedule", "final_val_loss_per_env": [1.7, 1.8], "flops_per_env": [2e7, 2e7],
                             "flops": 2e7}
     payload = fr.frontier_payload(rows, envs=2, run_seed=0, task="cifar10", data_label="SYNTHETIC data",
                                   synthetic=True, host_params=100)
     assert payload["rows"]["policy"]["minus_best_fixed_2_ci"]["mean"] == pytest.approx(-0.05)
+    assert payload["ceiling"] is None  # no menu given
     (tmp_path / "frontier.json").write_text(json.dumps(payload))
+    config = resolve_config(resolve_settings({"task": "cifar10", "plans": "static,conv_small@r0c0@e0"}, "smoke"))
+    write_json(tmp_path / "config.json", config.to_json())  # the run's menu: the ceiling is added
     assert frontier_cli.main(["--run-dir", str(tmp_path), "--rerender"]) == 0
     assert "minus best_fixed_2" in (tmp_path / "frontier.md").read_text()
-    assert json.loads((tmp_path / "frontier.json").read_text())["frontier"] == payload["frontier"]
+    rerendered = json.loads((tmp_path / "frontier.json").read_text())
+    assert rerendered["frontier"] == payload["frontier"] and rerendered["ceiling"]["plans"] == list(config.ppo.plans)
     capsys.readouterr()
     (tmp_path / "frontier.json").write_text("{}")
     assert frontier_cli.main(["--run-dir", str(tmp_path), "--rerender"]) == 2
