@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    """An evaluation or frontier file (a damaged one: :func:`~esper_jax.runs.rundir.read_json`'s one line)."""
+    from esper_jax.runs.rundir import read_json
+
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (write it with experiments.evaluate or experiments.frontier)")
+    return read_json(path)
 
 
 def _losses(evaluation: dict, controller: str, path: Path) -> np.ndarray:

@@ -255,6 +255,9 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
     def norm(stats, x):
         return normalize.apply(stats, x) if config.normalize_obs else x
 
+    def joined(parts):  # every task's envs in one batch (one task: its arrays as they are)
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
     def env_keys(key):
         return group_keys(key, num_envs, config.group_size)
 
@@ -319,17 +322,16 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
         return stats, play(own, state.params, stats, x, env_state, data, k_plan, k_steps, plans)
 
     def every_task_episodes(state: PlanState, data, key):
-        """One update's episodes of every task (``data``: a tuple, the run's own first); the
-        observation's statistics updated with every task's first observations at once."""
-        if not others:
-            stats, ep = episodes(state, data, key)
-            return stats, (ep,)
+        """One update's episodes of every task (``data``: the run's own task's, or a mixed run's tuple,
+        the run's own first); the observation's statistics updated with every task's first
+        observations at once. For one task, what :func:`episodes` computes."""
+        datas = data if others else (data,)
         keys = [jax.random.split(key if t == 0 else jax.random.fold_in(key, t), 3) for t in range(len(tasks))]
-        resets = [task.env.population_reset(env_keys(k[0]), d) for task, k, d in zip(tasks, keys, data)]
+        resets = [task.env.population_reset(env_keys(k[0]), d) for task, k, d in zip(tasks, keys, datas)]
         xs = [inputs(task, obs) for task, (obs, _) in zip(tasks, resets)]
-        stats = observe(state.obs_stats, jnp.concatenate(xs))
+        stats = observe(state.obs_stats, joined(xs))
         return stats, tuple(play(task, state.params, stats, x, env_state, d, k[1], k[2])
-                            for task, x, (_, env_state), d, k in zip(tasks, xs, resets, data, keys))
+                            for task, x, (_, env_state), d, k in zip(tasks, xs, resets, datas, keys))
 
     def loss_fn(params, batch: _Batch, ent_coef):
         dist, value = evaluate_batch(params, batch.obs, batch.task)
@@ -374,18 +376,12 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
         which sees the drawn problem and not the task, predicts them on one scale)."""
         return standardized(ep.episode_return) if others else ep.episode_return
 
-    def advantages(ep: PlanEpisodes):
-        """The return against its group's (or the critic's), normalized over the task's envs."""
-        if config.group_size > 1:
-            advantage = relative_to_group(returns(ep), config.group_size)
-        else:
-            advantage = returns(ep) - ep.value
+    def advantages(ret, value):
+        """The return ``ret`` against its group's (or the critic's ``value``), normalized over the task's envs."""
+        advantage = relative_to_group(ret, config.group_size) if config.group_size > 1 else ret - value
         if config.normalize_advantages:
             advantage = standardized(advantage)
         return advantage
-
-    def joined(parts):
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     def task_metrics(task: _Task, ep: PlanEpisodes) -> TaskMetrics:
         mean = lambda x: jnp.mean(x.astype(jnp.float32))
@@ -396,9 +392,10 @@ def make_train(config: PPOConfig, env: MorphogeneticEnv, updates_per_chunk: int,
     def update_step(state: PlanState, data):
         key, k_episodes, k_learn = jax.random.split(state.key, 3)
         stats, eps = every_task_episodes(state, data, k_episodes)
+        rets = [returns(ep) for ep in eps]
         batch = _Batch(joined([ep.obs for ep in eps]), joined([ep.plan for ep in eps]),
-                       joined([ep.log_prob for ep in eps]), joined([advantages(ep) for ep in eps]),
-                       joined([returns(ep) for ep in eps]),
+                       joined([ep.log_prob for ep in eps]),
+                       joined([advantages(ret, ep.value) for ret, ep in zip(rets, eps)]), joined(rets),
                        joined([jnp.full((num_envs,), t, jnp.int32) for t in range(len(eps))]))
         params, opt_state, (policy_loss, value_loss, approx_kl, clip_fraction), applied, stopped = learn(
             state.replace(obs_stats=stats), batch, k_learn)

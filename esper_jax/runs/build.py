@@ -1,6 +1,6 @@
 """Building a run from its configuration: the data, the environment, the learner, where they
-run (:class:`Built`; a mixed run's other tasks as :class:`MixedTask`), and the population programs,
-jitted with their shardings (:class:`Programs`).
+run (:class:`Built`; each task on its data, a mixed run's others too, a :class:`BuiltTask`), and the
+population programs, jitted with their shardings (:class:`Programs`).
 
 A user's own image dataset (``images``, ``tfds:NAME``) must be the data the run started with: its
 digest is recorded in the configuration when the run is first built, and a resumed or evaluated
@@ -39,12 +39,14 @@ from esper_jax.trees import add_axis, drop_axis
 
 
 @dataclasses.dataclass
-class MixedTask:
-    """Another task of a mixed run (``--mix``): its configuration, env and data."""
+class BuiltTask:
+    """One task of a run built on its data (:func:`build_task`): its configuration (recording the
+    data's origin), env, dataset and env data; a mixed run's other tasks (``--mix``) are these."""
 
     config: RunConfig
     task: TaskConfig
     env: MorphogeneticEnv
+    dataset: Any
     env_data: EnvData
 
 
@@ -59,7 +61,7 @@ class Built:
     env_data: EnvData
     trainer: ppo_lib.Trainer | plans_lib.PlanTrainer
     placement: Placement
-    mixed: tuple[MixedTask, ...]   # a mixed run's other tasks (--mix); () for one task
+    mixed: tuple[BuiltTask, ...]   # a mixed run's other tasks (--mix); () for one task
 
     @property
     def learner_data(self) -> Any:
@@ -180,36 +182,40 @@ def build(config: RunConfig, *, data: str | None = None, data_dir: str | None = 
     dataset its digest, and for a language model the vocabulary its tokenizer gave the host.
     ``problems``: the envs draw from another family than the configuration's (evaluation on a
     stratum; :meth:`~esper_jax.env.problems.ProblemFamily.stratum`)."""
+    placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
+    own = build_task(config, placement, data=data, data_dir=data_dir, problems=problems)
+    mixed = tuple(_build_mixed(other, placement) for other in config.mix)
+    try:
+        trainer = make_learner(config, own.env, config.checkpoint_every, mixed)
+    except (ValueError, TypeError) as error:
+        raise RunConfigError(str(error)) from None
+    return Built(own.config.replace(mix=tuple(m.config for m in mixed)), own.task, own.env, own.dataset,
+                 own.env_data, trainer, placement, mixed)
+
+
+def build_task(config: RunConfig, placement: Placement, *, data: str | None = None, data_dir: str | None = None,
+               problems: ProblemFamily | None = None) -> BuiltTask:
+    """One task of a run on its data (read from elsewhere with ``data``/``data_dir``), its env data
+    placed on the devices; the configuration records the data's origin, a user's own image
+    dataset's digest and a language model's vocabulary."""
     dataset = load_dataset(config, data, data_dir)
     fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
     task, host, env, dataset = build_env(config, dataset, problems)
-    placement = Placement.for_devices(config.population, config.ppo.num_envs, devices)
-    mixed = tuple(_build_mixed(other, placement) for other in config.mix)
     try:
-        trainer = make_learner(config, env, config.checkpoint_every, mixed)
         env_data = make_env_data(env.config, dataset)
     except (ValueError, TypeError) as error:
         raise RunConfigError(str(error)) from None
     config = config.replace(host=host, data=dataclasses.replace(config.data, label=env.config.data_label,
-                                                                 fingerprint=fingerprint),
-                            mix=tuple(m.config for m in mixed))
-    env_data = placement.put(env_data, placement.replicated())
-    return Built(config, task, env, dataset, env_data, trainer, placement, mixed)
+                                                                 fingerprint=fingerprint))
+    return BuiltTask(config, task, env, dataset, placement.put(env_data, placement.replicated()))
 
 
-def _build_mixed(config: RunConfig, placement: Placement) -> MixedTask:
-    """A mixed run's other task on its own data; its configuration records the data's origin (and
-    a language model's vocabulary) as the run's own does."""
+def _build_mixed(config: RunConfig, placement: Placement) -> BuiltTask:
+    """A mixed run's other task on its own data; what is wrong with it is named with ``--mix``."""
     try:
-        dataset = load_dataset(config)
-        fingerprint = check_user_data(config, dataset) if is_user_image_dataset(config.task) else None
-        task, host, env, dataset = build_env(config, dataset)
-        env_data = make_env_data(env.config, dataset)
+        return build_task(config, placement)
     except (ValueError, TypeError) as error:  # RunConfigError among them
         raise RunConfigError(f"--mix {config.task}: {error}") from None
-    config = config.replace(host=host, data=dataclasses.replace(config.data, label=env.config.data_label,
-                                                                 fingerprint=fingerprint))
-    return MixedTask(config, task, env, placement.put(env_data, placement.replicated()))
 
 
 # ---------------------------------------------------------------------------- population programs
@@ -281,7 +287,7 @@ def make_programs(built: Built) -> Programs:
 
 
 def make_learner(config: RunConfig, env: MorphogeneticEnv, updates_per_chunk: int,
-                 mixed: tuple[MixedTask, ...] = ()) -> ppo_lib.Trainer | plans_lib.PlanTrainer:
+                 mixed: tuple[BuiltTask, ...] = ()) -> ppo_lib.Trainer | plans_lib.PlanTrainer:
     """The run's learner, ``updates_per_chunk`` updates per chunk: the per-epoch PPO learner
     (kickstarted by the warm start's teacher when ``ppo.kickstart_coef`` > 0), or with ``ppo.plans``
     the one that decides once per episode (:mod:`esper_jax.rl.plans`), over ``mixed``'s tasks too."""

@@ -270,21 +270,23 @@ def compute_to_reach(loss: float, points_compute: np.ndarray, points_loss: np.nd
     return float(np.exp(log_c)), "interpolated"
 
 
+def frontier_at(per_env_compute: np.ndarray, frontier_losses: np.ndarray, frontier_compute: np.ndarray) -> np.ndarray:
+    """The frontier's loss on each env at that env's compute ``[N]``: the envelope's networks'
+    losses on the env (``frontier_losses`` ``[K, N]``, at mean FLOPs ``frontier_compute`` ``[K]``),
+    interpolated in log compute."""
+    return np.array([interpolate_log(c, frontier_compute, frontier_losses[:, i]) for i, c in enumerate(per_env_compute)])
+
+
 def frontier_gap(loss: np.ndarray, compute: np.ndarray, frontier_losses: np.ndarray,
                  frontier_compute: np.ndarray) -> dict[str, Any]:
     """A controller against the frontier. ``loss``/``compute``: its final loss and FLOPs per env
     ``[N]``; ``frontier_losses`` ``[K, N]``: the envelope's networks' final losses per env (in
     envelope order), ``frontier_compute`` ``[K]``: their mean FLOPs."""
     loss, compute = np.asarray(loss, np.float64), np.asarray(compute, np.float64)
-    def frontier_at(per_env_compute: np.ndarray) -> np.ndarray:
-        """The frontier's networks' losses on each env, at that env's compute."""
-        return np.array([interpolate_log(per_env_compute[i], frontier_compute, frontier_losses[:, i])
-                         for i in range(loss.size)])
-
-    at_compute = frontier_at(compute)
+    at_compute = frontier_at(compute, frontier_losses, frontier_compute)
     # One static network for the whole family at the controller's mean compute (what a user picks
     # without knowing each problem): the frontier's networks' losses on each env at that one compute.
-    at_mean_compute = frontier_at(np.full_like(compute, compute.mean()))
+    at_mean_compute = frontier_at(np.full_like(compute, compute.mean()), frontier_losses, frontier_compute)
     mean_curve = frontier_losses.mean(axis=1)
     needed, how = compute_to_reach(float(loss.mean()), frontier_compute, mean_curve)
     inside = bool(frontier_compute[0] <= compute.mean() <= frontier_compute[-1])
@@ -315,8 +317,7 @@ def menu_ceiling(rows: Mapping[str, Mapping[str, Any]], menu: Sequence[str], fro
     loss = np.asarray([rows[n]["final_val_loss_per_env"] for n in names], np.float64)   # [M, N]
     flops = np.asarray([rows[n]["flops_per_env"] for n in names], np.float64)
     envs = np.arange(loss.shape[1])
-    frontier_here = np.array([[interpolate_log(flops[m, i], frontier_compute, frontier_losses[:, i]) for i in envs]
-                              for m in range(len(names))])
+    frontier_here = np.array([frontier_at(plan_flops, frontier_losses, frontier_compute) for plan_flops in flops])
 
     def oracle(choice: np.ndarray) -> dict[str, Any]:
         chosen_loss, chosen_flops = loss[choice, envs], flops[choice, envs]
