@@ -169,32 +169,40 @@ def main(argv=None) -> int:
     carry = jax.jit(jax.vmap(widen_moments))
     rows, curves = {}, {}
 
-    def record(name, state, compute, widen_at, curve, t):
+    def record(name, state, compute, widen_at, curve, seconds):
         rows[name] = {"widen_at": widen_at, "final_val_loss_per_env": np.asarray(state.val_loss, np.float64).tolist(),
                       "final_val_loss": float(np.mean(state.val_loss)), "flops": compute,
-                      "flops_per_env": [compute] * n, "seconds": time.perf_counter() - t}
+                      "flops_per_env": [compute] * n, "seconds": seconds}
         curves[name] = curve
         print(f"  {name}: final val loss {rows[name]['final_val_loss']:.4f}, {compute / 1e9:.1f} GFLOPs "
-              f"({rows[name]['seconds']:.0f} s)", flush=True)
+              f"({seconds:.0f} s)", flush=True)
+
+    def timed(fn, *args):
+        t = time.perf_counter()
+        return fn(*args), time.perf_counter() - t
 
     print(f"widening {names[0]} x{args.factor} ({args.init}) on {n} {args.stream} envs of {built.data_label}; "
           f"learning-rate scales narrow x{scale_n:g}, wide x{scale_w:g}", flush=True)
-    t, curve = time.perf_counter(), []
-    record("wide", train(step_w, wide_start, 0, total, curve), flops(0), 0, curve, t)
-    t, curve = time.perf_counter(), []
+    curve = []
+    wide_state, seconds = timed(train, step_w, wide_start, 0, total, curve)
+    record("wide", wide_state, flops(0), 0, curve, seconds)
+    # one narrow episode, branched off at each widening epoch
+    curve, narrow_seconds = [], 0.0
     state, done = start(env_n, scale_n), 0
     for widen_at in epochs:
-        state, done = train(step_n, state, done, widen_at, curve), widen_at
-        t_w, grown = time.perf_counter(), wide_start.train
+        (state, seconds), done = timed(train, step_n, state, done, widen_at, curve), widen_at
+        narrow_seconds += seconds
+        t = time.perf_counter()
+        grown = wide_start.train
         inner_n, _ = state.train.host_opt_state
         inner_w, injected_w = grown.host_opt_state
         grown = grown.replace(host_params=widen(state.train.host_params, grown.host_params),
                               host_opt_state=(carry(inner_n, inner_w), injected_w))
-        widened = state.replace(train=grown, snapshot=grown)
         grown_curve = list(curve)
-        record(f"widen@e{widen_at}", train(step_w, widened, widen_at, total, grown_curve), flops(widen_at), widen_at,
-               grown_curve, t_w)
-    record("narrow", train(step_n, state, done, total, curve), flops(total), total, curve, t)
+        grown_state = train(step_w, state.replace(train=grown, snapshot=grown), widen_at, total, grown_curve)
+        record(f"widen@e{widen_at}", grown_state, flops(widen_at), widen_at, grown_curve, time.perf_counter() - t)
+    state, seconds = timed(train, step_n, state, done, total, curve)
+    record("narrow", state, flops(total), total, curve, narrow_seconds + seconds)
 
     payload = widening_payload(rows, curves, frontier if args.stream == "held-out" else None, names=names,
                                args=args, config=config, data_label=built.data_label, synthetic=built.synthetic,
