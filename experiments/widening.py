@@ -241,7 +241,7 @@ def widening_payload(rows, curves, frontier, *, names, args, config, data_label,
         reproduced = float(np.max(np.abs(np.asarray(rows["narrow"]["final_val_loss_per_env"])
                                          - np.asarray(frontier["rows"][names[0]]["final_val_loss_per_env"]))))
     return {
-        "version": 1, "task": config.task, "data": data_label, "synthetic": bool(synthetic), "stream": args.stream,
+        "version": 1, "run_dir": str(args.run_dir), "task": config.task, "data": data_label, "synthetic": bool(synthetic), "stream": args.stream,
         "envs": args.envs, "factor": args.factor, "init": args.init, "narrow": names[0], "wide_static": names[1],
         "lr_scales": {"narrow": scales[0], "wide": scales[1]}, "episode_epochs": config.env.episode_epochs,
         "frontier_networks": envelope, "narrow_reproduced_max_abs_difference": reproduced,
@@ -260,6 +260,7 @@ def widening_payload(rows, curves, frontier, *, names, args, config, data_label,
 
 def markdown(payload: dict) -> str:
     from esper_jax.runs.evaluation import ci_text
+    from esper_jax.runs.frontier import ratio_text
 
     label = ("**SYNTHETIC data**: these results are on the synthetic stand-in, not the real dataset.\n\n"
              if payload["synthetic"] else f"Data: {payload['data']} (real).\n\n")
@@ -279,12 +280,12 @@ def markdown(payload: dict) -> str:
         cells = [name, f"{r['final_val_loss']:.4f}", f"{r['flops'] / 1e9:.1f}", f"{r['compute_over_wide']:.2f}",
                  ci_text(r["minus_line_ci"])]
         if frontier:
-            cells += [ci_text(r["minus_frontier_ci"]), f"{r['compute_ratio']:.2f}"]
+            cells += [ci_text(r["minus_frontier_ci"]), ratio_text(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if frontier:
         lines += ["", f"Frontier: {', '.join(payload['frontier_networks'])} (frontier.json); the narrow host trained "
                       f"here against the frontier's run of it: largest per-env difference "
-                      f"{payload['narrow_reproduced_max_abs_difference']:.2e} (another compiled program)."]
+                      f"{payload['narrow_reproduced_max_abs_difference']:.2e}."]
     return "\n".join(lines) + "\n"
 
 

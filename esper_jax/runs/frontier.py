@@ -401,6 +401,14 @@ def _verdict(ci: Mapping[str, Any]) -> str:
     return "on (CI spans 0)"
 
 
+def ratio_text(row: Mapping[str, Any]) -> str:
+    """A row's compute / the frontier's for its loss, as a table cell (a bound where the loss is outside
+    the frontier's range)."""
+    bound = {"interpolated": "", "below_frontier": " (at most: below every static network)",
+             "above_frontier": " (at least: above every static network)"}[row["frontier_compute_to_reach_how"]]
+    return f"{row['compute_ratio']:.2f}{bound}"
+
+
 def markdown(payload: Mapping[str, Any]) -> str:
     """``frontier.md``: the frontier and every row against it."""
     lines = []
@@ -418,8 +426,6 @@ def markdown(payload: Mapping[str, Any]) -> str:
     for name, r in order:
         ci = r["minus_frontier_ci"]
         gap = ci_text(ci) if ci["half_width"] is not None else f"- ({ci['better']}/{ci['n']})"
-        bound = {"interpolated": "", "below_frontier": " (at most: below every static network)",
-                 "above_frontier": " (at least: above every static network)"}[r["frontier_compute_to_reach_how"]]
         kind = r["kind"] + (f", lr x{r['lr_scale']:g}" if "lr_scale" in r else "") + (" *" if r.get("on_frontier") else "")
         fixed = r.get(f"minus_{BEST_FIXED_2}_ci")
         versus = "-" if not fixed or fixed["half_width"] is None else ci_text(fixed)
@@ -427,7 +433,7 @@ def markdown(payload: Mapping[str, Any]) -> str:
         at_mean = "-" if not mean_ci or mean_ci["half_width"] is None else ci_text(mean_ci)
         lines.append(f"| {name} | {kind} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | "
                      f"{r['flops'] / 1e9:.3g} | {gap} | {_verdict(ci)} | {at_mean} | "
-                     f"{r['compute_ratio']:.2f}{bound} | {versus} |")
+                     f"{ratio_text(r)} | {versus} |")
     check = payload.get("static_reproduced_max_abs_difference")
     lines += ["", "`*`: on the frontier. " + payload["definitions"]["minus_frontier"] + "; at mean compute: "
               + payload["definitions"].get("minus_frontier_at_mean_compute", "not computed for this payload") + ". Compute: "
