@@ -263,7 +263,7 @@ def markdown(payload: dict) -> str:
     from esper_jax.runs.frontier import ratio_text
 
     label = ("**SYNTHETIC data**: these results are on the synthetic stand-in, not the real dataset.\n\n"
-             if payload["synthetic"] else f"Data: {payload['data']} (real).\n\n")
+             if payload["synthetic"] else f"Data: {payload['data']}.\n\n")
     stream = ("calibration envs (fold_in(key(seed), 0xca11b))" if payload["stream"] == "calibration"
               else "held-out envs (fold_in(key(seed), 0x45564c31))")
     lines = [label + f"Widening `{payload['narrow']}` x{payload['factor']} ({payload['init']}) mid-episode, task "
