@@ -3,6 +3,8 @@ one, ``preserve`` keeps its function, ``fresh`` does not but keeps its weights, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,10 @@ from esper_jax.lattice.hosts.widening import WideCNNHost, widen_moments, widen_p
 
 CNN = CNNHost(num_classes=3, base_width=2, num_blocks=2, pool_blocks=1, image_size=8)
 TRANSFORMER = TransformerHost(vocab_size=11, d_model=8, num_heads=2, num_layers=2, block_size=6)
+
+
+def _forward(host):
+    return jax.jit(functools.partial(host_forward, host))
 
 
 def _inputs(host):
@@ -37,14 +43,15 @@ def test_preserve_keeps_the_narrow_function_and_fresh_keeps_its_weights(host):
     narrow_params = _trained_like(host, jax.random.key(0))
     fresh_wide = wide.init(jax.random.key(3))
     x, y = _inputs(host)
-    narrow_out = host_forward(host, narrow_params, x)
+    narrow_out, wide_forward = _forward(host)(narrow_params, x), _forward(wide)
+    widen = jax.jit(widen_params, static_argnames="init")
 
-    preserved = widen_params(narrow_params, fresh_wide, "preserve")
+    preserved = widen(narrow_params, fresh_wide, "preserve")
     # two different programs (the wide one sums over zeros too): equal within float32 rounding
-    np.testing.assert_allclose(host_forward(wide, preserved, x), narrow_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(wide_forward(preserved, x), narrow_out, rtol=1e-5, atol=1e-5)
 
-    fresh = widen_params(narrow_params, fresh_wide, "fresh")
-    assert not np.allclose(host_forward(wide, fresh, x), narrow_out, atol=1e-3)
+    fresh = widen(narrow_params, fresh_wide, "fresh")
+    assert not np.allclose(wide_forward(fresh, x), narrow_out, atol=1e-3)
     # both modes hold the narrow weights themselves; fresh leaves every added weight as initialized
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(narrow_params)[0]]
     for path, narrow_leaf, fresh_leaf, init_leaf in zip(paths, jax.tree.leaves(narrow_params), jax.tree.leaves(fresh),
@@ -66,7 +73,7 @@ def test_preserved_added_weights_learn(host):
     wide = widened_host(host, 2)
     params = widen_params(_trained_like(host, jax.random.key(0)), wide.init(jax.random.key(3)), "preserve")
     x, y = _inputs(host)
-    grads = jax.grad(lambda p: wide.loss(host_forward(wide, p, x), y))(params)
+    grads = jax.jit(jax.grad(lambda p: wide.loss(host_forward(wide, p, x), y)))(params)
     if host is CNN:
         cut = grads["block1"]["conv"][:, :, 2:, :4]  # narrow outputs over added inputs
         head = grads["classifier"]["w"][4:]          # added channels into the classes
