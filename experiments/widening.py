@@ -67,13 +67,6 @@ def parse_epochs(text: str, episode_epochs: int) -> tuple[int, ...]:
     return tuple(epochs)
 
 
-def network_names(host, wide) -> tuple[str, str]:
-    """The frontier's names of the narrow host and of the static network as wide as the widened host."""
-    if hasattr(host, "d_model"):
-        return f"host_d{host.d_model}_l{host.num_layers}", f"host_d{wide.d_model}_l{wide.num_layers}"
-    return f"host_w{host.base_width}", f"host_w{wide.base_width}"
-
-
 def lr_scales(text: str | None, frontier: dict | None, names: tuple[str, str]) -> tuple[float, float]:
     if text is not None:
         try:
@@ -114,7 +107,8 @@ def main(argv=None) -> int:
         wide_host = widened_host(config.host, args.factor)
         epochs = parse_epochs(args.at, config.env.episode_epochs)
         frontier = read_json(run_dir / "frontier.json") if (run_dir / "frontier.json").is_file() else None
-        names = network_names(config.host, wide_host)
+        # the frontier's names of the narrow host and of the static network as wide as the widened one
+        names = (fr.network_name("host", config.host), fr.network_name("host", wide_host))
         if args.stream == "held-out" and frontier is not None and args.envs != frontier["held_out"]["num_envs"]:
             raise RunConfigError(f"--envs {args.envs}: on the held-out stream the comparison with the run's frontier "
                                  f"needs the frontier's {frontier['held_out']['num_envs']} held-out envs")

@@ -84,6 +84,14 @@ class StaticNetwork:
 WIDTHS = {"cnn": (0.5, 1, 2, 4), "transformer": (1, 2)}
 
 
+def network_name(tag: str, host: Host) -> str:
+    """A family network's name: ``tag`` (``host``, or what differs from the run's host) and its
+    width (CNN: ``_w{base width}``) or width and depth (transformer: ``_d{d_model}_l{layers}``)."""
+    if isinstance(host, TransformerHost):
+        return f"{tag}_d{host.d_model}_l{host.num_layers}"
+    return f"{tag}_w{host.base_width}"
+
+
 def _cnn_family(host, widths) -> list[StaticNetwork]:
     family = []
     kernels = dict.fromkeys((host.kernel_size, 3))
@@ -92,7 +100,7 @@ def _cnn_family(host, widths) -> list[StaticNetwork]:
             width = max(1, int(host.base_width * factor))
             variant = dataclasses.replace(host, base_width=width, kernel_size=kernel)
             tag = "host" if kernel == host.kernel_size else f"{kernel}x{kernel}"
-            family.append(StaticNetwork(f"{tag}_w{width}", variant,
+            family.append(StaticNetwork(network_name(tag, variant), variant,
                                         description=f"{kernel}x{kernel} kernels, widths {width}-{variant.width(host.num_blocks - 1)}"))
     return family
 
@@ -103,7 +111,7 @@ def _transformer_family(host, widths) -> list[StaticNetwork]:
         tag = "host" if attention == host.attention else "attn"
         for width, layers in [(int(host.d_model * f), n * host.num_layers) for n in (1, 2) for f in widths]:
             variant = dataclasses.replace(host, d_model=width, num_layers=layers, attention=attention)
-            family.append(StaticNetwork(f"{tag}_d{width}_l{layers}", variant,
+            family.append(StaticNetwork(network_name(tag, variant), variant,
                                         description=f"{'with' if attention else 'without'} attention, width {width}, "
                                                     f"{layers} layers"))
     return family
